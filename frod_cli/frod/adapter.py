@@ -1,0 +1,401 @@
+"""Apply, merge, save and load FRoD adapters on any torch model with nn.Linear / GPT-2 Conv1D layers."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .basis import shared_basis, sparse_pattern
+from .config import FrodConfig, FrodError
+from .layer import FrodCategory, FrodLinear, is_conv1d, weight_of
+
+ADAPTER_FORMAT = "frod-adapter"
+ADAPTER_VERSION = 1
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+STATE_ATTR = "frod_adapter"  # the submodule holding the shared category tensors
+
+
+class FrodState(nn.Module):
+    """Registered on the adapted model: the config, the categories (shared tensors live here once) and
+    the fingerprint of the base weights the adapter was built on."""
+
+    def __init__(self, config: FrodConfig, categories: List[FrodCategory], fingerprint: str):
+        super().__init__()
+        self.config = config
+        self.categories = nn.ModuleList(categories)
+        self.fingerprint = fingerprint
+
+
+# ---- finding targets and categories ---------------------------------------------------------------
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _index_parts(name: str) -> Tuple[int, ...]:
+    return tuple(int(p) for p in name.split(".") if p.isdigit())
+
+
+def role_of(name: str) -> str:
+    """The module path with block indices removed: `encoder.layer.3.attention.self.query` ->
+    `encoder.layer.*.attention.self.query`. Text and vision towers keep distinct roles."""
+    return ".".join("*" if p.isdigit() else p for p in name.split("."))
+
+
+def _matches(name: str, patterns) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_targets(model: nn.Module, config: FrodConfig) -> List[Tuple[str, nn.Module]]:
+    linear = [(n, m) for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, FrodLinear)]
+    linear = [(n, m) for n, m in linear if not _matches(n, config.modules_to_save)]
+    found = [(n, m) for n, m in linear if _matches(n, config.target_modules)]
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        found = [(n, m) for n, m in found if _index_parts(n) and _index_parts(n)[0] in keep]
+    if not found:
+        roles = sorted({role_of(n) for n, _ in linear})
+        shown = ", ".join(roles[:40]) + (" ..." if len(roles) > 40 else "")
+        raise FrodError(f"target_modules {config.target_modules!r} match no linear layer; linear layers here: {shown}")
+    return found
+
+
+def group_categories(targets: List[Tuple[str, nn.Module]]) -> Dict[str, List[Tuple[str, nn.Module]]]:
+    """Category = (role, in-dim), members in block order; categories sorted by key (a fixed order)."""
+    groups: Dict[str, List[Tuple[str, nn.Module]]] = {}
+    for name, module in targets:
+        n = weight_of(module).shape[1]
+        groups.setdefault(f"{role_of(name)}|in={n}", []).append((name, module))
+    for key, members in groups.items():
+        members.sort(key=lambda nm: (_index_parts(nm[0]), nm[0]))
+        idx = [_index_parts(n) for n, _ in members]
+        if len(set(idx)) != len(idx):
+            raise FrodError(f"category {key!r} has two layers at the same block index: {[n for n, _ in members]}")
+    return dict(sorted(groups.items()))
+
+
+def fingerprint_weights(layers: List[Tuple[str, nn.Module]]) -> str:
+    """A hash of the adapted base weights: shapes plus a strided sample of values, rounded to bfloat16 so
+    the same base loaded in float32 or bfloat16 matches while another model does not."""
+    h = hashlib.sha256()
+    for name, module in sorted(layers, key=lambda nm: nm[0]):
+        W = weight_of(module).detach()
+        flat = W.reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+        sample = flat[idx].to(torch.bfloat16).float().cpu()
+        h.update(f"{name}:{tuple(W.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- apply ---------------------------------------------------------------------------------------------
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _state(model: nn.Module) -> Optional[FrodState]:
+    st = getattr(model, STATE_ATTR, None)
+    return st if isinstance(st, FrodState) else None
+
+
+def frod_layers(model: nn.Module) -> Iterator[Tuple[str, FrodLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, FrodLinear):
+            yield name, module
+
+
+def _install(model: nn.Module, config: FrodConfig, categories: List[FrodCategory],
+             members: Dict[str, List[Tuple[str, nn.Module]]], per_layer: Dict[str, dict], fingerprint: str) -> nn.Module:
+    """Swap every target for a FrodLinear and freeze all but FRoD values and modules_to_save."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for cat in categories:
+        for name, module in members[cat.key]:
+            data = per_layer[name]
+            layer = FrodLinear(module, cat, data["sigma"], U_t=data.get("U_t"), mode=config.mode)
+            if "lambda" in data:
+                with torch.no_grad():
+                    layer.frod_lambda.copy_(data["lambda"])
+                    layer.frod_s.copy_(data["s"])
+            _set_module(model, name, layer)
+    # the category tensors follow the model's device; they stay float32 like the trainables
+    device = next(iter(per_layer.values()))["sigma"].device
+    model.add_module(STATE_ATTR, FrodState(config, categories, fingerprint).to(device))
+    for name, module in model.named_modules():
+        if config.modules_to_save and _matches(name, config.modules_to_save):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def apply_frod(model: nn.Module, config: FrodConfig) -> nn.Module:
+    """Adapt `model` in place: one shared basis and sparse pattern per category, a FrodLinear per target.
+    The adapted model's outputs equal the base model's exactly until the FRoD values change."""
+    if _state(model) is not None:
+        raise FrodError("this model already carries a FRoD adapter; merge_and_unload it or start from the base model")
+    config.validate()
+    targets = find_targets(model, config)
+    groups = group_categories(targets)
+    basis_dtype = getattr(torch, config.basis_dtype)
+    categories, per_layer = [], {}
+    for key, members in groups.items():
+        weights = [weight_of(m).detach() for _, m in members]
+        basis = shared_basis(weights, config.regularization, basis_dtype)
+        rows, cols = sparse_pattern(basis.V.shape[0], config.sparse_rate, config.seed, key)
+        device = weights[0].device
+        cat = FrodCategory(key, basis.V, basis.V_inv_T, rows.to(device), cols.to(device))
+        categories.append(cat)
+        for i, (name, module) in enumerate(members):
+            data = {"sigma": basis.sigma[i].float()}
+            if basis.U is not None:
+                data["U_t"] = basis.U[i].T.float()
+            per_layer[name] = data
+        inert = sum(int((s == 0).sum()) for s in basis.sigma)
+        if inert:
+            warnings.warn(f"FRoD category {key}: {inert} basis directions have sigma = 0 (zero or wide layers) "
+                          "and cannot change their layer", stacklevel=2)
+    _install(model, config, categories, groups, per_layer, fingerprint_weights(targets))
+    if config.store_u:
+        for _, layer in frod_layers(model):
+            if layer.frod_U_t is None:
+                layer.frod_U_t = layer.U_t().detach().contiguous()
+    return model
+
+
+# ---- training helpers ----------------------------------------------------------------------------------
+def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+    """Trainable parameters by role, for per-group learning rates: S values, lambda, everything else."""
+    sparse, scale, seen = [], [], set()
+    for _, layer in frod_layers(model):
+        for p, bucket in ((layer.frod_s, sparse), (layer.frod_lambda, scale)):
+            if p.requires_grad:
+                bucket.append(p)
+            seen.add(id(p))
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups = {"sparse": sparse, "scale": scale, "head": head}
+    return {k: v for k, v in groups.items() if v}
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """Inside the block the FRoD layers compute the base layers' outputs."""
+    layers = [layer for _, layer in frod_layers(model)]
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, b in zip(layers, before):
+            layer.disabled = b
+
+
+def merge(model: nn.Module) -> nn.Module:
+    for _, layer in frod_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, layer in frod_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every dW_i into its base weight and put the original modules back: a plain model again."""
+    for name, layer in list(frod_layers(model)):
+        if not layer.merged:
+            with torch.no_grad():
+                W = weight_of(layer.base_layer)
+                W.add_(layer.delta_weight().to(W.dtype))
+        _set_module(model, name, layer.base_layer)
+    if _state(model) is not None:
+        delattr(model, STATE_ATTR)
+    return model
+
+
+def summary(model: nn.Module) -> dict:
+    state = _state(model)
+    if state is None:
+        raise FrodError("this model carries no FRoD adapter")
+    layers = dict(frod_layers(model))
+    cats = []
+    for cat in state.categories:
+        members = [(n, l) for n, l in layers.items() if l.category is cat]
+        cats.append({
+            "key": cat.key, "n": cat.n, "layers": len(members), "k": cat.k,
+            "trainable": sum(l.frod_lambda.numel() + l.frod_s.numel() for _, l in members),
+            "inert_directions": sum(int((l.frod_sigma == 0).sum()) for _, l in members),
+            "U": "stored" if any(l.frod_U_t is not None for _, l in members) else "recomputed",
+        })
+    own = {id(p) for l in layers.values() for p in (l.frod_lambda, l.frod_s)}
+    base_params = sum(p.numel() for p in model.parameters() if id(p) not in own)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "categories": cats, "layers": len(layers), "frod_trainable": sum(c["trainable"] for c in cats),
+        "trainable": trainable, "base_params": base_params,
+        "percent": 100.0 * trainable / max(1, base_params),
+    }
+
+
+# ---- save / load ----------------------------------------------------------------------------------------
+def _atomic_dir_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model: nn.Module, path) -> Path:
+    """adapter.safetensors (basis, pattern, initial scaling, trained values, saved modules) +
+    adapter_config.json (config, layout, base-weight fingerprint). Written to a temp dir, then renamed."""
+    from safetensors.torch import save_file
+
+    state = _state(model)
+    if state is None:
+        raise FrodError("this model carries no FRoD adapter to save")
+    path = Path(path)
+    layers = dict(frod_layers(model))
+    tensors, cat_meta, layer_meta = {}, [], {}
+    for i, cat in enumerate(state.categories):
+        tensors[f"category.{i}.V"] = cat.V
+        if cat.V_inv_T is not None:
+            tensors[f"category.{i}.V_inv_T"] = cat.V_inv_T
+        tensors[f"category.{i}.rows"] = cat.rows
+        tensors[f"category.{i}.cols"] = cat.cols
+        members = [n for n, l in layers.items() if l.category is cat]
+        cat_meta.append({"key": cat.key, "n": cat.n, "k": cat.k, "layers": members})
+        for name in members:
+            layer = layers[name]
+            tensors[f"layer.{name}.sigma"] = layer.frod_sigma
+            tensors[f"layer.{name}.lambda"] = layer.frod_lambda
+            tensors[f"layer.{name}.s"] = layer.frod_s
+            if layer.frod_U_t is not None and cat.V_inv_T is None:  # not recomputable: the file must carry it
+                tensors[f"layer.{name}.U_t"] = layer.frod_U_t
+            layer_meta[name] = {"category": i, "in": layer.in_features, "out": layer.out_features,
+                                "kind": "Conv1D" if is_conv1d(layer.base_layer) else "Linear"}
+    saved_modules = []
+    if state.config.modules_to_save:
+        for name, module in model.named_modules():
+            if _matches(name, state.config.modules_to_save) and not isinstance(module, FrodLinear):
+                saved_modules.append(name)
+                for pname, p in module.state_dict().items():
+                    tensors[f"module.{name}.{pname}"] = p
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {
+        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": state.config.to_dict(),
+        "fingerprint": state.fingerprint, "categories": cat_meta, "layers": layer_meta,
+        "modules_to_save": saved_modules,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": ADAPTER_FORMAT})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+    _atomic_dir_write(path, write)
+    return path
+
+
+def read_adapter(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """Read and validate an adapter directory (JSON + safetensors only; no pickles)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise FrodError(f"{path} is not a FRoD adapter (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FrodError(f"{cfg_file} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise FrodError(f"{cfg_file} is not a FRoD adapter config")
+    if meta.get("version") != ADAPTER_VERSION:
+        raise FrodError(f"{cfg_file} has adapter format version {meta.get('version')}; this frod reads {ADAPTER_VERSION}")
+    try:
+        tensors = load_file(str(w_file))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise FrodError(f"{w_file} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return meta, tensors
+
+
+def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
+    """Rebuild a saved adapter on `model` (the same base model it was built on) exactly: the basis,
+    pattern and values come from the file, nothing is recomputed. Another base model is refused."""
+    if _state(model) is not None:
+        raise FrodError("this model already carries a FRoD adapter")
+    meta, tensors = read_adapter(path)
+    try:
+        config = FrodConfig.from_dict(meta["config"])
+        modules = dict(model.named_modules())
+        members: Dict[str, List[Tuple[str, nn.Module]]] = {}
+        for name, info in meta["layers"].items():
+            module = modules.get(name)
+            if module is None or not _is_linear(module):
+                raise FrodError(f"adapter at {path} does not fit this model: no linear layer {name!r}")
+            shape = tuple(weight_of(module).shape)
+            if shape != (info["out"], info["in"]):
+                raise FrodError(f"adapter at {path} does not fit this model: {name} is {shape[0]}x{shape[1]}, "
+                                f"the adapter expects {info['out']}x{info['in']}")
+        targets = [(n, modules[n]) for n in meta["layers"]]
+        if strict and fingerprint_weights(targets) != meta["fingerprint"]:
+            raise FrodError(f"adapter at {path} was built on a different base model (weight fingerprint mismatch)")
+        device = weight_of(targets[0][1]).device
+        categories, per_layer = [], {}
+        for i, cm in enumerate(meta["categories"]):
+            t = lambda k: tensors[f"category.{i}.{k}"].to(device)  # noqa: E731
+            V_inv_T = t("V_inv_T") if f"category.{i}.V_inv_T" in tensors else None
+            cat = FrodCategory(cm["key"], t("V"), V_inv_T, t("rows"), t("cols"))
+            categories.append(cat)
+            members[cm["key"]] = [(n, modules[n]) for n in cm["layers"]]
+            for name in cm["layers"]:
+                g = lambda k: tensors[f"layer.{name}.{k}"].to(device)  # noqa: E731
+                data = {"sigma": g("sigma"), "lambda": g("lambda"), "s": g("s")}
+                if f"layer.{name}.U_t" in tensors:
+                    data["U_t"] = g("U_t")
+                elif V_inv_T is None:
+                    raise FrodError(f"adapter at {path} is incomplete: {name} needs U but the file has none")
+                if data["s"].numel() != cat.k or data["sigma"].numel() != cat.n:
+                    raise FrodError(f"adapter at {path} is inconsistent: sizes of {name} do not match its category")
+                per_layer[name] = data
+    except KeyError as e:
+        raise FrodError(f"adapter at {path} is incomplete: missing {e}") from None
+    _install(model, config, categories, members, per_layer, meta["fingerprint"])
+    with torch.no_grad():
+        for name in meta.get("modules_to_save", []):
+            module = model.get_submodule(name)
+            sd = {k[len(f"module.{name}."):]: v for k, v in tensors.items() if k.startswith(f"module.{name}.")}
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise FrodError(f"adapter at {path}: saved module {name} does not fit ({missing or unexpected})")
+    if config.store_u:
+        for _, layer in frod_layers(model):
+            if layer.frod_U_t is None:
+                layer.frod_U_t = layer.U_t().detach().contiguous()
+    return model

@@ -1,0 +1,153 @@
+"""The shared basis of one category: the regularized HO-GSVD through a QR (FROD_METHOD.md section 2),
+and the seeded sparse pattern of S (section 3).
+
+Notation as in the paper: layer i has weight W_i (m_i x n, torch layout), the category stacks them
+into A (M x n), and every member is written W_i = U_i diag(sigma_i) V^T with one V shared by all.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+# A category whose V is too ill-conditioned to recompute U_i = W_i V^-T diag(1/sigma_i) in float32
+# to this relative accuracy keeps U_i as buffers instead (rank-deficient and wide stacks end up here).
+RECOMPUTE_TOL = 2e-6
+
+
+@dataclass
+class CategoryBasis:
+    V: torch.Tensor  # n x n, shared; invertible unless the stack is rank-deficient or wide
+    V_inv_T: Optional[torch.Tensor]  # n x n, V^-T = R^-1 Z; None when V is singular
+    sigma: List[torch.Tensor]  # per layer, length n: column norms of B_i = Q_i Z
+    U: Optional[List[torch.Tensor]]  # per layer U_i = B_i / sigma_i, kept only when it cannot be recomputed
+    rank_deficient: bool
+
+
+def stack_qr(weights: Sequence[torch.Tensor]):
+    """Step 1-2: A = [W_1; ...; W_N] = Q R (thin), Q split into row blocks Q_i (m_i x n).
+
+    A wide stack (M < n: e.g. a single down-projection) is padded with zero rows so Q_i stays m_i x n and
+    R is n x n; the padded directions get sigma = 0 (they are outside every W_i's row space)."""
+    A = torch.cat(list(weights), dim=0)
+    M, n = A.shape
+    if M < n:
+        A = torch.cat([A, A.new_zeros(n - M, n)], dim=0)
+    Q, R = torch.linalg.qr(A, mode="reduced")
+    blocks, start = [], 0
+    for W in weights:
+        blocks.append(Q[start : start + W.shape[0]])
+        start += W.shape[0]
+    return blocks, R
+
+
+def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
+    """Step 3: T = (1/N) sum_i (Q_i^T Q_i + pi I)^-1, without an n x n inverse per layer.
+
+    For m_i < n the Gram block has rank <= m_i, so Woodbury turns the n x n inverse into an m_i x m_i
+    Cholesky:  (pi I + Q_i^T Q_i)^-1 = (I - Y_i^T Y_i) / pi  with  Y_i = L_i^-1 Q_i,  L_i L_i^T = pi I + Q_i Q_i^T.
+    Equal-shaped blocks are batched, and sum_i Y_i^T Y_i is one GEMM over the stacked Y."""
+    n = blocks[0].shape[1]
+    N = len(blocks)
+    eye = torch.eye(n, dtype=blocks[0].dtype, device=blocks[0].device)
+    total = torch.zeros_like(eye)
+    wide = [Q for Q in blocks if Q.shape[0] < n]
+    tall = [Q for Q in blocks if Q.shape[0] >= n]
+    by_rows: dict = {}
+    for Q in wide:
+        by_rows.setdefault(Q.shape[0], []).append(Q)
+    for m, group in by_rows.items():
+        Qs = torch.stack(group)  # g x m x n
+        K = Qs @ Qs.transpose(1, 2)
+        K.diagonal(dim1=1, dim2=2).add_(pi)
+        L = torch.linalg.cholesky(K)
+        Y = torch.linalg.solve_triangular(L, Qs, upper=False).reshape(-1, n)
+        total += (len(group) * eye - Y.T @ Y) / pi
+    for Q in tall:
+        G = Q.T @ Q
+        G.diagonal().add_(pi)
+        total += torch.cholesky_inverse(torch.linalg.cholesky(G))
+    T = total / N
+    return (T + T.T) / 2
+
+
+def shared_basis(weights: Sequence[torch.Tensor], regularization: float, dtype: torch.dtype) -> CategoryBasis:
+    """Steps 1-5 for one category. `weights` are the members' W_i (m_i x n) in layer order."""
+    W = [w.detach().to(dtype) for w in weights]
+    n = W[0].shape[1]
+    blocks, R = stack_qr(W)
+    T = hogsvd_matrix(blocks, regularization)
+    _, Z = torch.linalg.eigh(T)  # step 3: Z diagonalizes T (orthogonal)
+    V = R.T @ Z  # step 4: carries the weights' scale; not orthogonal
+    sigma, B_list = [], []
+    B_all = torch.cat(blocks, dim=0) @ Z  # step 5: B_i = Q_i Z = W_i V^-T, no inverse needed
+    start = 0
+    for w in W:
+        B = B_all[start : start + w.shape[0]]
+        start += w.shape[0]
+        B_list.append(B)
+        sigma.append(torch.linalg.vector_norm(B, dim=0))
+    # V^-T = R^-1 Z lets a layer rebuild U_i from its own weight instead of storing it; check, on a
+    # sample of rows, that float32 recomputation reproduces B_i closely enough to rely on it.
+    V_inv_T = None
+    rank_deficient = _needs_stored_u(R)
+    if not rank_deficient:
+        V_inv_T = torch.linalg.solve_triangular(R, Z, upper=True)
+        V_inv_T32 = V_inv_T.float()
+        for w, B in zip(W, B_list):
+            rows = torch.linspace(0, w.shape[0] - 1, min(64, w.shape[0]), device=w.device).long()
+            approx = w[rows].float() @ V_inv_T32
+            err = torch.linalg.norm(approx - B[rows].float()) / torch.linalg.norm(B[rows].float()).clamp_min(1e-30)
+            if not torch.isfinite(err) or err > RECOMPUTE_TOL:
+                rank_deficient = True
+                V_inv_T = None
+                break
+    U = None
+    if rank_deficient:
+        # sigma_ik = 0 (a zero layer, a duplicated direction, the padding of a wide stack): u_k is set to 0;
+        # those directions cannot change the layer and are reported as inert.
+        U = [B / torch.where(s > 0, s, torch.ones_like(s)) for B, s in zip(B_list, sigma)]
+    return CategoryBasis(V=V, V_inv_T=V_inv_T, sigma=sigma, U=U, rank_deficient=rank_deficient)
+
+
+def _needs_stored_u(R: torch.Tensor) -> bool:
+    d = R.diagonal().abs()
+    return bool(d.min() <= d.max() * torch.finfo(torch.float32).eps * R.shape[0])
+
+
+def pattern_seed(seed: int, category_key: str) -> int:
+    """A per-category seed: patterns do not depend on which other categories exist or their order."""
+    digest = hashlib.sha256(f"frod-pattern:{seed}:{category_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sparse_pattern(n: int, sparse_rate: float, seed: int, category_key: str):
+    """k = floor(sparse_rate * n^2) off-diagonal positions of S, uniform without replacement.
+
+    Returns (rows, cols) as int64, sorted by row-major position. Drawn on the CPU from a seeded generator
+    so every machine and every rank gets the same pattern."""
+    k = int(sparse_rate * n * n)
+    off = n * (n - 1)
+    if k > off:
+        from .config import FrodError
+
+        raise FrodError(f"sparse_rate {sparse_rate} asks for {k} off-diagonal entries of a {n} x {n} S; at most {off} exist")
+    g = torch.Generator(device="cpu").manual_seed(pattern_seed(seed, category_key))
+    if k == 0:
+        idx = torch.empty(0, dtype=torch.long)
+    elif off <= 50_000_000:
+        idx = torch.randperm(off, generator=g)[:k]
+    else:
+        # Large n: draw with replacement until k distinct, then keep a uniform k-subset of the distinct ones.
+        idx = torch.empty(0, dtype=torch.long)
+        while idx.numel() < k:
+            extra = torch.randint(off, (int((k - idx.numel()) * 1.1) + 64,), generator=g)
+            idx = torch.unique(torch.cat([idx, extra]))
+        idx = idx[torch.randperm(idx.numel(), generator=g)[:k]]
+    idx, _ = torch.sort(idx)
+    rows = idx // (n - 1)
+    cols = idx % (n - 1)
+    cols = cols + (cols >= rows).long()  # skip the diagonal
+    return rows, cols

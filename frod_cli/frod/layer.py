@@ -1,0 +1,261 @@
+"""The adapted linear layer (FROD_METHOD.md sections 3-4).
+
+    M_i  = diag(lambda_i - sigma_i) + S_i        zero at initialization
+    dW_i = U_i M_i V^T                          entry (r, c) of S adds s_rc * u_r v_c^T
+    y    = W_i x + b_i + dW_i x                 the base layer is never modified
+
+Everything FRoD-specific runs in float32 (trainables, basis); only the base GEMM runs in the model's dtype.
+Two ways to compute dW_i x, chosen per call by `FrodLinear.choose_mode` (see its docstring for the rule):
+  materialize  dW_i is built once (m n^2 with a stored U, 2 m n^2 recomputing U) and added to W_i; one
+               GEMM per token. In no-grad calls dW_i is cached until the trainable values change.
+  project      per token: z = V^T x, t = M z, dx = V^-T diag(1/sigma) t, y = W (x + dx) + b, which
+               is dW x = W V^-T diag(1/sigma) M V^T x = U M V^T x without any m x n tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows of the gathered (k x R) products are processed in chunks of at most this many elements.
+_CHUNK_ELEMS = 1 << 24
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transformers.pytorch_utils.Conv1D (weight stored fan_in x fan_out), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """W in torch layout (out x in) as a view."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+class _MixRows(torch.autograd.Function):
+    """out[dst_j] += s_j * X[src_j] over the pattern; X is (n x R), one row per basis direction.
+
+    Rows, not columns, so every gather and scatter moves contiguous memory. Used for both
+    M z (src = cols, dst = rows) and (U S)^T (src = rows, dst = cols)."""
+
+    @staticmethod
+    def forward(ctx, X, s, src, dst):
+        out = torch.zeros_like(X)
+        step = max(1, _CHUNK_ELEMS // max(1, X.shape[1]))
+        sx = s.to(X.dtype)
+        for a in range(0, src.numel(), step):
+            out.index_add_(0, dst[a : a + step], X[src[a : a + step]] * sx[a : a + step, None])
+        ctx.save_for_backward(X, s, src, dst)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        X, s, src, dst = ctx.saved_tensors
+        g = g.contiguous()
+        step = max(1, _CHUNK_ELEMS // max(1, X.shape[1]))
+        gX = gs = None
+        if ctx.needs_input_grad[0]:
+            gX = torch.zeros_like(X)
+            sx = s.to(X.dtype)
+            for a in range(0, src.numel(), step):
+                gX.index_add_(0, src[a : a + step], g[dst[a : a + step]] * sx[a : a + step, None])
+        if ctx.needs_input_grad[1]:
+            parts = [
+                (g[dst[a : a + step]] * X[src[a : a + step]]).sum(1) for a in range(0, src.numel(), step)
+            ]
+            gs = (torch.cat(parts) if parts else s.new_zeros(0)).to(s.dtype)
+        return gX, gs, None, None
+
+
+def mix_rows(X: torch.Tensor, s: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    if src.numel() == 0:
+        return torch.zeros_like(X) + 0 * s.sum()  # keep s in the graph so it gets a (zero) gradient
+    return _MixRows.apply(X, s, src, dst)
+
+
+class _KeepOwnTensors(nn.Module):
+    """Moves this module's own float32 tensors between devices but never changes their dtype, so
+    `model.half()` or `model.to(torch.bfloat16)` leaves FRoD's trainables and basis in float32."""
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        for store in (self._parameters, self._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                if t.device != device:
+                    with torch.no_grad():
+                        moved = t.data.to(device)
+                    if isinstance(t, nn.Parameter):
+                        t.data = moved
+                        if t.grad is not None:
+                            t.grad.data = t.grad.data.to(device)
+                    else:
+                        store[key] = moved
+        return self
+
+
+class FrodCategory(_KeepOwnTensors):
+    """What the members of one category share: V, V^-T (None when V is singular) and the pattern of S."""
+
+    def __init__(self, key: str, V: torch.Tensor, V_inv_T: Optional[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor):
+        super().__init__()
+        self.key = key
+        self.n = V.shape[0]
+        self.register_buffer("V", V.detach().float().contiguous())
+        self.register_buffer("V_inv_T", None if V_inv_T is None else V_inv_T.detach().float().contiguous())
+        self.register_buffer("rows", rows.long().contiguous())
+        self.register_buffer("cols", cols.long().contiguous())
+
+    @property
+    def k(self) -> int:
+        return self.rows.numel()
+
+
+class FrodLinear(_KeepOwnTensors):
+    """Wraps an nn.Linear or a GPT-2 Conv1D; the wrapped layer stays as `base_layer`, untouched."""
+
+    def __init__(self, base_layer: nn.Module, category: FrodCategory, sigma: torch.Tensor,
+                 U_t: Optional[torch.Tensor] = None, mode: str = "auto"):
+        super().__init__()
+        self.base_layer = base_layer
+        W = weight_of(base_layer)
+        self.out_features, self.in_features = W.shape
+        # The category is shared by several layers: hold it without registering it as a child.
+        object.__setattr__(self, "category", category)
+        self.mode = mode
+        sigma = sigma.detach().float().to(W.device)
+        self.register_buffer("frod_sigma", sigma.clone())
+        # U_i^T (n x m) when it cannot be (or was asked not to be) recomputed from W_i.
+        self.register_buffer("frod_U_t", None if U_t is None else U_t.detach().float().contiguous().to(W.device))
+        self.frod_lambda = nn.Parameter(sigma.clone())  # lambda_i starts at sigma_i
+        self.frod_s = nn.Parameter(torch.zeros(category.k, dtype=torch.float32, device=W.device))
+        self.disabled = False
+        self.merged = False
+        self._unmerged_weight: Optional[torch.Tensor] = None
+        self._cache = None
+
+    # ---- pieces of the math -------------------------------------------------------------------
+    @property
+    def inv_sigma(self) -> torch.Tensor:
+        # sigma_ik = 0 only for inert directions (u_k = 0); 1/0 is replaced by 0 there.
+        s = self.frod_sigma
+        return torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+
+    def U_t(self) -> torch.Tensor:
+        """U_i^T (n x m), float32: stored, or recomputed as diag(1/sigma_i) V^-1 W_i^T (U_i = W_i V^-T diag(1/sigma_i))."""
+        if self.frod_U_t is not None:
+            return self.frod_U_t
+        W = weight_of(self.base_layer).detach()
+        return (self.category.V_inv_T.T @ W.T.float()) * self.inv_sigma[:, None]
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.U_t().T
+
+    def M_dense(self) -> torch.Tensor:
+        """M_i = diag(lambda_i - sigma_i) + S_i as a dense n x n tensor (tests and references only)."""
+        n = self.in_features
+        M = torch.diag(self.frod_lambda - self.frod_sigma)
+        return M.index_put((self.category.rows, self.category.cols), self.frod_s, accumulate=True)
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
+        Ut = self.U_t()
+        d = self.frod_lambda - self.frod_sigma
+        cat = self.category
+        # (U M)^T = M^T U^T: diag part scales rows of U^T, entry (r, c) of S moves row r into row c.
+        CT = Ut * d[:, None] + mix_rows(Ut, self.frod_s, cat.rows, cat.cols)
+        return (cat.V @ CT).T  # (V (U M)^T)^T = U M V^T
+
+    def project(self, x2: torch.Tensor) -> torch.Tensor:
+        """dW_i x for a batch of rows x2 (T x n), per token. Returns dx with W dx = dW x when U is
+        recomputable (the caller then runs the base layer on x + dx), or dW x itself when U is stored."""
+        cat = self.category
+        zt = cat.V.T @ x2.T.float()  # z = V^T x, one column per token
+        d = self.frod_lambda - self.frod_sigma
+        tt = zt * d[:, None] + mix_rows(zt, self.frod_s, cat.cols, cat.rows)  # t = M z
+        if self.frod_U_t is not None:
+            return (tt.T @ self.frod_U_t)  # U t
+        return (cat.V_inv_T @ (tt * self.inv_sigma[:, None])).T  # V^-T diag(1/sigma) t
+
+    # ---- mode choice ---------------------------------------------------------------------------
+    def choose_mode(self, tokens: int, training: bool) -> str:
+        """Pick the cheaper evaluation order for this call, counting multiply-adds beyond the base GEMMs.
+
+        materialize: building dW costs m n^2 (plus m n^2 to recompute U when it is not stored); training
+        adds the weight gradient of W + dW (T m n) and its projection onto the basis (m n^2).
+        project (U recomputed): V^T x and V^-T t forward and backward, 4 T n^2 (2 T n^2 without grad).
+        project (U stored): 2 T n^2 + 2 T m n.
+        Without gradients the materialized dW is cached across calls, so evaluation always materializes."""
+        if self.mode != "auto":
+            return self.mode
+        if not training:
+            return "materialize"
+        m, n, T = self.out_features, self.in_features, tokens
+        u_stored = self.frod_U_t is not None
+        mat = (1 if u_stored else 2) * m * n * n + m * n * n + T * m * n
+        proj = (2 * T * n * n + 2 * T * m * n) if u_stored else 4 * T * n * n
+        return "materialize" if mat <= proj else "project"
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def _linear(self, x: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+        """The base layer's own op with W + dW, so that dW == 0 reproduces it bit for bit."""
+        base = self.base_layer
+        if is_conv1d(base):
+            y = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), base.weight + dW.T)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, base.weight + dW, base.bias)
+
+    def _cached_delta(self) -> torch.Tensor:
+        W = weight_of(self.base_layer)
+        key = (self.frod_lambda._version, self.frod_s._version, W._version, W.data_ptr(), W.device, W.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.delta_weight().to(W.dtype))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        training = torch.is_grad_enabled() and (self.frod_lambda.requires_grad or self.frod_s.requires_grad)
+        tokens = x.numel() // self.in_features
+        W = weight_of(self.base_layer)
+        if self.choose_mode(tokens, training) == "materialize":
+            dW = self.delta_weight().to(W.dtype) if training else self._cached_delta()
+            return self._linear(x, dW)
+        self._cache = None
+        x2 = x.reshape(-1, self.in_features)
+        out = self.project(x2)
+        if self.frod_U_t is not None:
+            return self.base_layer(x) + out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.base_layer((x2 + out.to(x.dtype)).reshape(x.shape))
+
+    # ---- merge ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        W = weight_of(self.base_layer)
+        dW = self.delta_weight().to(W.dtype)
+        self._unmerged_weight = self.base_layer.weight.detach().clone()
+        W.add_(dW)  # W is a view of the stored weight (transposed for Conv1D)
+        self.merged = True
+        self._cache = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)  # exact: the pre-merge weight was kept
+        self._unmerged_weight = None
+        self.merged = False
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, category={self.category.key!r}, "
+                f"k={self.category.k}, mode={self.mode}, U={'stored' if self.frod_U_t is not None else 'recomputed'}")

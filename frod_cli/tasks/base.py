@@ -1,0 +1,69 @@
+"""The task protocol: what the training loop and `frod eval` may ask of a task.
+
+A task type is one file in this package that subclasses `Task` and registers itself with
+`@register_task("name")`; its YAML lives in `recipes/task/`. The loop never looks inside a batch:
+it calls `loss`, `predict` and `compute_metrics`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+TASKS: Dict[str, type] = {}
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in TASKS:
+            raise ValueError(f"task type {name!r} registered twice")
+        cls.type_name = name
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+class Task(ABC):
+    """One task type. `cfg` is a `frod_cli.config.TaskConfig` (or an OmegaConf node of that schema)."""
+
+    type_name: str = ""
+    # Name of the transformers Auto class for this task's head, e.g. "AutoModelForSequenceClassification".
+    auto_class: str = ""
+    # Names of the head modules a PEFT-style method must keep trainable and save (e.g. ["classifier"]).
+    default_modules_to_save: Tuple[str, ...] = ()
+
+    def __init__(self, cfg: Any, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+
+    @abstractmethod
+    def load_data(self) -> "datasets.DatasetDict":  # noqa: F821
+        """Raw splits `train`, `validation` and (if any) `test`, deterministic for a seed.
+
+        Missing validation/test splits are carved out of train, stratified. Sets the label list."""
+
+    @abstractmethod
+    def model_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments for the model's config: num_labels, id2label, label2id, problem_type.
+        Call after `load_data`."""
+
+    @abstractmethod
+    def encode(self, data: "datasets.DatasetDict", preprocessor: Any) -> "datasets.DatasetDict":  # noqa: F821
+        """Tokenize / transform every split into model inputs (columns the collator understands)."""
+
+    @abstractmethod
+    def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
+        """A collate_fn producing a dict of tensors, including the labels."""
+
+    def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, references) for one batch, on the batch's device; called under no_grad."""
+
+    @abstractmethod
+    def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:
+        """Metrics from all predictions of a split, through the evaluate modules in frod_cli/metrics."""
