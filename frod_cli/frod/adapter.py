@@ -37,6 +37,11 @@ class FrodState(nn.Module):
         self.categories = nn.ModuleList(categories)
         self.fingerprint = fingerprint
 
+    def forward(self, x):
+        # Registered as a child so model.to() moves the shared tensors once; when the root is an
+        # nn.Sequential it is also called as the last stage, where it must pass its input through.
+        return x
+
 
 # ---- finding targets and categories ---------------------------------------------------------------
 def _is_linear(module: nn.Module) -> bool:

@@ -13,14 +13,14 @@ Two ways to compute dW_i x, chosen per call by `FrodLinear.choose_mode` (see its
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows of the gathered (k x R) products are processed in chunks of at most this many elements.
-_CHUNK_ELEMS = 1 << 24
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -33,45 +33,48 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
-class _MixRows(torch.autograd.Function):
-    """out[dst_j] += s_j * X[src_j] over the pattern; X is (n x R), one row per basis direction.
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    # The index arrays are fixed per category; only the values change, so nothing is sorted or coalesced here.
+    return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
 
-    Rows, not columns, so every gather and scatter moves contiguous memory. Used for both
-    M z (src = cols, dst = rows) and (U S)^T (src = rows, dst = cols)."""
+
+class _SparseRows(torch.autograd.Function):
+    """out = A X for the n x n pattern matrix A whose entries are the trainable values s; X is (n x R).
+
+    `fwd` = (crow, col, perm) is A in CSR (entry p of the CSR holds s[perm[p]]); `bwd` is A^T the same way.
+    Forward and the input gradient are sparse x dense products (k R multiply-adds), the value gradient
+    <g[i], X[j]> over the pattern is a sampled dense-dense product: nothing of size k x R is materialized."""
 
     @staticmethod
-    def forward(ctx, X, s, src, dst):
-        out = torch.zeros_like(X)
-        step = max(1, _CHUNK_ELEMS // max(1, X.shape[1]))
-        sx = s.to(X.dtype)
-        for a in range(0, src.numel(), step):
-            out.index_add_(0, dst[a : a + step], X[src[a : a + step]] * sx[a : a + step, None])
-        ctx.save_for_backward(X, s, src, dst)
-        return out
+    def forward(ctx, X, s, fwd, bwd):
+        n = X.shape[0]
+        ctx.fwd, ctx.bwd = fwd, bwd
+        ctx.save_for_backward(X, s)
+        return torch.sparse.mm(_csr(fwd[0], fwd[1], s[fwd[2]].to(X.dtype), n), X)
 
     @staticmethod
     def backward(ctx, g):
-        X, s, src, dst = ctx.saved_tensors
+        X, s = ctx.saved_tensors
+        n = X.shape[0]
         g = g.contiguous()
-        step = max(1, _CHUNK_ELEMS // max(1, X.shape[1]))
         gX = gs = None
         if ctx.needs_input_grad[0]:
-            gX = torch.zeros_like(X)
-            sx = s.to(X.dtype)
-            for a in range(0, src.numel(), step):
-                gX.index_add_(0, src[a : a + step], g[dst[a : a + step]] * sx[a : a + step, None])
+            crow, col, perm = ctx.bwd
+            gX = torch.sparse.mm(_csr(crow, col, s[perm].to(X.dtype), n), g)
         if ctx.needs_input_grad[1]:
-            parts = [
-                (g[dst[a : a + step]] * X[src[a : a + step]]).sum(1) for a in range(0, src.numel(), step)
-            ]
-            gs = (torch.cat(parts) if parts else s.new_zeros(0)).to(s.dtype)
+            crow, col, perm = ctx.fwd
+            pattern = _csr(crow, col, torch.zeros(col.numel(), dtype=X.dtype, device=X.device), n)
+            vals = torch.sparse.sampled_addmm(pattern, g, X.T, beta=0.0).values()
+            gs = torch.empty_like(s)
+            gs[perm] = vals.to(s.dtype)
         return gX, gs, None, None
 
 
-def mix_rows(X: torch.Tensor, s: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    if src.numel() == 0:
+def sparse_rows(X: torch.Tensor, s: torch.Tensor, fwd, bwd) -> torch.Tensor:
+    if s.numel() == 0:
         return torch.zeros_like(X) + 0 * s.sum()  # keep s in the graph so it gets a (zero) gradient
-    return _MixRows.apply(X, s, src, dst)
+    with torch.autocast(X.device.type, enabled=False):
+        return _SparseRows.apply(X, s, fwd, bwd)
 
 
 class _KeepOwnTensors(nn.Module):
@@ -99,6 +102,12 @@ class _KeepOwnTensors(nn.Module):
         return self
 
 
+def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
+    crow = torch.zeros(n + 1, dtype=torch.long, device=index.device)
+    crow[1:] = torch.cumsum(torch.bincount(index, minlength=n), 0)
+    return crow
+
+
 class FrodCategory(_KeepOwnTensors):
     """What the members of one category share: V, V^-T (None when V is singular) and the pattern of S."""
 
@@ -108,8 +117,26 @@ class FrodCategory(_KeepOwnTensors):
         self.n = V.shape[0]
         self.register_buffer("V", V.detach().float().contiguous())
         self.register_buffer("V_inv_T", None if V_inv_T is None else V_inv_T.detach().float().contiguous())
-        self.register_buffer("rows", rows.long().contiguous())
-        self.register_buffer("cols", cols.long().contiguous())
+        rows, cols = rows.long().contiguous(), cols.long().contiguous()
+        self.register_buffer("rows", rows)  # canonical order: row-major position (r * n + c)
+        self.register_buffer("cols", cols)
+        # CSR views of the pattern, derived (not saved): by row r (the canonical order) and by column c.
+        self.register_buffer("crow_r", _crow(rows, self.n), persistent=False)
+        self.register_buffer("perm_r", torch.arange(rows.numel(), device=rows.device), persistent=False)
+        perm_c = torch.argsort(cols * self.n + rows)
+        self.register_buffer("crow_c", _crow(cols, self.n), persistent=False)
+        self.register_buffer("rows_by_c", rows[perm_c].contiguous(), persistent=False)
+        self.register_buffer("perm_c", perm_c, persistent=False)
+
+    @property
+    def by_row(self):
+        """A[r, c] = s_rc: applies M's off-diagonal part to a column stack, (S z)_r = sum_c s_rc z_c."""
+        return (self.crow_r, self.cols, self.perm_r)
+
+    @property
+    def by_col(self):
+        """A[c, r] = s_rc, i.e. S^T: moves row r of U^T into row c, (U S)^T = S^T U^T."""
+        return (self.crow_c, self.rows_by_c, self.perm_c)
 
     @property
     def k(self) -> int:
@@ -169,7 +196,7 @@ class FrodLinear(_KeepOwnTensors):
         d = self.frod_lambda - self.frod_sigma
         cat = self.category
         # (U M)^T = M^T U^T: diag part scales rows of U^T, entry (r, c) of S moves row r into row c.
-        CT = Ut * d[:, None] + mix_rows(Ut, self.frod_s, cat.rows, cat.cols)
+        CT = Ut * d[:, None] + sparse_rows(Ut, self.frod_s, cat.by_col, cat.by_row)
         return (cat.V @ CT).T  # (V (U M)^T)^T = U M V^T
 
     def project(self, x2: torch.Tensor) -> torch.Tensor:
@@ -178,7 +205,7 @@ class FrodLinear(_KeepOwnTensors):
         cat = self.category
         zt = cat.V.T @ x2.T.float()  # z = V^T x, one column per token
         d = self.frod_lambda - self.frod_sigma
-        tt = zt * d[:, None] + mix_rows(zt, self.frod_s, cat.cols, cat.rows)  # t = M z
+        tt = zt * d[:, None] + sparse_rows(zt, self.frod_s, cat.by_row, cat.by_col)  # t = M z
         if self.frod_U_t is not None:
             return (tt.T @ self.frod_U_t)  # U t
         return (cat.V_inv_T @ (tt * self.inv_sigma[:, None])).T  # V^-T diag(1/sigma) t
