@@ -35,12 +35,34 @@ def stack_qr(weights: Sequence[torch.Tensor]):
     M, n = A.shape
     if M < n:
         A = torch.cat([A, A.new_zeros(n - M, n)], dim=0)
-    Q, R = torch.linalg.qr(A, mode="reduced")
+    Q, R = _cholesky_qr2(A) if M >= n else (None, None)
+    if Q is None:
+        Q, R = torch.linalg.qr(A, mode="reduced")
     blocks, start = [], 0
     for W in weights:
         blocks.append(Q[start : start + W.shape[0]])
         start += W.shape[0]
     return blocks, R
+
+
+def _cholesky_qr2(A: torch.Tensor):
+    """Thin QR as two rounds of Cholesky QR: GEMMs and triangular solves, several times faster than
+    Householder on a CPU, and orthogonal to working precision for any cond(A) below ~1/sqrt(eps) (the
+    second round repairs the first). Returns (None, None) when the Gram matrix is not positive definite
+    (a rank-deficient or badly conditioned stack), so the caller falls back to Householder."""
+    R = None
+    Q = A
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        if int(info) != 0 or not torch.isfinite(L).all():
+            return None, None
+        Rk = L.T
+        Q = torch.linalg.solve_triangular(Rk, Q, upper=True, left=False)
+        R = Rk if R is None else Rk @ R
+    d = R.diagonal().abs()
+    if d.min() <= d.max() * 1e3 * torch.finfo(A.dtype).eps:
+        return None, None
+    return Q, R
 
 
 def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
