@@ -120,7 +120,8 @@ class DataTask(Task):
         return self.label_column
 
     def load_data(self) -> datasets.DatasetDict:
-        raw = self.normalise(load_raw(self.cfg))
+        # Only the splits the config names: e.g. GLUE's or PIQA's hidden-label test splits are never read.
+        raw = self.normalise(keep_configured_splits(load_raw(self.cfg), self.cfg))
         raw = drop_hidden_test(raw, self.label_column, self.cfg.test_split)
         require_columns(raw, [*self.input_columns(), self.label_column])
         raw = self.prepare_labels(raw)
@@ -134,6 +135,14 @@ class DataTask(Task):
     @property
     def num_labels(self) -> Optional[int]:
         return None
+
+
+def keep_configured_splits(raw: datasets.DatasetDict, cfg: Any) -> datasets.DatasetDict:
+    """The source's splits that `cfg` names (train_split, validation_split, test_split); no others."""
+    named = {cfg.train_split, cfg.validation_split, cfg.test_split} - {None}
+    if cfg.train_split not in raw:  # let make_splits report the missing train split
+        return raw
+    return datasets.DatasetDict({s: ds for s, ds in raw.items() if s in named})
 
 
 class ClassificationTask(DataTask):

@@ -1,7 +1,7 @@
 """Image classification (CIFAR-10/100, Fashion-MNIST, digits, an image folder).
 
 Images may be PIL images (datasets.Image, imagefolder) or arrays (offline sources store uint8 arrays);
-grayscale and RGBA become RGB. Resizing and normalisation happen in `collate` with the model's (slow,
+grayscale and RGBA become RGB, or grayscale when the processor normalises a single channel. Resizing and normalisation happen in `collate` with the model's (slow,
 PIL-based) image processor: materialising float pixel tensors in `encode` would cost ~600 KB per 224px
 image on disk. CIFAR's schema is `img`,`label`: set `task.image_field=img`.
 """
@@ -18,9 +18,10 @@ from .base import register_task
 from .common import ClassificationTask, model_config
 
 
-def to_rgb(x: Any) -> Image.Image:
+def to_image(x: Any, mode: str = "RGB") -> Image.Image:
+    """A PIL image in `mode`: "RGB", or "L" for single-channel models (e.g. a ViT pretrained on Fashion-MNIST)."""
     if isinstance(x, Image.Image):
-        return x if x.mode == "RGB" else x.convert("RGB")
+        return x if x.mode == mode else x.convert(mode)
     arr = np.asarray(x)
     if arr.dtype != np.uint8:
         # Float arrays in [0, 1] are scaled; anything else is taken as 0-255 intensities.
@@ -30,7 +31,7 @@ def to_rgb(x: Any) -> Image.Image:
         arr = arr.transpose(1, 2, 0)  # CHW -> HWC
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    return Image.fromarray(arr).convert("RGB")
+    return Image.fromarray(arr).convert(mode)
 
 
 @register_task("image_cls")
@@ -52,8 +53,11 @@ class ImageClassification(ClassificationTask):
         s = self.cfg.image_size  # None: the processor's own size (the checkpoint's)
         kwargs = {"size": {"height": s, "width": s}} if s else {}
 
+        mean = getattr(preprocessor, "image_mean", None)
+        mode = "L" if isinstance(mean, (list, tuple)) and len(mean) == 1 else "RGB"
+
         def collate_fn(features: list) -> Dict[str, torch.Tensor]:
-            pixels = preprocessor([to_rgb(f["image"]) for f in features], return_tensors="pt", **kwargs)["pixel_values"]
+            pixels = preprocessor([to_image(f["image"], mode) for f in features], return_tensors="pt", **kwargs)["pixel_values"]
             return {"pixel_values": pixels, "labels": self.label_tensor([f["labels"] for f in features])}
 
         return collate_fn

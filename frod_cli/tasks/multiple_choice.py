@@ -10,6 +10,8 @@ Schemas recognised by `normalise` (first match, by the train split's columns), a
   arc        question, choices{text,label}, answerKey (a letter or digit from choices.label)
   boolq      question, passage, answer (bool)            -> choices "no"/"yes"
   hellaswag  ctx, endings, label (string digit)
+  siqa       context, question, answerA, answerB, answerC, label (string "1".."3")
+  winogrande sentence (with a "_" blank), option1, option2, answer ("1"/"2"; "" when hidden)
   generic    task.question_field, task.choices_field (a list of str, or {text: [...]}),
              task.label_field (0-based int, a choice's text, or a letter A, B, ...),
              optional task.context_field placed before the question
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from .base import register_task
 from .common import DataTask, _is_missing
 
-SCHEMAS = ("piqa", "arc", "boolq", "hellaswag", "generic")
+SCHEMAS = ("piqa", "arc", "boolq", "hellaswag", "siqa", "winogrande", "generic")
 _MC_FEATURES = datasets.Features(
     {"prompt": datasets.Value("string"), "choices": datasets.Sequence(datasets.Value("string")), "label": datasets.Value("int64")}
 )
@@ -64,6 +66,10 @@ def detect_schema(columns: List[str], cfg: Any) -> str:
         return "boolq"
     if {"ctx", "endings"} <= cols:
         return "hellaswag"
+    if {"context", "question", "answerA", "answerB", "answerC"} <= cols:
+        return "siqa"
+    if {"sentence", "option1", "option2", "answer"} <= cols:
+        return "winogrande"
     need = [cfg.question_field, cfg.choices_field, cfg.label_field] + ([cfg.context_field] if cfg.context_field else [])
     missing = [c for c in need if c not in cols]
     if missing:
@@ -87,6 +93,14 @@ def normalise_example(ex: Dict[str, Any], schema: str, cfg: Any) -> Tuple[str, L
     if schema == "hellaswag":
         choices, label = list(ex["endings"]), ex.get("label")
         return str(ex["ctx"]).strip(), choices, -1 if _is_missing(label) else _label_index(int(label), choices)
+    if schema == "siqa":
+        choices, label = [ex["answerA"], ex["answerB"], ex["answerC"]], ex.get("label")
+        return _qa(ex["question"], ex["context"]), choices, -1 if _is_missing(label) else _label_index(int(label) - 1, choices)
+    if schema == "winogrande":
+        # The options fill the blank: ask what "_" stands for (the sentence is the context).
+        choices, answer = [ex["option1"], ex["option2"]], ex.get("answer")
+        prompt = _qa('What does the blank "_" refer to?', ex["sentence"])
+        return prompt, choices, -1 if _is_missing(answer) else _label_index(int(answer) - 1, choices)
     choices = ex[cfg.choices_field]
     choices = list(choices["text"] if isinstance(choices, dict) else choices)
     context = ex[cfg.context_field] if cfg.context_field else None

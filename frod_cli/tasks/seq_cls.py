@@ -2,6 +2,9 @@
 
 Classification (SST-2, CoLA, MNLI, twitter_sentiment) or regression (`task.regression=true`, e.g. STS-B:
 one output, MSE loss). Tokenized once, truncated to `task.max_length`; padded per batch in `collate`.
+Only the splits the config names (train/validation/test_split) are read: a source's other splits, e.g.
+GLUE's hidden-label test splits when `test_split` is null or MNLI's test_matched/test_mismatched, are
+dropped before the label checks (`common.keep_configured_splits`).
 """
 from __future__ import annotations
 

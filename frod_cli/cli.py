@@ -1,0 +1,273 @@
+"""`frod <verb> [hydra overrides]`: each verb is its own Hydra application over the packaged
+recipes/ tree (config.yaml for train, eval.yaml, merge.yaml).
+
+Bad input (unknown recipe or option, misspelt key, wrong type, missing file) is reported as one
+line on stderr with a non-zero exit, never a traceback (FROD_TRACEBACK=1 shows it).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+USAGE = """\
+usage: frod <verb> [group=option ...] [key=value ...] [hydra flags]
+
+Fine-tune Hugging Face models with FRoD (AAAI 2026) or a baseline, from composable recipes.
+
+verbs:
+  train     train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps
+  eval      metrics of a run directory or merged checkpoint:  frod eval path=<dir> [task=<name>]
+  merge     adapter + base model -> merged/:                  frod merge run=<run dir>
+  recipes   list the recipes and the options of every config group
+
+examples:
+  frod train                                  # recipe=quickstart: MiniLM + FRoD, Twitter sentiment
+  frod train recipe=vit_cifar --cfg job       # show a composed recipe without running it
+  frod train method=lora optimizer=adamw      # a baseline on the same recipe
+  frod train -m method=frod,lora,full         # a sweep with summary.csv / summary.md / loss_curves.png
+  frod train --help                           # config groups and every key of the composed config
+
+Methods: frod, full, lora, dora, pissa, vera, peft_frod.  Docs: README.md, docs/TOUR.md.
+"""
+
+GROUPS = ("recipe", "model", "task", "method", "optimizer", "hparams_search")
+
+
+def recipes_dir() -> str:
+    """The recipes/ tree: packaged as frod_cli.recipes when installed, or the checkout's recipes/."""
+    try:
+        spec = importlib.util.find_spec("frod_cli.recipes")
+    except (ImportError, ValueError):
+        spec = None
+    candidates: List[Path] = []
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    candidates.append(Path(__file__).resolve().parent / "recipes")
+    candidates.append(Path(__file__).resolve().parent.parent / "recipes")
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return str(c.resolve())
+    raise FileNotFoundError("the recipes/ directory is missing from the installation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs (task functions of the Hydra apps)
+# ---------------------------------------------------------------------------------------------
+def _train(cfg: Any) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from frod_cli.train import train
+
+    out = cfg.output_dir or HydraConfig.get().runtime.output_dir
+    return train(cfg, out)
+
+
+def _eval(cfg: Any) -> Dict[str, Any]:
+    from frod_cli.eval import run_eval
+
+    return run_eval(cfg)
+
+
+def _merge(cfg: Any) -> Dict[str, Any]:
+    from frod_cli.merge import run_merge
+
+    return run_merge(cfg)
+
+
+VERBS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
+    "train": ("config", _train),
+    "eval": ("eval", _eval),
+    "merge": ("merge", _merge),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors -> one line
+# ---------------------------------------------------------------------------------------------
+def _user_error_types() -> Tuple[type, ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from frod_cli import FrodCliError
+
+    types: List[type] = [HydraException, OmegaConfBaseException, FrodCliError, ValueError, OSError, KeyError]
+    try:
+        from frod_cli.frod import FrodError
+
+        types.append(FrodError)
+    except Exception:  # noqa: BLE001 - the core may be absent while developing
+        pass
+    return tuple(types)
+
+
+def _suggest(ex: BaseException) -> str:
+    """'did you mean ...' for a misspelt key of a structured config."""
+    import dataclasses
+
+    key = getattr(ex, "key", None)
+    obj = getattr(ex, "object_type", None)
+    if not isinstance(key, str) or obj is None or not dataclasses.is_dataclass(obj):
+        return ""
+    fields = [f.name for f in dataclasses.fields(obj)]
+    close = difflib.get_close_matches(key, fields, n=3)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; keys: {', '.join(fields)}"
+
+
+def one_line(ex: BaseException) -> str:
+    """A one-line message for a user error (Hydra/OmegaConf messages span several lines)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    # The innermost formatted OmegaConf error carries the specifics (key, type, full_key).
+    chain = [ex]
+    while len(chain) < 20:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    good = [e for e in chain if isinstance(e, OmegaConfBaseException) and "$" not in str(e) and str(e).strip()]
+    inner: BaseException = good[-1] if good else ex
+    text = str(ex)
+    if "Available options in" in text or "Could not find" in text:
+        lines = text.splitlines()
+        head = next((l.strip() for l in lines if "Could not" in l), lines[0].strip())
+        opts: List[str] = []
+        in_opts = False
+        for l in lines:
+            if "Available options in" in l:
+                in_opts = True
+            elif in_opts and l.startswith("\t") and l.strip():
+                opts.append(l.strip())
+            elif in_opts and opts:
+                break
+        group = next((l.split("'")[1] for l in lines if "Available options in" in l and "'" in l), None)
+        if opts and group:
+            return f"{head}; available {group} options: {', '.join(opts)}"
+        return head
+    src = inner if isinstance(inner, OmegaConfBaseException) else ex
+    lines = [l.strip() for l in str(src).strip().splitlines() if l.strip()]
+    msg = lines[0] if lines else type(src).__name__
+    if msg.endswith(":") and len(lines) > 1:
+        msg = f"{msg} {lines[1]}"
+    if "Missing mandatory value:" in msg:
+        name = msg.split("Missing mandatory value:")[-1].strip()
+        return f"missing required value {name!r}: pass {name}=..."
+    full_key = getattr(src, "full_key", None)
+    if full_key and full_key not in msg:
+        msg += f" (key: {full_key})"
+    if "not in" in msg or "not found" in msg:
+        msg += _suggest(src)
+    if isinstance(ex, KeyError) and not isinstance(ex, OmegaConfBaseException):
+        msg = f"missing key {msg}"
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a verb
+# ---------------------------------------------------------------------------------------------
+def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
+    """Run one verb in-process. Returns (exit code, the task function's return value)."""
+    from hydra import main as hydra_main
+    from hydra.core.global_hydra import GlobalHydra
+
+    from frod_cli.config import register_configs
+
+    register_configs()
+    config_name, fn = VERBS[verb]
+    result: Dict[str, Any] = {}
+
+    user_errors = _user_error_types()
+
+    def task_fn(cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        try:
+            result["value"] = fn(cfg)
+        except user_errors as e:
+            if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("FROD_TRACEBACK"):
+                raise  # Hydra names the failing job's overrides
+            result["error"] = e  # reported as one line below, without Hydra's job banner
+        return result.get("value")
+
+    task_fn.__module__ = __name__
+    old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
+    sys.argv = [f"frod {verb}", *args]
+    try:
+        GlobalHydra.instance().clear()
+        hydra_main(version_base="1.3", config_path=recipes_dir(), config_name=config_name)(task_fn)()
+        if "error" in result:
+            raise result["error"]
+        return 0, result.get("value")
+    except SystemExit as e:  # --help, --cfg, --info
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return code, result.get("value")
+    except KeyboardInterrupt:
+        print(f"frod {verb}: interrupted", file=sys.stderr)
+        return 130, None
+    except user_errors as e:
+        if os.environ.get("FROD_TRACEBACK"):
+            raise
+        print(f"frod {verb}: error: {one_line(e)}", file=sys.stderr)
+        return 1, None
+    finally:
+        sys.argv = old_argv
+        if old_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old_env
+        GlobalHydra.instance().clear()
+
+
+def list_recipes() -> str:
+    root = Path(recipes_dir())
+    out = []
+    for group in GROUPS:
+        d = root / group
+        if not d.is_dir():
+            continue
+        out.append(f"{group}:")
+        for f in sorted(d.rglob("*.yaml")):
+            name = f.relative_to(d).with_suffix("").as_posix()
+            if any(part.startswith("_") for part in name.split("/")):
+                continue  # shared bases, not meant to be picked
+            first = ""
+            for line in f.read_text(encoding="utf-8").splitlines():
+                s = line.strip()
+                if s.startswith("#") and "@package" not in s:
+                    first = s.lstrip("# ").strip()
+                    break
+            out.append(f"  {name:<26} {first}")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from frod_cli import __version__
+
+        print(f"frod {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb == "recipes":
+        print(list_recipes())
+        return 0
+    if verb not in VERBS:
+        close = difflib.get_close_matches(verb, [*VERBS, "recipes"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"frod: error: unknown verb {verb!r} (train, eval, merge, recipes){hint}", file=sys.stderr)
+        return 2
+    code, _ = run_verb(verb, rest)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

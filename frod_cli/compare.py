@@ -1,0 +1,362 @@
+"""Compare the methods of a sweep: `python -m frod_cli.compare <sweep_dir> [--out DIR]`.
+
+Reads every run directory under `sweep_dir` (a directory holding `metrics.json`; `merged/` and
+`adapter/` are skipped), groups runs by method (plus any other override that varies across the sweep,
+except the seed) and writes to `out_dir` (default `<sweep_dir>/compare`):
+
+  report.md              a Markdown table (mean +- std over seeds) and the tables below
+  summary.json           the same numbers, machine-readable
+  loss_curves.png        training loss versus optimizer step, every group on one plot: the mean over
+                         seeds, with a +-1 std band when a group has several seeds
+  metric_vs_params.png   the final metric versus the trainable-parameter percentage (log x)
+  steps_to_loss.png      optimizer steps each group needed to reach training-loss thresholds
+
+Inputs (written by frod_cli.train): `metrics.jsonl` log lines {step, loss, lr, ...} (evaluation lines
+carry `split` and are not training loss), `metrics.json` {method, objective, objective_value,
+validation{...}, test{...}, trainable_params, trainable_percent, steps, train_time_s, wall_time_s},
+and `.hydra/config.yaml` / `.hydra/overrides.yaml` for the seed and the overrides.
+
+Steps-to-threshold uses the training loss smoothed by a trailing moving average over `smooth` log points
+(`smooth=1`: raw); a run that never reaches a threshold counts as not reached (`None`), and a group's
+value is the mean over the seeds that reached it, with the count. Thresholds default to fractions
+(0.9, 0.75, 0.5, 0.25) of the mean initial smoothed loss over all runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from frod_cli.report import _job_dirs, _plt, _save_fig, atomic_write_json, atomic_write_text, read_jsonl
+
+DEFAULT_FRACTIONS = (0.9, 0.75, 0.5, 0.25)
+_SEED_KEYS = ("train.seed", "seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+def _load_yaml(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 - a damaged .hydra file only loses the labels
+        return None
+
+
+def read_run(run_dir: Path) -> Dict[str, Any]:
+    """One run: its final metrics, its training-loss log and its seed/overrides."""
+    with open(run_dir / "metrics.json", encoding="utf-8") as f:
+        final = json.load(f)
+    rows = read_jsonl(str(run_dir / "metrics.jsonl"))
+    loss = [(int(r["step"]), float(r["loss"])) for r in rows
+            if "split" not in r and r.get("loss") is not None and "step" in r]
+    loss.sort()
+    cfg = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    overrides = [str(o) for o in (_load_yaml(run_dir / ".hydra" / "overrides.yaml") or []) if not str(o).startswith("hydra.")]
+    seed = (cfg.get("train") or {}).get("seed") if isinstance(cfg, dict) else None
+    for o in overrides:
+        k, _, v = o.lstrip("+~").partition("=")
+        if k in _SEED_KEYS:
+            seed = v
+    method = final.get("method") or ((cfg.get("method") or {}).get("name") if isinstance(cfg, dict) else None) or "?"
+    return {"dir": str(run_dir), "final": final, "loss": loss, "seed": seed, "method": str(method), "overrides": overrides}
+
+
+def _label(run: Dict[str, Any], varying: set) -> str:
+    extra = [o for o in run["overrides"]
+             if o in varying and o.lstrip("+~").partition("=")[0] not in (*_SEED_KEYS, "method")]
+    return " ".join([run["method"], *extra])
+
+
+def group_runs(runs: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """Runs by label: the method plus the overrides that vary across the sweep (seed excluded)."""
+    if len(runs) > 1:
+        common = set.intersection(*(set(r["overrides"]) for r in runs))
+        varying = set().union(*(set(r["overrides"]) for r in runs)) - common
+    else:
+        varying = set()
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(_label(r, varying), []).append(r)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what exists so far)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def steps_to_reach(loss: List[tuple], threshold: float, window: int) -> Optional[int]:
+    """First logged step whose smoothed training loss is <= threshold; None if never."""
+    if not loss:
+        return None
+    steps = [s for s, _ in loss]
+    sm = smooth([l for _, l in loss], window)
+    hit = np.nonzero(sm <= threshold)[0]
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Dict[str, Any]:
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def _metric(final: Dict[str, Any], split: str, key: str) -> Optional[float]:
+    v = (final.get(split) or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _per_step(final: Dict[str, Any]) -> Optional[float]:
+    steps = final.get("steps")
+    t = final.get("train_time_s", final.get("wall_time_s"))
+    if not steps or t is None:
+        return None
+    return float(t) / float(steps)
+
+
+def mean_curve(runs: List[Dict[str, Any]]):
+    """(steps, mean, std) of the runs' raw training loss on the steps every run logged (up to the
+    shortest run; other runs are interpolated onto the first run's steps)."""
+    curves = [r["loss"] for r in runs if r["loss"]]
+    if not curves:
+        return None
+    last = min(c[-1][0] for c in curves)
+    grid = np.array([s for s, _ in curves[0] if s <= last], dtype=float)
+    ys = np.stack([np.interp(grid, [s for s, _ in c], [l for _, l in c]) for c in curves])
+    return grid, ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(len(grid))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+def _fmt(ms: Dict[str, Any], digits: int = 4) -> str:
+    if ms.get("mean") is None:
+        return "-"
+    if ms["n"] > 1:
+        return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    return f"{ms['mean']:.{digits}f}"
+
+
+def build_report(
+    sweep_dir: str,
+    out_dir: Optional[str] = None,
+    objective: Optional[str] = None,
+    thresholds: Optional[Sequence[float]] = None,
+    smooth_window: int = 5,
+) -> Dict[str, Any]:
+    """Write report.md, summary.json and the PNGs to `out_dir` (default <sweep_dir>/compare); return
+    the summary. `objective`: the metric compared (default: the runs' task.objective)."""
+    root = Path(sweep_dir)
+    out = Path(out_dir) if out_dir else root / "compare"
+    jobs = [d for d in _job_dirs(str(root)) if out not in d.parents and d != out]
+    if not jobs:
+        raise ValueError(f"no run directory (with metrics.json) under {sweep_dir}")
+    runs = [read_run(d) for d in jobs]
+    objective = objective or next((r["final"].get("objective") for r in runs if r["final"].get("objective")), None)
+    if objective is None:
+        raise ValueError("the runs name no objective: pass objective=<metric>")
+    mode = next((r["final"].get("objective_mode") for r in runs if r["final"].get("objective_mode")), "max")
+    # The split of the headline number: test where every run has one, else validation.
+    split = "test" if all(_metric(r["final"], "test", objective) is not None for r in runs) else "validation"
+    groups = group_runs(runs)
+
+    if thresholds is None:
+        starts = [smooth([l for _, l in r["loss"]], smooth_window)[0] for r in runs if r["loss"]]
+        base = float(np.mean(starts)) if starts else float("nan")
+        thresholds = [round(base * f, 4) for f in DEFAULT_FRACTIONS] if starts else []
+    thresholds = [float(t) for t in thresholds]
+
+    metric_keys: List[str] = []
+    for r in runs:
+        for k in (r["final"].get(split) or {}):
+            if k not in metric_keys:
+                metric_keys.append(k)
+
+    summary: Dict[str, Any] = {
+        "sweep_dir": str(root), "objective": objective, "objective_mode": mode, "split": split,
+        "smooth_window": smooth_window, "thresholds": thresholds, "groups": {},
+    }
+    for label, rs in groups.items():
+        finals = [r["final"] for r in rs]
+        reach = {}
+        for t in thresholds:
+            per_seed = [steps_to_reach(r["loss"], t, smooth_window) for r in rs]
+            ms = mean_std([s for s in per_seed if s is not None])
+            reach[str(t)] = {**ms, "reached": sum(s is not None for s in per_seed), "runs": len(rs), "per_run": per_seed}
+        summary["groups"][label] = {
+            "method": rs[0]["method"],
+            "runs": [r["dir"] for r in rs],
+            "seeds": [r["seed"] for r in rs],
+            "validation": {objective: mean_std([_metric(f, "validation", objective) for f in finals])},
+            split: {k: mean_std([_metric(f, split, k) for f in finals]) for k in metric_keys},
+            "trainable_percent": mean_std([f.get("trainable_percent") for f in finals]),
+            "trainable_params": mean_std([f.get("trainable_params") for f in finals]),
+            "steps": mean_std([f.get("steps") for f in finals]),
+            "time_per_step_s": mean_std([_per_step(f) for f in finals]),
+            "wall_time_s": mean_std([f.get("wall_time_s") for f in finals]),
+            "steps_to_loss": reach,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "loss_curves": _plot_curves(groups, out / "loss_curves.png"),
+        "metric_vs_params": _plot_scatter(summary, out / "metric_vs_params.png"),
+        "steps_to_loss": _plot_reach(summary, out / "steps_to_loss.png"),
+    }
+    summary["files"] = {k: os.path.basename(v) for k, v in files.items() if v}
+    atomic_write_text(str(out / "report.md"), _markdown(summary, metric_keys))
+    atomic_write_json(str(out / "summary.json"), summary)
+    return summary
+
+
+def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
+    obj, split, groups = s["objective"], s["split"], s["groups"]
+    lines = [f"# Method comparison: {s['sweep_dir']}", "",
+             f"Objective `{obj}` ({s['objective_mode']}); headline split: `{split}`; "
+             f"mean ± std over seeds (n = runs per row). Model selection: validation only.", ""]
+    shown = [k for k in metric_keys if split != "validation" or k != obj]
+    head = ["method", "n", f"validation {obj}", *[f"{split} {k}" for k in shown],
+            "trainable %", "trainable params", "steps", "s / step", "wall time (s)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, g in groups.items():
+        n = len(g["runs"])
+        row = [label.replace("|", "\\|"), str(n), _fmt(g["validation"][obj]),
+               *[_fmt(g[split][k]) for k in shown],
+               _fmt(g["trainable_percent"], 3),
+               f"{g['trainable_params']['mean']:,.0f}" if g["trainable_params"]["mean"] is not None else "-",
+               _fmt(g["steps"], 0), _fmt(g["time_per_step_s"], 4), _fmt(g["wall_time_s"], 1)]
+        lines.append("| " + " | ".join(row) + " |")
+    if s["thresholds"]:
+        lines += ["", f"## Steps to reach a training loss (moving average over {s['smooth_window']} log points)", "",
+                  "Mean over the seeds that reached it (reached/runs); `-`: never reached.", ""]
+        head = ["method", *[f"loss ≤ {t:g}" for t in s["thresholds"]]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label, g in groups.items():
+            cells = []
+            for t in s["thresholds"]:
+                r = g["steps_to_loss"][str(t)]
+                cells.append("-" if r["mean"] is None else f"{_fmt(r, 1)} ({r['reached']}/{r['runs']})")
+            lines.append("| " + " | ".join([label.replace("|", "\\|"), *cells]) + " |")
+    lines += ["", "## Figures", ""]
+    for name in s.get("files", {}).values():
+        lines.append(f"![{name}]({name})")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path) -> Optional[str]:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for label, rs in groups.items():
+        c = mean_curve(rs)
+        if c is None:
+            continue
+        x, m, sd = c
+        n = sum(1 for r in rs if r["loss"])
+        (line,) = ax.plot(x, m, label=f"{label} (n={n})")
+        if n > 1:
+            ax.fill_between(x, m - sd, m + sd, color=line.get_color(), alpha=0.2)
+        drawn = True
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    ax.set_title("training loss (mean ± std over seeds)")
+    _save_fig(fig, str(path))
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_scatter(s: Dict[str, Any], path: Path) -> Optional[str]:
+    plt = _plt()
+    obj, split = s["objective"], s["split"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, g in s["groups"].items():
+        x, y = g["trainable_percent"]["mean"], (g[split].get(obj) or g["validation"][obj])
+        if x is None or x <= 0 or y["mean"] is None:
+            continue
+        ax.errorbar([x], [y["mean"]], yerr=[y["std"] or 0.0], fmt="o", capsize=3, label=label)
+        ax.annotate(label, (x, y["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the model, log scale)")
+    ax.set_ylabel(f"{split} {obj}")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(f"{split} {obj} versus trainable parameters")
+    _save_fig(fig, str(path))
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
+    if not s["thresholds"]:
+        return None
+    plt = _plt()
+    labels = list(s["groups"])
+    th = s["thresholds"]
+    width = 0.8 / max(len(labels), 1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, label in enumerate(labels):
+        r = [s["groups"][label]["steps_to_loss"][str(t)] for t in th]
+        xs = np.arange(len(th)) + i * width
+        ax.bar(xs, [v["mean"] if v["mean"] is not None else 0 for v in r], width,
+               yerr=[v["std"] or 0 for v in r], capsize=2, label=label)
+        for x, v in zip(xs, r):
+            if v["mean"] is None:
+                ax.text(x, 0, "×", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(np.arange(len(th)) + width * (len(labels) - 1) / 2)
+    ax.set_xticklabels([f"≤ {t:g}" for t in th])
+    ax.set_xlabel(f"smoothed training loss threshold (window {s['smooth_window']})")
+    ax.set_ylabel("optimizer steps to reach it (× = never)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save_fig(fig, str(path))
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="frod compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep_dir", help="a sweep/multirun directory (or any directory of run directories)")
+    p.add_argument("--out", default=None, help="output directory (default: <sweep_dir>/compare)")
+    p.add_argument("--objective", default=None, help="metric to compare (default: the runs' task.objective)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="training-loss thresholds (default: 0.9/0.75/0.5/0.25 x the initial loss)")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window in log points (default 5)")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        s = build_report(a.sweep_dir, a.out, a.objective, a.thresholds, a.smooth)
+    except (ValueError, OSError) as e:
+        print(f"frod compare: error: {e}", file=sys.stderr)
+        return 1
+    out = a.out or os.path.join(a.sweep_dir, "compare")
+    print(f"compared {sum(len(g['runs']) for g in s['groups'].values())} runs in {len(s['groups'])} groups: "
+          f"{os.path.join(out, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`full`: full fine-tuning. Groups: head (the task head), backbone (everything else)."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from frod_cli.methods.base import Method, register_method, split_head
+
+WEIGHTS = "model.safetensors"
+
+
+@register_method("full")
+class FullMethod(Method):
+    trains_everything = True
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        self.count_base(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def param_groups(self, model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+        head, rest = split_head(model, self.modules_to_save())
+        return {k: v for k, v in {"backbone": rest, "head": head}.items() if v}
+
+    def save_adapter(self, model: nn.Module, directory: str) -> None:
+        # The "adapter" of full fine-tuning is the whole state dict (tied weights stored once).
+        from safetensors.torch import save_model
+
+        os.makedirs(directory, exist_ok=True)
+        save_model(model, os.path.join(directory, WEIGHTS))
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            f.write('{"method": "full"}\n')
+
+    def load_adapter(self, base_model: nn.Module, directory: str) -> nn.Module:
+        from safetensors.torch import load_model
+
+        self.count_base(base_model)
+        load_model(base_model, os.path.join(directory, WEIGHTS), strict=True)
+        return base_model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model

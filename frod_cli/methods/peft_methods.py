@@ -1,0 +1,164 @@
+"""LoRA-family baselines through PEFT: `lora`, `dora`, `pissa`, `vera`, and `peft_frod` (upstream
+PEFT's FRoD, a reference). The task head is passed as `modules_to_save`.
+Groups: adapter (lora_A/B, magnitudes, VeRA vectors), head; peft_frod: sparse, scale, head."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torch import nn
+
+from frod_cli.methods.base import Method, register_method
+
+
+class PeftMethod(Method):
+    def peft_config(self, targets: List[str]):
+        raise NotImplementedError
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        self.count_base(model)
+        targets = self.resolve_targets(model)
+        return get_peft_model(model, self.peft_config(targets))
+
+    def group_of(self, name: str) -> str:
+        return "adapter"
+
+    def param_groups(self, model: nn.Module) -> Dict[str, List[nn.Parameter]]:
+        groups: Dict[str, List[nn.Parameter]] = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                g = "head" if "modules_to_save" in n else self.group_of(n)
+                groups.setdefault(g, []).append(p)
+        return groups
+
+    def save_adapter(self, model: nn.Module, directory: str) -> None:
+        model.save_pretrained(directory)
+
+    def load_adapter(self, base_model: nn.Module, directory: str) -> nn.Module:
+        from peft import PeftModel
+
+        self.count_base(base_model)
+        return PeftModel.from_pretrained(base_model, directory, is_trainable=False)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
+
+@register_method("lora")
+class LoraMethod(PeftMethod):
+    extra: dict = {}
+
+    def peft_config(self, targets):
+        from peft import LoraConfig
+
+        c = self.cfg
+        return LoraConfig(
+            r=int(c.r),
+            lora_alpha=float(c.alpha),
+            lora_dropout=float(c.dropout),
+            target_modules=self.paths_regex(targets),
+            modules_to_save=self.modules_to_save() or None,
+            **self.extra,
+        )
+
+
+@register_method("dora")
+class DoraMethod(LoraMethod):
+    extra = {"use_dora": True}
+
+
+@register_method("pissa")
+class PissaMethod(LoraMethod):
+    """PiSSA rewrites the base weights (W - principal part). Its saved adapter is converted to a
+    plain LoRA (rank 2r) that applies to the *original* base model, so reload and merge need no
+    PiSSA-specific base."""
+
+    extra = {"init_lora_weights": "pissa"}
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model_state_dict
+
+        model = super().adapt(model)
+        # The initial factors, for the conversion at save time.
+        self._init_state = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in get_peft_model_state_dict(model).items()
+            if "lora_A" in k or "lora_B" in k
+        }
+        return model
+
+    def save_adapter(self, model: nn.Module, directory: str) -> None:
+        """Save as a rank-2r LoRA on the original weights: with PiSSA's residual base
+        W_res = W - s B0 A0, the trained model is W_res + s B A = W + s [B, -B0] [A; A0]
+        (the conversion PEFT documents; done here because PEFT's own fails with modules_to_save)."""
+        import copy
+        import os
+
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        init = getattr(self, "_init_state", None)
+        if init is None:  # a reloaded adapter is already converted
+            model.save_pretrained(directory)
+            return
+        out = {}
+        for k, v in get_peft_model_state_dict(model).items():
+            v = v.detach().cpu()
+            if "lora_A" in k:
+                v = torch.cat([v, init[k].to(v.dtype)], dim=0)
+            elif "lora_B" in k:
+                v = torch.cat([v, -init[k].to(v.dtype)], dim=1)
+            out[k] = v.contiguous()
+        cfg = copy.deepcopy(model.peft_config["default"])
+        cfg.init_lora_weights = True
+        cfg.r *= 2
+        cfg.lora_alpha *= 2
+        os.makedirs(directory, exist_ok=True)
+        cfg.save_pretrained(directory)
+        save_file(out, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        # The trained PiSSA model = residual base + adapter: merging gives the adapted weights.
+        return model.merge_and_unload()
+
+
+@register_method("vera")
+class VeraMethod(PeftMethod):
+    def peft_config(self, targets):
+        from peft import VeraConfig
+
+        c = self.cfg
+        return VeraConfig(
+            r=int(c.vera_r),
+            vera_dropout=float(c.dropout),
+            target_modules=self.paths_regex(targets),
+            modules_to_save=self.modules_to_save() or None,
+            projection_prng_key=int(c.frod_seed),
+            save_projection=True,
+        )
+
+
+@register_method("peft_frod")
+class PeftFrodMethod(PeftMethod):
+    def peft_config(self, targets):
+        from peft import FrodConfig
+
+        c = self.cfg
+        return FrodConfig(
+            target_modules=self.paths_regex(targets),
+            modules_to_save=self.modules_to_save() or None,
+            sparse_rate=float(c.sparse_rate),
+            regularization_alpha=float(c.regularization),
+            projection_prng_key=int(c.frod_seed),
+            save_projection=True,
+            progressbar=False,
+        )
+
+    def group_of(self, name: str) -> str:
+        if "frod_lambda_s_values" in name:
+            return "sparse"
+        if "frod_lambda_l" in name:
+            return "scale"
+        return "adapter"

@@ -1,0 +1,137 @@
+"""The CLI in-process: help, composition of every recipe, and one-line errors for bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from frod_cli.cli import main, recipes_dir, run_verb
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_top_level_help(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in ("train", "eval", "merge", "recipes"):
+        assert verb in out
+
+
+def test_train_help_lists_groups(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for group in ("recipe:", "model:", "task:", "method:", "optimizer:", "quickstart", "vit_cifar"):
+        assert group in out, group
+
+
+def test_recipes_listing(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "peft_frod" in out and "frod_optuna" in out
+
+
+def test_default_is_quickstart(capsys):
+    assert main(["train", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe_name: quickstart" in out
+    assert "offline:all-minilm-l6-v2" in out and "name: frod" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(recipes_dir()) / "recipe").glob("*.yaml")))
+def test_every_recipe_composes(recipe, capsys):
+    assert main(["train", f"recipe={recipe}", "--cfg", "job"]) == 0
+    assert f"recipe_name: {recipe}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["frod", "full", "lora", "dora", "pissa", "vera", "peft_frod"])
+def test_every_method_composes(method, capsys):
+    assert main(["train", f"method={method}", "--cfg", "job"]) == 0
+    assert f"name: {method}" in capsys.readouterr().out
+
+
+def test_vit_cifar_composes_offline(capsys):
+    assert main(["train", "recipe=vit_cifar", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "google/vit-base-patch16-224-in21k" in out and "uoft-cs/cifar10" in out
+    assert "sparse: 5.0e-05" in out and "scale: 0.0005" in out and "head: 0.0001" in out
+
+
+def test_optuna_search_composes(capsys):
+    assert main(["train", "hparams_search=frod_optuna", "--cfg", "hydra"]) == 0
+    out = capsys.readouterr().out
+    assert "OptunaSweeper" in out and "direction: maximize" in out
+
+
+def test_recipe_files_open_with_their_command():
+    for f in (Path(recipes_dir()) / "recipe").glob("*.yaml"):
+        lines = f.read_text().splitlines()
+        assert lines[0] == "# @package _global_", f
+        assert lines[1].startswith("# frod train"), f
+
+
+def test_unknown_recipe_is_one_line(capsys):
+    assert main(["train", "recipe=nope"]) != 0
+    line = _one_error_line(capsys)
+    assert "recipe/nope" in line and "quickstart" in line
+
+
+def test_misspelt_key_is_one_line(capsys):
+    assert main(["train", "train.bach_size=3"]) != 0
+    line = _one_error_line(capsys)
+    assert "bach_size" in line and "batch_size" in line
+
+
+def test_wrong_type_is_one_line(capsys):
+    assert main(["train", "train.batch_size=abc"]) != 0
+    assert "train.batch_size" in _one_error_line(capsys)
+
+
+def test_unknown_method_option_is_one_line(capsys):
+    assert main(["train", "method=nope"]) != 0
+    assert "method/nope" in _one_error_line(capsys)
+
+
+def test_misspelt_key_in_a_recipe_file(tmp_path, capsys):
+    extra = tmp_path / "recipe"
+    extra.mkdir()
+    (extra / "bad.yaml").write_text("# @package _global_\n# frod train recipe=bad\ntrain:\n  epoch: 3\n")
+    code = main(["train", "recipe=bad", f"hydra.searchpath=[file://{tmp_path}]", "--cfg", "job"])
+    assert code != 0
+    assert "epoch" in _one_error_line(capsys)
+
+
+def test_unknown_verb(capsys):
+    assert main(["trian"]) == 2
+    assert "train" in _one_error_line(capsys)
+
+
+def test_eval_needs_a_path(capsys):
+    assert main(["eval"]) != 0
+    assert "path" in _one_error_line(capsys)
+
+
+def test_eval_of_a_missing_dir(tmp_path, capsys):
+    assert main(["eval", f"path={tmp_path / 'nope'}"]) != 0
+    assert "nope" in _one_error_line(capsys)
+
+
+def test_merge_of_a_non_run(tmp_path, capsys):
+    assert main(["merge", f"run={tmp_path}"]) != 0
+    assert "not a run directory" in _one_error_line(capsys)
+
+
+def test_help_from_another_directory(tmp_path):
+    """The recipes are found from any directory (packaged as frod_cli.recipes)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "frod_cli.cli", "train", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "quickstart" in r.stdout

@@ -1,0 +1,124 @@
+"""frod_cli.compare on synthetic run directories (the layout frod_cli.train writes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from frod_cli import compare
+
+# method -> (loss at step s, per seed: (test accuracy, validation accuracy), trainable %, train time)
+SPEC = {
+    "frod": (lambda s: 2.0 / (1 + s / 10), [(0.80, 0.81), (0.84, 0.83)], 1.5, 20.0),
+    "lora": (lambda s: 2.0 / (1 + s / 40), [(0.70, 0.71), (0.74, 0.73)], 0.5, 10.0),
+    "full": (lambda s: 2.0 / (1 + s / 5), [(0.90, 0.90)], 100.0, 40.0),
+}
+STEPS = 100
+
+
+def _write_run(d: Path, method: str, seed: int, job: int) -> None:
+    loss, accs, pct, t = SPEC[method]
+    test_acc, val_acc = accs[seed]
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(f"- method={method}\n- train.seed={seed}\n- train.max_steps={STEPS}\n")
+    (d / ".hydra" / "config.yaml").write_text(f"method:\n  name: {method}\ntrain:\n  seed: {seed}\n")
+    lines = [{"step": s, "loss": loss(s) + 0.01 * seed, "lr": {"head": 1e-3}} for s in range(1, STEPS + 1)]
+    lines.insert(50, {"step": 50, "split": "validation", "accuracy": 0.5, "best": True})  # not training loss
+    (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (d / "metrics.json").write_text(json.dumps({
+        "method": method, "objective": "accuracy", "objective_mode": "max", "objective_value": val_acc,
+        "validation": {"accuracy": val_acc}, "test": {"accuracy": test_acc, "f1": test_acc - 0.1},
+        "trainable_params": int(pct * 1000), "trainable_percent": pct, "steps": STEPS,
+        "train_time_s": t, "wall_time_s": t + 5,
+    }))
+    (d / "merged").mkdir()
+    (d / "merged" / "metrics.json").write_text("{}")  # must not be taken for a run
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    job = 0
+    for method, (_, accs, _, _) in SPEC.items():
+        for seed in range(len(accs)):
+            _write_run(root / str(job), method, seed, job)
+            job += 1
+    return root
+
+
+def test_table_values_and_files(sweep, tmp_path):
+    out = tmp_path / "cmp"
+    s = compare.build_report(str(sweep), str(out), thresholds=[1.0, 0.5, 0.1], smooth_window=1)
+    for f in ("report.md", "summary.json", "loss_curves.png", "metric_vs_params.png", "steps_to_loss.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert s["split"] == "test" and s["objective"] == "accuracy"
+    g = s["groups"]
+    assert set(g) == {"frod", "lora", "full"}  # the seed does not split a group; merged/ is no run
+    assert g["frod"]["test"]["accuracy"]["mean"] == pytest.approx(0.82)
+    assert g["frod"]["test"]["accuracy"]["std"] == pytest.approx(0.0282843, abs=1e-6)  # sample std
+    assert g["frod"]["validation"]["accuracy"]["mean"] == pytest.approx(0.82)
+    assert g["full"]["test"]["accuracy"] == {"mean": 0.9, "std": 0.0, "n": 1}
+    assert g["lora"]["time_per_step_s"]["mean"] == pytest.approx(0.1)
+    assert sorted(map(str, g["frod"]["seeds"])) == ["0", "1"]
+    md = (out / "report.md").read_text()
+    assert "| frod | 2 | 0.8200 ± 0.0141 | 0.8200 ± 0.0283 | 0.7200 ± 0.0283 | 1.500 ± 0.000 | 1,500 | 100 ± 0 | 0.2000 ± 0.0000 |" in md
+    assert "| full | 1 | 0.9000 | 0.9000 |" in md
+    assert json.loads((out / "summary.json").read_text())["groups"]["lora"]["trainable_percent"]["mean"] == 0.5
+
+
+def test_steps_to_threshold(sweep, tmp_path):
+    s = compare.build_report(str(sweep), str(tmp_path / "c"), thresholds=[1.0, 0.5, 0.1], smooth_window=1)
+    g = s["groups"]
+    # loss 2/(1+s/k) <= 1  <=>  s >= k (seed 1 adds 0.01: one or two steps later)
+    assert g["full"]["steps_to_loss"]["1.0"]["per_run"] == [5]
+    assert g["frod"]["steps_to_loss"]["1.0"]["per_run"] == [10, 11]
+    assert g["lora"]["steps_to_loss"]["1.0"]["per_run"] == [40, 41]
+    assert g["frod"]["steps_to_loss"]["1.0"]["mean"] == pytest.approx(10.5)
+    # 0.5 needs s >= 3k: lora (k=40) never gets there within 100 steps
+    assert g["lora"]["steps_to_loss"]["0.5"] | {"per_run": None} == {
+        "mean": None, "std": None, "n": 0, "reached": 0, "runs": 2, "per_run": None}
+    assert g["frod"]["steps_to_loss"]["0.5"]["per_run"] == [30, 31]
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "| lora | 40.5 ± 0.7 (2/2) | - | - |" in md
+
+
+def test_smoothing_delays_threshold_and_default_thresholds(sweep, tmp_path):
+    raw = compare.build_report(str(sweep), str(tmp_path / "a"), thresholds=[1.0], smooth_window=1)
+    sm = compare.build_report(str(sweep), str(tmp_path / "b"), thresholds=[1.0], smooth_window=10)
+    assert sm["groups"]["frod"]["steps_to_loss"]["1.0"]["mean"] > raw["groups"]["frod"]["steps_to_loss"]["1.0"]["mean"]
+    d = compare.build_report(str(sweep), str(tmp_path / "d"))
+    assert len(d["thresholds"]) == 4 and d["thresholds"][0] > d["thresholds"][-1] > 0
+
+
+def test_smooth_and_mean_curve():
+    assert compare.smooth([4, 2, 0, 2], 2).tolist() == [4, 3, 1, 1]
+    runs = [{"loss": [(1, 1.0), (2, 3.0), (3, 5.0)]}, {"loss": [(1, 3.0), (2, 5.0)]}]
+    x, m, sd = compare.mean_curve(runs)
+    assert x.tolist() == [1, 2] and m.tolist() == [2.0, 4.0] and sd == pytest.approx([1.41421356] * 2)
+
+
+def test_grouping_keeps_varying_overrides_apart(tmp_path):
+    root = tmp_path / "sw"
+    for job, lr in enumerate(["1e-3", "1e-4"]):
+        _write_run(root / str(job), "lora", 0, job)
+        ov = root / str(job) / ".hydra" / "overrides.yaml"
+        ov.write_text(ov.read_text() + f"- optimizer.group_lr.adapter={lr}\n")
+    s = compare.build_report(str(root), str(tmp_path / "o"))
+    assert set(s["groups"]) == {"lora optimizer.group_lr.adapter=1e-3", "lora optimizer.group_lr.adapter=1e-4"}
+
+
+def test_validation_split_when_no_test_and_main(tmp_path, capsys):
+    root = tmp_path / "sw"
+    _write_run(root / "0", "frod", 0, 0)
+    m = json.loads((root / "0" / "metrics.json").read_text())
+    del m["test"]
+    (root / "0" / "metrics.json").write_text(json.dumps(m))
+    assert compare.main([str(root), "--thresholds", "1.0"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    s = json.loads((root / "compare" / "summary.json").read_text())
+    assert s["split"] == "validation" and s["groups"]["frod"]["validation"]["accuracy"]["mean"] == pytest.approx(0.81)
+    # a second run of the command does not take its own output for runs
+    assert compare.main([str(root)]) == 0
+    assert compare.main([str(tmp_path / "empty")]) == 1
+    assert "no run directory" in capsys.readouterr().err
