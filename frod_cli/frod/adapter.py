@@ -344,7 +344,9 @@ def read_adapter(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     if meta.get("version") != ADAPTER_VERSION:
         raise FrodError(f"{cfg_file} has adapter format version {meta.get('version')}; this frod reads {ADAPTER_VERSION}")
     try:
-        tensors = load_file(str(w_file))
+        # Fresh, allocator-aligned copies: BLAS kernels may round differently on unaligned buffers, and
+        # a reloaded adapter must reproduce the saved model's outputs bit for bit.
+        tensors = {k: v.clone() for k, v in load_file(str(w_file)).items()}
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise FrodError(f"{w_file} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return meta, tensors

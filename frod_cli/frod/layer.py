@@ -197,7 +197,7 @@ class FrodLinear(_KeepOwnTensors):
         cat = self.category
         # (U M)^T = M^T U^T: diag part scales rows of U^T, entry (r, c) of S moves row r into row c.
         CT = Ut * d[:, None] + sparse_rows(Ut, self.frod_s, cat.by_col, cat.by_row)
-        return (cat.V @ CT).T  # (V (U M)^T)^T = U M V^T
+        return CT.T @ cat.V.T  # (U M) V^T, written straight into the m x n layout of W
 
     def project(self, x2: torch.Tensor) -> torch.Tensor:
         """dW_i x for a batch of rows x2 (T x n), per token. Returns dx with W dx = dW x when U is
