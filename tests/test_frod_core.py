@@ -115,7 +115,7 @@ def _dense_reference_grads(model, inputs):
     originals = {}
     for name, layer in frod_layers(model):
         def fwd(x, layer=layer):
-            M = torch.diag(layer.frod_lambda).index_put((layer.category.rows, layer.category.cols), layer.frod_s,
+            M = torch.diag(layer.frod_lambda).index_put((layer.category.rows.long(), layer.category.cols.long()), layer.frod_s,
                                                          accumulate=True)
             Wp = layer.U.detach() @ M @ layer.category.V.T
             return F.linear(x, Wp.to(x.dtype), layer.base_layer.bias)
@@ -354,7 +354,7 @@ def test_agrees_with_upstream_peft_frod():
             layer = layers[key]
             category = _category_from_key(key)
             theirs.base_model.frod_V[category]["default"] = layer.category.V.clone()
-            theirs.base_model.frod_s_indices[category]["default"] = torch.stack([layer.category.rows, layer.category.cols])
+            theirs.base_model.frod_s_indices[category]["default"] = torch.stack([layer.category.rows, layer.category.cols]).long()
             module.frod_U["default"] = layer.U.detach().clone()
             module.frod_lambda_l["default"].data = layer.frod_lambda.detach().clone()
             module.frod_lambda_s_values["default"].data = layer.frod_s.detach().clone()

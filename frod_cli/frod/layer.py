@@ -50,7 +50,7 @@ class _SparseRows(torch.autograd.Function):
         n = X.shape[0]
         ctx.fwd, ctx.bwd = fwd, bwd
         ctx.save_for_backward(X, s)
-        return torch.sparse.mm(_csr(fwd[0], fwd[1], s[fwd[2]].to(X.dtype), n), X)
+        return torch.sparse.mm(_csr(fwd[0], fwd[1], _take(s, fwd[2]).to(X.dtype), n), X)
 
     @staticmethod
     def backward(ctx, g):
@@ -60,14 +60,21 @@ class _SparseRows(torch.autograd.Function):
         gX = gs = None
         if ctx.needs_input_grad[0]:
             crow, col, perm = ctx.bwd
-            gX = torch.sparse.mm(_csr(crow, col, s[perm].to(X.dtype), n), g)
+            gX = torch.sparse.mm(_csr(crow, col, _take(s, perm).to(X.dtype), n), g)
         if ctx.needs_input_grad[1]:
             crow, col, perm = ctx.fwd
             pattern = _csr(crow, col, torch.zeros(col.numel(), dtype=X.dtype, device=X.device), n)
             vals = torch.sparse.sampled_addmm(pattern, g, X.T, beta=0.0).values()
-            gs = torch.empty_like(s)
-            gs[perm] = vals.to(s.dtype)
+            if perm is None:
+                gs = vals.to(s.dtype)
+            else:
+                gs = torch.empty_like(s)
+                gs[perm] = vals.to(s.dtype)
         return gX, gs, None, None
+
+
+def _take(s: torch.Tensor, perm) -> torch.Tensor:
+    return s if perm is None else s[perm]
 
 
 def sparse_rows(X: torch.Tensor, s: torch.Tensor, fwd, bwd) -> torch.Tensor:
@@ -104,8 +111,8 @@ class _KeepOwnTensors(nn.Module):
 
 def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
     crow = torch.zeros(n + 1, dtype=torch.long, device=index.device)
-    crow[1:] = torch.cumsum(torch.bincount(index, minlength=n), 0)
-    return crow
+    crow[1:] = torch.cumsum(torch.bincount(index.long(), minlength=n), 0)
+    return crow.to(index.dtype)
 
 
 class FrodCategory(_KeepOwnTensors):
@@ -117,13 +124,14 @@ class FrodCategory(_KeepOwnTensors):
         self.n = V.shape[0]
         self.register_buffer("V", V.detach().float().contiguous())
         self.register_buffer("V_inv_T", None if V_inv_T is None else V_inv_T.detach().float().contiguous())
-        rows, cols = rows.long().contiguous(), cols.long().contiguous()
-        self.register_buffer("rows", rows)  # canonical order: row-major position (r * n + c)
+        # int32 indices (half the bytes; n < 2^31), canonical order: row-major position r * n + c.
+        rows, cols = rows.to(torch.int32).contiguous(), cols.to(torch.int32).contiguous()
+        self.register_buffer("rows", rows)
         self.register_buffer("cols", cols)
-        # CSR views of the pattern, derived (not saved): by row r (the canonical order) and by column c.
+        # CSR views of the pattern, derived (not saved): by row r (the canonical order, so its value
+        # permutation is the identity) and by column c.
         self.register_buffer("crow_r", _crow(rows, self.n), persistent=False)
-        self.register_buffer("perm_r", torch.arange(rows.numel(), device=rows.device), persistent=False)
-        perm_c = torch.argsort(cols * self.n + rows)
+        perm_c = torch.argsort(cols.long() * self.n + rows.long())
         self.register_buffer("crow_c", _crow(cols, self.n), persistent=False)
         self.register_buffer("rows_by_c", rows[perm_c].contiguous(), persistent=False)
         self.register_buffer("perm_c", perm_c, persistent=False)
@@ -131,7 +139,7 @@ class FrodCategory(_KeepOwnTensors):
     @property
     def by_row(self):
         """A[r, c] = s_rc: applies M's off-diagonal part to a column stack, (S z)_r = sum_c s_rc z_c."""
-        return (self.crow_r, self.cols, self.perm_r)
+        return (self.crow_r, self.cols, None)
 
     @property
     def by_col(self):
@@ -188,7 +196,7 @@ class FrodLinear(_KeepOwnTensors):
         """M_i = diag(lambda_i - sigma_i) + S_i as a dense n x n tensor (tests and references only)."""
         n = self.in_features
         M = torch.diag(self.frod_lambda - self.frod_sigma)
-        return M.index_put((self.category.rows, self.category.cols), self.frod_s, accumulate=True)
+        return M.index_put((self.category.rows.long(), self.category.cols.long()), self.frod_s, accumulate=True)
 
     def delta_weight(self) -> torch.Tensor:
         """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
