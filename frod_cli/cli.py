@@ -62,7 +62,7 @@ def _train(cfg: Any) -> float:
 
     from frod_cli.train import train
 
-    out = cfg.output_dir or HydraConfig.get().runtime.output_dir
+    out = cfg.resume or cfg.output_dir or HydraConfig.get().runtime.output_dir
     return train(cfg, out)
 
 
@@ -166,6 +166,102 @@ def one_line(ex: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Safety: recipes instantiate nothing but the project's own classes
+# ---------------------------------------------------------------------------------------------
+# `_target_` values a composed config may carry (Hydra's sweeper/launcher plugins, Optuna samplers, our
+# sweep callback). Anything else (a recipe naming os.system, say) is refused before Hydra instantiates it.
+ALLOWED_TARGET_PREFIXES = ("frod_cli.", "hydra._internal.core_plugins.", "hydra_plugins.", "optuna.samplers.",
+                           "optuna.pruners.", "logging.")
+
+
+def _targets(node: Any, path: str = "") -> List[Tuple[str, str]]:
+    out: List[Tuple[str, str]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            p = f"{path}.{k}" if path else str(k)
+            if k == "_target_":
+                out.append((p, str(v)))
+            else:
+                out += _targets(v, p)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _targets(v, f"{path}[{i}]")
+    return out
+
+
+def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
+    """Compose the config (with Hydra's own part) as the verb will, and refuse any `_target_` outside
+    ALLOWED_TARGET_PREFIXES. Sweep overrides are dropped for this check; a composition error is left to
+    Hydra to report."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from frod_cli import FrodCliError
+
+    for a in args:
+        if "_target_" in a.split("=", 1)[0] and "=" in a:
+            value = a.split("=", 1)[1]
+            if not value.startswith(ALLOWED_TARGET_PREFIXES):
+                raise FrodCliError(f"refused {a!r}: a config may only name the project's own classes (_target_)")
+    overrides = [a for a in args if "=" in a and not a.startswith("-")
+                 and not any(t in a.split("=", 1)[1] for t in (",", "range(", "choice(", "interval(", "glob("))]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=recipes_dir(), version_base="1.3"):
+            cfg = compose(config_name=VERBS[verb][0], overrides=overrides, return_hydra_config=True)
+            tree = OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    for where, target in _targets(tree):
+        if not target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise FrodCliError(f"refused {where}={target!r}: recipes may only instantiate the project's own "
+                               "classes (registries: method.name, task.type)")
+
+
+def _distributed_rank() -> int:
+    for var in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _train_args(args: Sequence[str]) -> Tuple[List[str], Optional[str]]:
+    """Hydra overrides added for `frod train`: resume=<dir> continues in <dir> (and leaves its .hydra/
+    alone); a non-main rank of a multi-process launch writes no run directory of its own (the run
+    directory is the main process's, broadcast in train()). Returns (args, temp dir to delete)."""
+    import tempfile
+
+    args = list(args)
+    names = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    resume = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "resume"), None)
+    tmp = None
+    if resume and not multirun and resume not in ("null", "None", ""):
+        if not os.path.isdir(resume):  # before Hydra creates it as the run directory
+            from frod_cli import FrodCliError
+
+            raise FrodCliError(f"resume: no such run directory: {resume}")
+        if "hydra.run.dir" not in names:
+            args.append(f"hydra.run.dir={resume}")
+        if "hydra.output_subdir" not in names:
+            args.append("hydra.output_subdir=null")
+    run_dir = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "hydra.run.dir"), None)
+    if (not multirun and run_dir and "hydra.output_subdir" not in names
+            and os.path.isdir(os.path.join(run_dir, "checkpoints"))
+            and not os.path.exists(os.path.join(run_dir, "metrics.json"))):
+        # an incomplete run: train() resumes it (same config) or refuses it; its .hydra/ stays as it is
+        args.append("hydra.output_subdir=null")
+    if _distributed_rank() > 0 and not multirun:
+        tmp = tempfile.mkdtemp(prefix="frod-rank-")
+        args = [a for a in args if a.split("=", 1)[0] not in ("hydra.run.dir", "hydra.output_subdir")]
+        args += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return args, tmp
+
+
+# ---------------------------------------------------------------------------------------------
 # Running a verb
 # ---------------------------------------------------------------------------------------------
 def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
@@ -196,8 +292,14 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
     task_fn.__module__ = __name__
     old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
+    rank_tmp = None
     sys.argv = [f"frod {verb}", *args]
     try:
+        if verb == "train":
+            args, rank_tmp = _train_args(args)
+            sys.argv = [f"frod {verb}", *args]
+        if not any(a in ("--help", "-h", "--info", "--cfg", "-c", "--hydra-help") for a in args):
+            refuse_foreign_targets(verb, args)
         GlobalHydra.instance().clear()
         hydra_main(version_base="1.3", config_path=recipes_dir(), config_name=config_name)(task_fn)()
         if "error" in result:
@@ -216,6 +318,10 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
         return 1, None
     finally:
         sys.argv = old_argv
+        if rank_tmp is not None:
+            import shutil
+
+            shutil.rmtree(rank_tmp, ignore_errors=True)
         if old_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

@@ -117,7 +117,8 @@ class TrainConfig:
     cpu: bool = False  # force CPU even where a GPU exists
     save_merged: bool = True
     save_adapter: bool = True
-    checkpoint_every: int = 0  # steps; 0 = only at evaluations
+    checkpoint_every: int = 0  # steps; 0 = only at evaluations (checkpoints/step-N/, for resume=<run dir>)
+    keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
     progress: bool = True  # rich progress bar (main process only)
     eval_test: bool = True  # evaluate the best checkpoint on the test split at the end
 
@@ -131,7 +132,7 @@ class FrodRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe_name: str = "custom"
     output_dir: Optional[str] = None  # default: Hydra's run dir
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a run directory: continue its last checkpoint (in that directory)
 
 
 @dataclass

@@ -50,6 +50,10 @@ def load_for_eval(cfg: Any) -> Tuple[Any, Any, Any, Any, str]:
         seed = int(cfg.seed if cfg.seed is not None else run.train.seed)
         task = build_task(task_cfg, seed)
         data = task.load_data()
+        from frod_cli.report import recover_atomic_dir
+
+        for name in ("adapter", "merged"):
+            recover_atomic_dir(os.path.join(path, name))
         merged = os.path.join(path, "merged")
         if cfg.use_adapter or not os.path.isdir(merged):
             adapter = os.path.join(path, "adapter")

@@ -118,6 +118,24 @@ def _resolve(name: str) -> str:
     return name  # a Hub id
 
 
+def refuse_remote_code(path: str, trust: bool) -> None:
+    """A local model directory that ships its own code (config.json `auto_map`) runs it only with
+    model.trust_remote_code=true (Hub ids: transformers refuses the same way)."""
+    import json
+
+    cfg_file = os.path.join(path, "config.json")
+    if trust or not os.path.isfile(cfg_file):
+        return
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e})") from None
+    if isinstance(meta, dict) and meta.get("auto_map"):
+        raise ValueError(f"model {path} ships its own Python code (config.json auto_map); it runs only with "
+                         "model.trust_remote_code=true")
+
+
 def _finish_text(model: Any, tok: Any) -> None:
     # Causal LMs often ship without a pad token; batching (and *ForSequenceClassification) needs one.
     if tok.pad_token is None:
@@ -142,6 +160,8 @@ def load_preprocessor(path_or_cfg: Any, task: Any) -> Any:
         tok = _tiny_text_tokenizer(causal=task.auto_class == "AutoModelForCausalLM")
     else:
         path = _resolve(name)
+        if os.path.isdir(path):
+            refuse_remote_code(path, trust)
         try:
             if _is_image(task):
                 return transformers.AutoImageProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust, backend="pil")
@@ -175,6 +195,8 @@ def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
         model = model.to(dtype).eval()  # like from_pretrained: the loop decides when to train
     else:
         path = _resolve(name)
+        if os.path.isdir(path):
+            refuse_remote_code(path, bool(model_cfg.trust_remote_code))
         common = dict(revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
         try:
             config = transformers.AutoConfig.from_pretrained(path, **common, **head)

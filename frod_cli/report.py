@@ -107,6 +107,21 @@ def atomic_dir(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def recover_atomic_dir(path: str) -> None:
+    """Undo the one window `atomic_dir` leaves: killed between moving the old version aside and moving
+    the new one in, `path` is missing and `.<name>.old-*` holds the previous complete version."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(parent):
+        return
+    olds = sorted((e for e in os.listdir(parent) if e.startswith(f".{name}.old-")),
+                  key=lambda e: os.path.getmtime(os.path.join(parent, e)), reverse=True)
+    if olds:
+        os.replace(os.path.join(parent, olds[0]), path)
+
+
 class JsonlWriter:
     """Appends one JSON object per line, flushed at once (a log: readable while training)."""
 

@@ -201,6 +201,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     from tiny_models import FAMILIES, output_of
     from frod_cli.frod import load_adapter
+    torch.set_num_threads({threads})  # the parent's: kernels may split (and round) differently
     model, inputs = FAMILIES[{fam!r}][0](0)
     load_adapter(model, {path!r})
     with torch.no_grad():
@@ -219,7 +220,7 @@ def test_save_load_in_new_process(fam, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert meta["fingerprint"] and meta["categories"]
-    script = LOAD_SCRIPT.format(tests=str(Path(__file__).parent), fam=fam, path=str(tmp_path / "adapter"),
+    script = LOAD_SCRIPT.format(tests=str(Path(__file__).parent), fam=fam, threads=torch.get_num_threads(), path=str(tmp_path / "adapter"),
                                 out=str(tmp_path / "out.safetensors"))
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     from safetensors.torch import load_file

@@ -1,0 +1,373 @@
+"""Reliability (docs/RELIABILITY.md): resume after SIGKILL, atomic checkpoints, NaN/inf and output-dir
+faults, safety of what a recipe may load or instantiate, and 2-process (gloo) equivalence.
+Tiny models (tiny:bert, hidden 32), a local 80-row CSV, temp dirs."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from frod_cli import checkpoint as ck
+from frod_cli.cli import main, run_verb
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "good bad great awful fine ok terrible nice happy sad".split()
+
+
+def write_csv(path: Path, n: int = 80, header=("text", "label"), labels=("neg", "pos"), seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for _ in range(n):
+            w.writerow([" ".join(rng.choice(WORDS) for _ in range(5)), rng.choice(labels)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "train.csv")
+
+
+def tiny(data: Path, *extra: str) -> list:
+    return ["model=tiny_bert", "task=local_text", f"task.data_files.train={data}", "task.max_length=16",
+            "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=1", "train.progress=false",
+            "train.save_merged=false", *extra]
+
+
+def one_error_line(capsys) -> str:
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def tree_digest(d: Path) -> dict:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "train.log"}
+
+
+def jsonl_rows(run: Path) -> list:
+    """metrics.jsonl without the timing fields (which differ between any two runs)."""
+    drop = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_values(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ck.latest_checkpoint(str(run))) / "trainable.safetensors"))
+
+
+def assert_rows_close(a: list, b: list, tol: float) -> None:
+    assert len(a) == len(b), (len(a), len(b))
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], abs=tol), (k, ra, rb)
+            elif isinstance(ra[k], dict):
+                for g in ra[k]:
+                    assert ra[k][g] == pytest.approx(rb[k][g], abs=tol)
+            else:
+                assert ra[k] == rb[k], (k, ra, rb)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Resume
+# ---------------------------------------------------------------------------------------------------
+RESUME = ["train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=1", "train.keep_checkpoints=true",
+          # dropout stays on: the restored RNG state must reproduce its masks
+          "+model.config_overrides.hidden_dropout_prob=0.1"]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref") / "run"
+    code, _ = run_verb("train", [*tiny(data, *RESUME), f"hydra.run.dir={run}"])
+    assert code == 0
+    return run
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(reference, data, tmp_path):
+    run = tmp_path / "killed"
+    kill_at = random.randint(2, 7)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *tiny(data, *RESUME), f"hydra.run.dir={run}"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and p.poll() is None:
+            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+            if any(r.get("step", 0) >= kill_at for r in rows):
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert not (run / "metrics.json").exists()
+    assert ck.latest_checkpoint(str(run)) is not None
+    code, _ = run_verb("train", [*tiny(data, *RESUME), f"resume={run}"])
+    assert code == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["resumed_from"] and m["steps"] == 12
+    ref, got = final_values(reference), final_values(run)
+    assert set(ref) == set(got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)
+    assert_rows_close(jsonl_rows(run), jsonl_rows(reference), 1e-6)
+    ref_m = json.loads((reference / "metrics.json").read_text())
+    assert m["validation"] == ref_m["validation"] and m["test"] == ref_m["test"]
+
+
+@pytest.mark.slow
+def test_incomplete_run_in_same_directory_resumes_automatically(reference, data, tmp_path):
+    run = tmp_path / "auto"
+    import shutil
+
+    shutil.copytree(reference, run)
+    (run / "metrics.json").unlink()
+    for step, d in ck.step_dirs(str(run)):
+        if step > 11:
+            shutil.rmtree(d)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    code, _ = run_verb("train", [*tiny(data, *RESUME), f"hydra.run.dir={run}"])
+    assert code == 0
+    assert json.loads((run / "metrics.json").read_text())["resumed_from"].endswith("step-00000011")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == len(lines)
+    assert_rows_close(jsonl_rows(run), jsonl_rows(reference), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Atomic writes
+# ---------------------------------------------------------------------------------------------------
+_SAVER = r"""
+import sys, torch
+from frod_cli import checkpoint as ck
+run = sys.argv[1]
+big = {"w": torch.randn(4_000_000)}
+opt = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.randn(4_000_000)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+ck.save_checkpoint(run, 1, trainable=big, best=None, optimizer_sd=opt, scheduler_sd={"last_epoch": 1}, state={"step": 1}, config={"a": 1})
+print("ready", flush=True)
+step = 2
+while True:
+    ck.save_checkpoint(run, step, trainable=big, best=big, optimizer_sd=opt, scheduler_sd={"last_epoch": step}, state={"step": step}, config={"a": 1})
+    step += 1
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for trial in range(3):
+        run = tmp_path / f"r{trial}"
+        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(run)], env=env, stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(random.uniform(0.05, 1.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        latest = ck.latest_checkpoint(str(run))
+        loaded = ck.load_checkpoint(latest)
+        assert loaded["trainable"]["w"].numel() == 4_000_000
+        assert loaded["state"]["step"] >= 1
+
+
+def test_failed_save_keeps_previous_checkpoint_and_adapter(tmp_path, monkeypatch):
+    from frod_cli.report import atomic_dir, recover_atomic_dir
+
+    t = {"w": torch.ones(3)}
+    opt = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    ck.save_checkpoint(str(tmp_path), 1, trainable=t, best=None, optimizer_sd=opt, scheduler_sd={}, state={"step": 1}, config={})
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.json, "dump", boom)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(str(tmp_path), 2, trainable=t, best=None, optimizer_sd=opt, scheduler_sd={}, state={"step": 2}, config={})
+    monkeypatch.undo()
+    assert ck.latest_checkpoint(str(tmp_path)).endswith("step-00000001")
+    assert ck.load_checkpoint(ck.latest_checkpoint(str(tmp_path)))["state"]["step"] == 1
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    # adapter/ (and merged/): a failed write leaves the previous version
+    adapter = tmp_path / "adapter"
+    atomic_dir(str(adapter), lambda d: Path(d, "v").write_text("1"))
+
+    def half(d):
+        Path(d, "v").write_text("2")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_dir(str(adapter), half)
+    assert (adapter / "v").read_text() == "1"
+    # a kill between the two renames of atomic_dir: the previous version is put back
+    os.replace(adapter, tmp_path / ".adapter.old-xyz")
+    recover_atomic_dir(str(adapter))
+    assert (adapter / "v").read_text() == "1"
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    t = {"w": torch.ones(3)}
+    path = ck.save_checkpoint(str(tmp_path), 1, trainable=t, best=None, optimizer_sd={"state": {}, "param_groups": []},
+                              scheduler_sd={}, state={"step": 1}, config={})
+    f = Path(path) / "trainable.safetensors"
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ck.FrodCliError, match="truncated or corrupt"):
+        ck.load_checkpoint(path)
+
+
+def test_optimizer_state_round_trip_without_pickle():
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([{"params": [p], "lr": 0.1, "name": "x"}], betas=(0.8, 0.9))
+    p.grad = torch.ones(4)
+    opt.step()
+    tensors, meta = ck.flatten_optimizer(opt.state_dict())
+    json.dumps(meta)
+    sd = ck.unflatten_optimizer(tensors, json.loads(json.dumps(meta)))
+    opt2 = torch.optim.AdamW([{"params": [torch.nn.Parameter(p.detach().clone())], "lr": 0.1, "name": "x"}])
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["betas"] == (0.8, 0.9)
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Faults
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(data, tmp_path, monkeypatch, capsys):
+    from frod_cli.tasks.common import ClassificationTask
+
+    real = ClassificationTask.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch):
+        calls["n"] += 1
+        out = real(self, model, batch)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(ClassificationTask, "loss", loss)
+    run = tmp_path / "nan"
+    code = main(["train", *tiny(data, "train.max_steps=6", "train.checkpoint_every=1"), f"hydra.run.dir={run}"])
+    assert code == 1
+    line = one_error_line(capsys)
+    assert "nan" in line and "step 3" in line and "step-00000002" in line
+    assert ck.latest_checkpoint(str(run)).endswith("step-00000002")
+    ck.load_checkpoint(ck.latest_checkpoint(str(run)))
+    assert not (run / "metrics.json").exists()
+
+
+def test_unwritable_output_dir_is_refused_before_training(data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["train", *tiny(data), f"output_dir={blocker}/run", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert code == 1
+    assert "not writable" in one_error_line(capsys)
+
+
+def test_full_output_dir_is_refused_before_training(data, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    run = tmp_path / "full"
+    assert main(["train", *tiny(data), f"hydra.run.dir={run}"]) == 1
+    assert "MiB free" in one_error_line(capsys)
+    assert not (run / "checkpoints").exists() and not (run / "adapter").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Safety
+# ---------------------------------------------------------------------------------------------------
+def test_no_pickle_loading_in_the_package():
+    for f in (ROOT / "frod_cli").rglob("*.py"):
+        text = f.read_text()
+        assert "torch.load(" not in text and "pickle.load" not in text and "import pickle" not in text, f
+
+
+def test_checkpoint_files_are_safetensors_json_yaml(tmp_path):
+    path = ck.save_checkpoint(str(tmp_path), 1, trainable={"w": torch.ones(2)}, best=None,
+                              optimizer_sd={"state": {}, "param_groups": []}, scheduler_sd={}, state={}, config={})
+    assert {p.suffix for p in Path(path).iterdir()} <= {".safetensors", ".json", ".yaml"}
+
+
+def test_override_naming_a_callable_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    code = main(["train", "+hydra.callbacks.evil._target_=os.system", f"+hydra.callbacks.evil.command=touch {marker}",
+                 f"hydra.run.dir={tmp_path / 'r'}"])
+    assert code == 1
+    assert "_target_" in one_error_line(capsys)
+    assert not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_recipe_naming_a_callable_is_refused(tmp_path, capsys):
+    d = tmp_path / "recipe"
+    d.mkdir()
+    (d / "evil.yaml").write_text("# @package _global_\n# frod train recipe=evil\nhydra:\n  callbacks:\n"
+                                 "    evil:\n      _target_: subprocess.call\n      args: [touch, pwned]\n")
+    code = main(["train", "recipe=evil", f"hydra.searchpath=[file://{tmp_path}]", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert code == 1
+    assert "subprocess.call" in one_error_line(capsys)
+
+
+def test_remote_code_needs_the_explicit_flag(tmp_path, data, capsys):
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "frod-custom-xyz", "auto_map": {"AutoConfig": "evil.EvilConfig",
+                                                     "AutoModelForSequenceClassification": "evil.EvilModel"}}))
+    (model / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')\n")
+    code = main(["train", *tiny(data), f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'r'}"])
+    assert code == 1
+    line = one_error_line(capsys)
+    assert "trust_remote_code" in line or "custom" in line
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Two processes (torchrun, gloo) == one process with the same global batch
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_match_one(data, tmp_path):
+    args = tiny(data, "train.max_steps=6", "train.eval_every=3", "train.keep_checkpoints=true", "train.cpu=true",
+                "+model.config_overrides.hidden_dropout_prob=0.0",
+                "+model.config_overrides.attention_probs_dropout_prob=0.0")
+    one = tmp_path / "one"
+    code, _ = run_verb("train", [*[a for a in args if not a.startswith("train.batch_size")], "train.batch_size=8",
+                                 f"hydra.run.dir={one}"])
+    assert code == 0
+    work = tmp_path / "two"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "frod_cli.cli", "train", *[a for a in args if not a.startswith("train.batch_size")],
+           "train.batch_size=4"]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [p for p in (work / "runs").rglob("*") if p.is_dir() and p.parent.parent == work / "runs"]
+    assert len(runs) == 1, runs  # one Hydra output directory, not one per rank
+    two = runs[0]
+    m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
+    assert m2["num_processes"] == 2 and len(m2["rank_fingerprints"]) == 2
+    assert len(set(m2["rank_fingerprints"])) == 1  # FRoD basis and pattern identical on every rank
+    assert m1["rank_fingerprints"][0] == m2["rank_fingerprints"][0]
+    assert_rows_close(jsonl_rows(two), jsonl_rows(one), 1e-4)
+    for split in ("validation", "test"):
+        for k, v in m1[split].items():
+            assert m2[split][k] == pytest.approx(v, abs=1e-4)
+    a, b = final_values(one), final_values(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
+    assert not list(Path("/tmp").glob("frod-rank-*/.hydra"))
