@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from .frod.atomic import _chmod_tree, atomic_dir, recover_atomic_dir  # noqa: F401  (re-exported)
+
 log = logging.getLogger("frod.report")
 
 
@@ -41,26 +43,6 @@ def _clean(o: Any) -> Any:
     return o
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _chmod_tree(path: str) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries: give them the usual umask modes."""
-    mask = _umask()
-    if os.path.isdir(path):
-        os.chmod(path, 0o777 & ~mask)
-        for root, dirs, files in os.walk(path):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o777 & ~mask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~mask)
-    else:
-        os.chmod(path, 0o666 & ~mask)
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -82,44 +64,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default) + "\n")
-
-
-def atomic_dir(path: str, write: Callable[[str], None]) -> None:
-    """Let `write(tmp_dir)` fill a temporary sibling directory, then move it to `path` (replacing
-    any previous version only once the new one is complete)."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        _chmod_tree(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_atomic_dir(path: str) -> None:
-    """Undo the one window `atomic_dir` leaves: killed between moving the old version aside and moving
-    the new one in, `path` is missing and `.<name>.old-*` holds the previous complete version."""
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        return
-    parent, name = os.path.dirname(path), os.path.basename(path)
-    if not os.path.isdir(parent):
-        return
-    olds = sorted((e for e in os.listdir(parent) if e.startswith(f".{name}.old-")),
-                  key=lambda e: os.path.getmtime(os.path.join(parent, e)), reverse=True)
-    if olds:
-        os.replace(os.path.join(parent, olds[0]), path)
 
 
 class JsonlWriter:

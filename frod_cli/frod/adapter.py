@@ -16,6 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .atomic import atomic_dir
 from .basis import shared_basis, sparse_pattern
 from .config import FrodConfig, FrodError
 from .layer import FrodCategory, FrodLinear, is_conv1d, weight_of
@@ -260,23 +261,6 @@ def summary(model: nn.Module) -> dict:
 
 
 # ---- save / load ----------------------------------------------------------------------------------------
-def _atomic_dir_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_adapter(model: nn.Module, path) -> Path:
     """adapter.safetensors (basis, pattern, initial scaling, trained values, saved modules) +
     adapter_config.json (config, layout, base-weight fingerprint). Written to a temp dir, then renamed."""
@@ -323,7 +307,7 @@ def save_adapter(model: nn.Module, path) -> Path:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": ADAPTER_FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
-    _atomic_dir_write(path, write)
+    atomic_dir(str(path), lambda tmp: write(Path(tmp)))
     return path
 
 
