@@ -159,7 +159,10 @@ def better(value: float, best: Optional[float], mode: str) -> bool:
 
 
 def model_outputs(model, batch, task=None) -> torch.Tensor:
-    """The logits (or first output) of a model on a batch, in float32."""
+    """The logits (or first output) of a model on a batch, in float32; a multiple-choice task's choice
+    scores (its batches are not plain model inputs)."""
+    if task is not None and hasattr(task, "scores"):
+        return task.scores(model, batch).float()
     if task is not None and hasattr(task, "model_inputs"):
         batch = task.model_inputs(model, batch)
     out = model(**batch)

@@ -232,6 +232,7 @@ def test_smoke_vision_tiny_clip(tmp_path):
                f"+task.data_files.train={tmp_path / 'train.parquet'}", f"+task.data_files.test={tmp_path / 'test.parquet'}",
                "task.validation_fraction=0.2")
     assert "accuracy" in m["validation"] and "accuracy" in m["test"]
+    assert m["merge_max_abs_diff"] is not None and (tmp_path / "run" / "merged" / "config.json").is_file()
     # q,k,v,out_proj (n=32) and fc1 (32), fc2 (64) per layer, 2 layers: n + floor(0.01 n^2); head 3*32+3
     frod = 2 * (5 * (32 + 10) + (64 + 40))
     assert m["trainable_params"] == frod + 99
@@ -271,13 +272,12 @@ def test_smoke_glue_mnli_tiny_roberta(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_commonsense_siqa_tiny_llama(tmp_path):
-    """LLaMA (tiny:llama, bf16 frozen weights like the recipe's) scoring Social IQa's schema.
-    train.save_merged=false: train.py's merge check calls the causal LM with the multiple-choice batch
-    (labels of shape [B] against [B*K, T] logits) and fails; reported to the lead."""
+    """LLaMA (tiny:llama, bf16 frozen weights like the recipe's) scoring Social IQa's schema, through the
+    merge check (merged vs unmerged choice scores) and the merged checkpoint."""
     rows = [{"context": f"Alex helped friend {i}.", "question": "How would Alex feel?", "answerA": "happy",
              "answerB": "sad", "answerC": "angry", "label": str(1 + i % 3)} for i in range(24)]
     for split, rs in (("train", rows), ("validation", rows[:6])):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    m = _train(tmp_path, "siqa", "model.name_or_path=tiny:llama", "train.save_merged=false", "task.max_length=48", "task.validation_fraction=0.25",
+    m = _train(tmp_path, "siqa", "model.name_or_path=tiny:llama", "task.max_length=48", "task.validation_fraction=0.25",
                f"+task.data_files.train={tmp_path / 'train.jsonl'}", f"+task.data_files.validation={tmp_path / 'validation.jsonl'}")
     assert "accuracy" in m["validation"] and "accuracy" in m["test"]
