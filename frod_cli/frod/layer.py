@@ -192,12 +192,6 @@ class FrodLinear(_KeepOwnTensors):
     def U(self) -> torch.Tensor:
         return self.U_t().T
 
-    def M_dense(self) -> torch.Tensor:
-        """M_i = diag(lambda_i - sigma_i) + S_i as a dense n x n tensor (tests and references only)."""
-        n = self.in_features
-        M = torch.diag(self.frod_lambda - self.frod_sigma)
-        return M.index_put((self.category.rows.long(), self.category.cols.long()), self.frod_s, accumulate=True)
-
     def delta_weight(self) -> torch.Tensor:
         """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
         Ut = self.U_t()
