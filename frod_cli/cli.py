@@ -22,6 +22,9 @@ verbs:
   train     train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps
   eval      metrics of a run directory or merged checkpoint:  frod eval path=<dir> [task=<name>]
   merge     adapter + base model -> merged/:                  frod merge run=<run dir>
+  compare   run every method of a recipe's `compare` block, then a report:
+                                       frod compare recipe=compare/text_minilm [compare.stage=search]
+            or report on existing runs:  frod compare <sweep dir>
   recipes   list the recipes and the options of every config group
 
 examples:
@@ -72,6 +75,15 @@ def _eval(cfg: Any) -> Dict[str, Any]:
     return run_eval(cfg)
 
 
+def _compare(cfg: Any) -> Dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from frod_cli.compare import run_compare
+
+    hc = HydraConfig.get()
+    return run_compare(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
 def _merge(cfg: Any) -> Dict[str, Any]:
     from frod_cli.merge import run_merge
 
@@ -82,6 +94,7 @@ VERBS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "train": ("config", _train),
     "eval": ("eval", _eval),
     "merge": ("merge", _merge),
+    "compare": ("config", _compare),
 }
 
 
@@ -261,6 +274,18 @@ def _train_args(args: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     return args, tmp
 
 
+def _compare_args(args: Sequence[str]) -> List[str]:
+    """`frod compare` runs its own sweep: no -m; its directory defaults to runs/<recipe>/compare_<time>."""
+    from frod_cli import FrodCliError
+
+    if any(a in ("-m", "--multirun") for a in args):
+        raise FrodCliError("frod compare runs its own sweep: drop -m (methods and seeds come from compare.*)")
+    args = list(args)
+    if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
+        args.append("hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
+    return args
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a verb
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +322,9 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
     try:
         if verb == "train":
             args, rank_tmp = _train_args(args)
+            sys.argv = [f"frod {verb}", *args]
+        if verb == "compare":
+            args = _compare_args(args)
             sys.argv = [f"frod {verb}", *args]
         if not any(a in ("--help", "-h", "--info", "--cfg", "-c", "--hydra-help") for a in args):
             refuse_foreign_targets(verb, args)
@@ -366,10 +394,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if verb == "recipes":
         print(list_recipes())
         return 0
+    if verb == "compare" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        from frod_cli.compare import main as report_main  # a directory of finished runs: report only
+
+        return report_main(rest)
     if verb not in VERBS:
         close = difflib.get_close_matches(verb, [*VERBS, "recipes"], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"frod: error: unknown verb {verb!r} (train, eval, merge, recipes){hint}", file=sys.stderr)
+        print(f"frod: error: unknown verb {verb!r} (train, eval, merge, compare, recipes){hint}", file=sys.stderr)
         return 2
     code, _ = run_verb(verb, rest)
     return code

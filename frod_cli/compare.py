@@ -1,4 +1,10 @@
-"""Compare the methods of a sweep: `python -m frod_cli.compare <sweep_dir> [--out DIR]`.
+"""Compare methods: run them (`frod compare recipe=<name>`) and report (`frod compare <sweep_dir>`).
+
+`frod compare recipe=<name> [compare.stage=search|compare|both] [compare.jobs=2] [key=value ...]` runs
+every method of the recipe's `compare` block (frod_cli.config.CompareConfig) through `frod train`, each
+in its own process, skipping runs finished by an earlier call, then writes the report below to
+`<run dir>/report`. `frod compare <sweep_dir> [--out DIR]` (or `python -m frod_cli.compare`) only
+reports on run directories that already exist, e.g. a `frod train -m method=...` sweep.
 
 Reads every run directory under `sweep_dir` (a directory holding `metrics.json`; `merged/` and
 `adapter/` are skipped), groups runs by method (plus any other override that varies across the sweep,
@@ -333,6 +339,178 @@ def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
     _save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the comparison: `frod compare recipe=<name>` (the `compare` block of the recipe)
+# ---------------------------------------------------------------------------------------------
+def _value(v: Any) -> str:
+    """A Hydra override value for a YAML scalar/list (1e-3 stays a float, lists stay lists)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _scale_tag(x: float) -> str:
+    return f"{x:g}".replace(".", "p").replace("-", "m")
+
+
+def plan_runs(cc: Any, stage: str, best: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """The runs of one stage: {name, method, overrides} with overrides as Hydra strings."""
+    methods = dict(cc.methods)
+    if cc.only:
+        unknown = [m for m in cc.only if m not in methods]
+        if unknown:
+            raise ValueError(f"compare.only names {unknown}, not in compare.methods ({', '.join(methods)})")
+        methods = {m: methods[m] for m in cc.only}
+    if not methods:
+        raise ValueError("compare.methods is empty")
+    runs = []
+    for m, ov in methods.items():
+        ov = dict(ov or {})
+        if stage == "search":
+            base = {k: v for k, v in ov.items() if k != "optimizer.lr_scale"}
+            for x in cc.lr_scales:
+                runs.append({"name": f"{m}_lr{_scale_tag(float(x))}", "method": m,
+                             "overrides": [f"{k}={_value(v)}" for k, v in base.items()]
+                             + [f"optimizer.lr_scale={_value(float(x))}", f"train.seed={int(cc.search_seed)}"]})
+        else:
+            if best and m in best:
+                ov["optimizer.lr_scale"] = best[m]
+            for seed in cc.seeds:
+                runs.append({"name": f"{m}_s{int(seed)}", "method": m,
+                             "overrides": [f"{k}={_value(v)}" for k, v in ov.items()] + [f"train.seed={int(seed)}"]})
+    return runs
+
+
+def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads: int) -> Dict[str, Any]:
+    import subprocess
+    import time
+
+    run_dir = stage_dir / run["name"]
+    if (run_dir / "metrics.json").exists():  # finished earlier: a re-run of the command continues
+        return {**run, "dir": str(run_dir), "rc": 0, "skipped": True, "seconds": 0.0}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log_path = stage_dir / f"{run['name']}.log"
+    cmd = [sys.executable, "-m", "frod_cli.cli", "train", *base_args, f"method={run['method']}", *run["overrides"],
+           "train.progress=false", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return {**run, "dir": str(run_dir), "rc": rc, "skipped": False, "seconds": time.perf_counter() - t0,
+            "log": str(log_path)}
+
+
+def execute(runs: List[Dict[str, Any]], base_args: List[str], stage_dir: Path, jobs: int, title: str) -> List[Dict[str, Any]]:
+    """Run `frod train` once per planned run, `jobs` at a time (each in its own process, with the
+    machine's threads split between them), with a rich progress bar."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    jobs = max(1, min(int(jobs), len(runs)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done: List[Dict[str, Any]] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(title, total=len(runs))
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_run_one, r, base_args, stage_dir, threads) for r in runs]
+            for fut in as_completed(futures):
+                r = fut.result()
+                done.append(r)
+                what = ("already done" if r["skipped"] else f"{r['seconds']:.0f} s") if r["rc"] == 0 \
+                    else f"FAILED (exit {r['rc']}), log: {r['log']}"
+                bar.console.print(f"  {r['name']}: {what}")
+                bar.advance(task)
+    return sorted(done, key=lambda r: r["name"])
+
+
+def pick_best(stage_dir: Path, runs: List[Dict[str, Any]], mode: str) -> Dict[str, Any]:
+    """Per method, the lr_scale with the best validation objective (the search's only criterion)."""
+    table: Dict[str, Dict[float, Optional[float]]] = {}
+    for r in runs:
+        scale = float(next(o.split("=", 1)[1] for o in r["overrides"] if o.startswith("optimizer.lr_scale=")))
+        value = None
+        f = Path(r["dir"]) / "metrics.json"
+        if r["rc"] == 0 and f.exists():
+            with open(f, encoding="utf-8") as fh:
+                value = json.load(fh).get("objective_value")
+        table.setdefault(r["method"], {})[scale] = None if value is None else float(value)
+    best: Dict[str, float] = {}
+    for m, by_scale in table.items():
+        ok = {x: v for x, v in by_scale.items() if v is not None and math.isfinite(v)}
+        if ok:
+            best[m] = (max if mode == "max" else min)(ok, key=ok.get)
+    return {"best": best, "table": table}
+
+
+def _search_markdown(found: Dict[str, Any], objective: str) -> str:
+    scales = sorted({x for t in found["table"].values() for x in t})
+    lines = [f"# Learning-rate search (validation {objective})", "",
+             "Each method's configured rates times `optimizer.lr_scale`; one seed; the best is in bold.", "",
+             "| method | " + " | ".join(f"x{x:g}" for x in scales) + " | best |", "|---" * (len(scales) + 2) + "|"]
+    for m, t in found["table"].items():
+        cells = []
+        for x in scales:
+            v = t.get(x)
+            cell = "-" if v is None else f"{v:.4f}"
+            cells.append(f"**{cell}**" if found["best"].get(m) == x else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | x{found['best'].get(m, float('nan')):g} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str, Any]:
+    """The `frod compare` verb: search and/or comparison runs under `root`, then the report."""
+    from frod_cli import FrodCliError
+
+    cc = cfg.compare
+    stage = str(cc.stage)
+    if stage not in ("compare", "search", "both"):
+        raise FrodCliError(f"compare.stage must be compare, search or both, got {stage!r}")
+    if int(cc.jobs) < 1:
+        raise FrodCliError(f"compare.jobs must be >= 1, got {cc.jobs}")
+    # Every run gets the user's overrides except the comparison's own keys and the method choice.
+    base_args = [o for o in user_overrides
+                 if not o.lstrip("+~").split("=", 1)[0].startswith(("compare.", "hydra.", "method"))]
+    rootp = Path(root)
+    out: Dict[str, Any] = {"root": str(rootp)}
+    best = None
+    try:
+        if stage in ("search", "both"):
+            runs = plan_runs(cc, "search")
+            done = execute(runs, base_args, rootp / "search", int(cc.jobs), "learning-rate search")
+            found = pick_best(rootp / "search", done, str(cfg.task.objective_mode))
+            atomic_write_text(str(rootp / "search" / "search.md"), _search_markdown(found, str(cfg.task.objective)))
+            atomic_write_json(str(rootp / "search" / "best.json"), found["best"])
+            print(_search_markdown(found, str(cfg.task.objective)))
+            best = found["best"]
+            out["search"] = found
+            failed = [r for r in done if r["rc"] != 0]
+            if failed and stage == "search":
+                raise FrodCliError(f"{len(failed)} of {len(done)} runs failed; logs: {failed[0]['log']}")
+        if stage in ("compare", "both"):
+            runs = plan_runs(cc, "compare", best)
+            done = execute(runs, base_args, rootp / "runs", int(cc.jobs), "comparison runs")
+            failed = [r for r in done if r["rc"] != 0]
+            if len(failed) == len(done):
+                raise FrodCliError(f"every run failed; logs: {failed[0]['log']}")
+            s = build_report(str(rootp / "runs"), str(rootp / "report"))
+            out["report"] = str(rootp / "report" / "report.md")
+            print(f"compared {sum(len(g['runs']) for g in s['groups'].values())} runs in {len(s['groups'])} groups: "
+                  f"{out['report']}")
+            if failed:
+                raise FrodCliError(f"{len(failed)} of {len(done)} runs failed (the report covers the rest); "
+                                   f"logs: {', '.join(r['log'] for r in failed)}")
+    except ValueError as e:
+        raise FrodCliError(str(e)) from e
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

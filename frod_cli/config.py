@@ -95,6 +95,8 @@ class OptimizerConfig:
     eps: float = 1e-8
     # Per-group learning rates, keyed by the method's group names (FRoD: sparse, scale, head)
     group_lr: Dict[str, float] = field(default_factory=dict)
+    # Multiplies lr and every group_lr: one knob for a learning-rate search (frod compare compare.stage=search)
+    lr_scale: float = 1.0
     scheduler: str = "constant"  # constant | linear | cosine
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
@@ -124,6 +126,24 @@ class TrainConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`frod compare recipe=<name>`: every method of `methods` on the same recipe, budget and seeds.
+
+    stage=search runs each method at every `lr_scales` multiple of its rates (seed `search_seed`) and
+    picks the best validation objective; stage=compare runs each method with its overrides for every
+    seed and writes the report; stage=both feeds the search's winners into the comparison."""
+
+    stage: str = "compare"  # compare | search | both
+    # method -> its overrides ({dotted.key: value}), e.g. the searched {optimizer.lr_scale: 3.0}
+    methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"frod": {}, "lora": {}, "full": {}})
+    only: Optional[List[str]] = None  # a subset of `methods`
+    seeds: List[int] = field(default_factory=lambda: [42])
+    lr_scales: List[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    search_seed: int = 42
+    jobs: int = 1  # runs at once; the CPU threads are split between them
+
+
+@dataclass
 class FrodRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -133,6 +153,7 @@ class FrodRunConfig:
     recipe_name: str = "custom"
     output_dir: Optional[str] = None  # default: Hydra's run dir
     resume: Optional[str] = None  # a run directory: continue its last checkpoint (in that directory)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # read by `frod compare` only
 
 
 @dataclass

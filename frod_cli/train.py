@@ -114,20 +114,20 @@ def build_optimizer(opt_cfg: Any, groups: Dict[str, List[torch.nn.Parameter]]):
         params = [p for p in params if p.requires_grad]
         if not params:
             continue
-        lr = float((opt_cfg.group_lr or {}).get(name, opt_cfg.lr))
+        lr = float((opt_cfg.group_lr or {}).get(name, opt_cfg.lr)) * float(opt_cfg.lr_scale)
         param_groups.append({"params": params, "lr": lr, "name": name})
     if not param_groups:
         raise FrodCliError("the method left no trainable parameter")
     if opt_cfg.name == "adamw":
         return torch.optim.AdamW(
             param_groups,
-            lr=float(opt_cfg.lr),
+            lr=float(opt_cfg.lr) * float(opt_cfg.lr_scale),
             betas=tuple(float(b) for b in opt_cfg.betas),
             eps=float(opt_cfg.eps),
             weight_decay=float(opt_cfg.weight_decay),
         )
     if opt_cfg.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=float(opt_cfg.lr), momentum=0.9, weight_decay=float(opt_cfg.weight_decay))
+        return torch.optim.SGD(param_groups, lr=float(opt_cfg.lr) * float(opt_cfg.lr_scale), momentum=0.9, weight_decay=float(opt_cfg.weight_decay))
     raise FrodCliError(f"unknown optimizer.name {opt_cfg.name!r}; available: adamw, sgd")
 
 
@@ -216,6 +216,9 @@ def _resolve_cfg(cfg: Any) -> Any:
     lr = float(cfg.optimizer.lr)
     if not (math.isfinite(lr) and lr > 0):
         raise FrodCliError(f"optimizer.lr must be a positive number, got {cfg.optimizer.lr}")
+    scale = float(cfg.optimizer.lr_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise FrodCliError(f"optimizer.lr_scale must be a positive number, got {cfg.optimizer.lr_scale}")
     for name, value in (cfg.optimizer.group_lr or {}).items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(float(value)) and value > 0):
             raise FrodCliError(f"optimizer.group_lr.{name} must be a positive number, got {value!r}")

@@ -122,3 +122,75 @@ def test_validation_split_when_no_test_and_main(tmp_path, capsys):
     assert compare.main([str(root)]) == 0
     assert compare.main([str(tmp_path / "empty")]) == 1
     assert "no run directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# `frod compare recipe=...`: the search and the seeded comparison, end to end (tiny BERT, subprocesses)
+# ---------------------------------------------------------------------------------------------
+TINY_COMPARE = [
+    "model=tiny_bert", "task.max_train_samples=64", "task.max_eval_samples=32", "task.max_length=24",
+    "train.max_steps=3", "train.batch_size=16", "train.eval_batch_size=32", "train.eval_every=3",
+    "train.log_every=1", "train.save_merged=false",
+    "compare.methods={frod:{},lora:{optimizer.group_lr.adapter:0.002}}",
+    "compare.lr_scales=[0.5,4.0]", "compare.seeds=[1,2]", "compare.jobs=2",
+]
+
+
+@pytest.mark.slow
+def test_compare_verb_search_then_seeds(tmp_path):
+    from frod_cli.cli import main
+
+    root = tmp_path / "cmp"
+    assert main(["compare", *TINY_COMPARE, "compare.stage=both", f"hydra.run.dir={root}"]) == 0
+    best = json.loads((root / "search" / "best.json").read_text())
+    assert set(best) == {"frod", "lora"}
+    for method, scale in best.items():
+        # the winner is the search run with the best validation objective, read back from its metrics.json
+        vals = {x: json.loads((root / "search" / f"{method}_lr{compare._scale_tag(x)}" / "metrics.json").read_text())
+                ["objective_value"] for x in (0.5, 4.0)}
+        assert vals[scale] == max(vals.values())
+        for seed in (1, 2):
+            run = root / "runs" / f"{method}_s{seed}"
+            overrides = (run / ".hydra" / "overrides.yaml").read_text()
+            assert f"optimizer.lr_scale={scale!r}" in overrides and f"train.seed={seed}" in overrides
+            cfg = (run / ".hydra" / "config.yaml").read_text()
+            assert f"lr_scale: {scale!r}" in cfg
+    lora_cfg = (root / "runs" / "lora_s1" / ".hydra" / "config.yaml").read_text()
+    assert "adapter: 0.002" in lora_cfg  # the method's own overrides reach its runs
+    assert "lr_scale" in (root / "search" / "search.md").read_text() or "x0.5" in (root / "search" / "search.md").read_text()
+    s = json.loads((root / "report" / "summary.json").read_text())
+    assert sorted(g["method"] for g in s["groups"].values()) == ["frod", "lora"]
+    assert all(len(g["runs"]) == 2 for g in s["groups"].values())
+    for f in ("report.md", "loss_curves.png", "metric_vs_params.png"):
+        assert (root / "report" / f).exists(), f
+    # a second call finds every run finished and only rewrites the report
+    before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
+    assert main(["compare", *TINY_COMPARE, f"hydra.run.dir={root}"]) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["compare.only=[nope]"], "compare.only names ['nope']"),
+    (["compare.stage=later"], "compare.stage must be"),
+    (["-m"], "drop -m"),
+])
+def test_compare_verb_refusals(tmp_path, capsys, args, msg):
+    from frod_cli.cli import main
+
+    assert main(["compare", *TINY_COMPARE, *args, f"hydra.run.dir={tmp_path / 'c'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+    assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_lr_scale_multiplies_every_group():
+    import torch
+    from omegaconf import OmegaConf
+
+    from frod_cli.config import OptimizerConfig
+    from frod_cli.train import build_optimizer
+
+    cfg = OmegaConf.structured(OptimizerConfig(lr=1e-3, group_lr={"head": 4e-3}, lr_scale=0.5))
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer(cfg, {"head": [a], "sparse": [b]})
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"head": 2e-3, "sparse": 5e-4}

@@ -45,6 +45,21 @@ def stack_qr(weights: Sequence[torch.Tensor]):
     return blocks, R
 
 
+def gram(A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """A^T A, computing only its lower block triangle (about (1 + block/n)/2 of the GEMM's work; torch has
+    no syrk) and mirroring it. Small matrices take the plain GEMM."""
+    n = A.shape[1]
+    if n <= 2 * block:
+        G = A.T @ A
+        return (G + G.T) / 2
+    G = A.new_empty(n, n)
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        G[j:, j:e] = A[:, j:].T @ A[:, j:e]  # block column j of the lower triangle, one GEMM
+        G[j:e, e:] = G[e:, j:e].T
+    return G
+
+
 def _cholesky_qr2(A: torch.Tensor):
     """Thin QR as two rounds of Cholesky QR: GEMMs and triangular solves, several times faster than
     Householder on a CPU, and orthogonal to working precision for any cond(A) below ~1/sqrt(eps) (the
@@ -53,7 +68,7 @@ def _cholesky_qr2(A: torch.Tensor):
     R = None
     Q = A
     for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        L, info = torch.linalg.cholesky_ex(gram(Q))
         if int(info) != 0 or not torch.isfinite(L).all():
             return None, None
         Rk = L.T
@@ -86,7 +101,7 @@ def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
         K.diagonal(dim1=1, dim2=2).add_(pi)
         L = torch.linalg.cholesky(K)
         Y = torch.linalg.solve_triangular(L, Qs, upper=False).reshape(-1, n)
-        total += (len(group) * eye - Y.T @ Y) / pi
+        total += (len(group) * eye - gram(Y)) / pi
     if tall:
         # m_i >= n: the n x n Gram blocks are full rank; one batched Cholesky inverse for all of them
         G = torch.stack([Q.T @ Q for Q in tall])
