@@ -282,7 +282,7 @@ def _compare_args(args: Sequence[str]) -> List[str]:
         raise FrodCliError("frod compare runs its own sweep: drop -m (methods and seeds come from compare.*)")
     args = list(args)
     if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
-        args.append("hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
+        args.insert(0, "hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args
 
 

@@ -344,17 +344,6 @@ def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 # Running the comparison: `frod compare recipe=<name>` (the `compare` block of the recipe)
 # ---------------------------------------------------------------------------------------------
-def _value(v: Any) -> str:
-    """A Hydra override value for a YAML scalar/list (1e-3 stays a float, lists stay lists)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
 def _scale_tag(x: float) -> str:
     return f"{x:g}".replace(".", "p").replace("-", "m")
 
@@ -371,20 +360,44 @@ def plan_runs(cc: Any, stage: str, best: Optional[Dict[str, float]] = None) -> L
         raise ValueError("compare.methods is empty")
     runs = []
     for m, ov in methods.items():
-        ov = dict(ov or {})
+        ov = [str(o) for o in (ov or [])]
+        bad = [o for o in ov if "=" not in o]
+        if bad:
+            raise ValueError(f"compare.methods.{m}: overrides are key=value strings, got {bad[0]!r}")
+        # `++`: a method's key may be new to the recipe (e.g. a group_lr entry); dataclass fields stay checked
+        ov = [o if o.startswith(("+", "~")) else f"++{o}" for o in ov]
+        base = [o for o in ov if o.lstrip("+").split("=", 1)[0] != "optimizer.lr_scale"]
         if stage == "search":
-            base = {k: v for k, v in ov.items() if k != "optimizer.lr_scale"}
             for x in cc.lr_scales:
                 runs.append({"name": f"{m}_lr{_scale_tag(float(x))}", "method": m,
-                             "overrides": [f"{k}={_value(v)}" for k, v in base.items()]
-                             + [f"optimizer.lr_scale={_value(float(x))}", f"train.seed={int(cc.search_seed)}"]})
+                             "overrides": base + [f"optimizer.lr_scale={float(x)!r}", f"train.seed={int(cc.search_seed)}"]})
         else:
             if best and m in best:
-                ov["optimizer.lr_scale"] = best[m]
+                ov = base + [f"optimizer.lr_scale={float(best[m])!r}"]
             for seed in cc.seeds:
-                runs.append({"name": f"{m}_s{int(seed)}", "method": m,
-                             "overrides": [f"{k}={_value(v)}" for k, v in ov.items()] + [f"train.seed={int(seed)}"]})
+                run = {"name": f"{m}_s{int(seed)}", "method": m, "overrides": ov + [f"train.seed={int(seed)}"]}
+                if best and m in best and int(seed) == int(cc.search_seed):
+                    run["same_as"] = f"search/{m}_lr{_scale_tag(float(best[m]))}"  # relative to the root
+                runs.append(run)
     return runs
+
+
+def _link_copy(src: Path, dst: Path) -> None:
+    """A finished run reused under another stage: hard links (no extra disk), written atomically."""
+    import shutil
+
+    from frod_cli.frod.atomic import atomic_dir
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    def write(tmp: str) -> None:
+        shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+
+    atomic_dir(str(dst), write)
 
 
 def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads: int) -> Dict[str, Any]:
@@ -395,6 +408,10 @@ def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads
     if (run_dir / "metrics.json").exists():  # finished earlier: a re-run of the command continues
         return {**run, "dir": str(run_dir), "rc": 0, "skipped": True, "seconds": 0.0}
     stage_dir.mkdir(parents=True, exist_ok=True)
+    same = run.get("same_as")
+    if same and (Path(same) / "metrics.json").exists() and not run_dir.exists():
+        _link_copy(Path(same), run_dir)  # the search already ran exactly this (method, rates, seed)
+        return {**run, "dir": str(run_dir), "rc": 0, "skipped": True, "seconds": 0.0}
     log_path = stage_dir / f"{run['name']}.log"
     cmd = [sys.executable, "-m", "frod_cli.cli", "train", *base_args, f"method={run['method']}", *run["overrides"],
            "train.progress=false", f"hydra.run.dir={run_dir}"]
@@ -408,7 +425,8 @@ def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads
             "log": str(log_path)}
 
 
-def execute(runs: List[Dict[str, Any]], base_args: List[str], stage_dir: Path, jobs: int, title: str) -> List[Dict[str, Any]]:
+def execute(runs: List[Dict[str, Any]], base_args: List[str], stage_dir: Path, jobs: int, title: str,
+            threads: int = 0) -> List[Dict[str, Any]]:
     """Run `frod train` once per planned run, `jobs` at a time (each in its own process, with the
     machine's threads split between them), with a rich progress bar."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -416,7 +434,7 @@ def execute(runs: List[Dict[str, Any]], base_args: List[str], stage_dir: Path, j
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     jobs = max(1, min(int(jobs), len(runs)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = int(threads) or max(1, (os.cpu_count() or 1) // jobs)
     done: List[Dict[str, Any]] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task(title, total=len(runs))
@@ -436,7 +454,7 @@ def pick_best(stage_dir: Path, runs: List[Dict[str, Any]], mode: str) -> Dict[st
     """Per method, the lr_scale with the best validation objective (the search's only criterion)."""
     table: Dict[str, Dict[float, Optional[float]]] = {}
     for r in runs:
-        scale = float(next(o.split("=", 1)[1] for o in r["overrides"] if o.startswith("optimizer.lr_scale=")))
+        scale = float(next(o.split("=", 1)[1] for o in r["overrides"] if o.lstrip("+").startswith("optimizer.lr_scale=")))
         value = None
         f = Path(r["dir"]) / "metrics.json"
         if r["rc"] == 0 and f.exists():
@@ -485,7 +503,7 @@ def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str,
     try:
         if stage in ("search", "both"):
             runs = plan_runs(cc, "search")
-            done = execute(runs, base_args, rootp / "search", int(cc.jobs), "learning-rate search")
+            done = execute(runs, base_args, rootp / "search", int(cc.jobs), "learning-rate search", int(cc.threads))
             found = pick_best(rootp / "search", done, str(cfg.task.objective_mode))
             atomic_write_text(str(rootp / "search" / "search.md"), _search_markdown(found, str(cfg.task.objective)))
             atomic_write_json(str(rootp / "search" / "best.json"), found["best"])
@@ -497,7 +515,10 @@ def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str,
                 raise FrodCliError(f"{len(failed)} of {len(done)} runs failed; logs: {failed[0]['log']}")
         if stage in ("compare", "both"):
             runs = plan_runs(cc, "compare", best)
-            done = execute(runs, base_args, rootp / "runs", int(cc.jobs), "comparison runs")
+            for r in runs:
+                if "same_as" in r:
+                    r["same_as"] = str(rootp / r["same_as"])
+            done = execute(runs, base_args, rootp / "runs", int(cc.jobs), "comparison runs", int(cc.threads))
             failed = [r for r in done if r["rc"] != 0]
             if len(failed) == len(done):
                 raise FrodCliError(f"every run failed; logs: {failed[0]['log']}")

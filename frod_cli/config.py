@@ -134,13 +134,15 @@ class CompareConfig:
     seed and writes the report; stage=both feeds the search's winners into the comparison."""
 
     stage: str = "compare"  # compare | search | both
-    # method -> its overrides ({dotted.key: value}), e.g. the searched {optimizer.lr_scale: 3.0}
-    methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"frod": {}, "lora": {}, "full": {}})
+    # method -> its own overrides, written as on the command line, e.g. [optimizer.lr_scale=3.0].
+    # A recipe adds methods to these three; on the command line, pick some with compare.only=[...]
+    methods: Dict[str, List[str]] = field(default_factory=lambda: {"frod": [], "lora": [], "full": []})
     only: Optional[List[str]] = None  # a subset of `methods`
     seeds: List[int] = field(default_factory=lambda: [42])
     lr_scales: List[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     search_seed: int = 42
-    jobs: int = 1  # runs at once; the CPU threads are split between them
+    jobs: int = 1  # runs at once
+    threads: int = 0  # torch threads per run; 0 = the machine's cores split between the `jobs` runs
 
 
 @dataclass

@@ -131,7 +131,7 @@ TINY_COMPARE = [
     "model=tiny_bert", "task.max_train_samples=64", "task.max_eval_samples=32", "task.max_length=24",
     "train.max_steps=3", "train.batch_size=16", "train.eval_batch_size=32", "train.eval_every=3",
     "train.log_every=1", "train.save_merged=false",
-    "compare.methods={frod:{},lora:{optimizer.group_lr.adapter:0.002}}",
+    "compare.only=[frod,lora]", "compare.methods.lora=['optimizer.group_lr.adapter=0.002']",
     "compare.lr_scales=[0.5,4.0]", "compare.seeds=[1,2]", "compare.jobs=2",
 ]
 
@@ -155,12 +155,18 @@ def test_compare_verb_search_then_seeds(tmp_path):
             assert f"optimizer.lr_scale={scale!r}" in overrides and f"train.seed={seed}" in overrides
             cfg = (run / ".hydra" / "config.yaml").read_text()
             assert f"lr_scale: {scale!r}" in cfg
+    # the seed the search used is not trained twice: the winner's run is reused (hard links)
+    assert main(["compare", *TINY_COMPARE, "compare.seeds=[42]", "compare.stage=both",
+                 f"hydra.run.dir={root}"]) == 0
+    for method, scale in best.items():
+        reused = root / "runs" / f"{method}_s42" / "metrics.json"
+        assert reused.read_text() == (root / "search" / f"{method}_lr{compare._scale_tag(scale)}" / "metrics.json").read_text()
     lora_cfg = (root / "runs" / "lora_s1" / ".hydra" / "config.yaml").read_text()
     assert "adapter: 0.002" in lora_cfg  # the method's own overrides reach its runs
     assert "lr_scale" in (root / "search" / "search.md").read_text() or "x0.5" in (root / "search" / "search.md").read_text()
     s = json.loads((root / "report" / "summary.json").read_text())
     assert sorted(g["method"] for g in s["groups"].values()) == ["frod", "lora"]
-    assert all(len(g["runs"]) == 2 for g in s["groups"].values())
+    assert all(len(g["runs"]) == 3 for g in s["groups"].values())  # seeds 1, 2 and the reused 42
     for f in ("report.md", "loss_curves.png", "metric_vs_params.png"):
         assert (root / "report" / f).exists(), f
     # a second call finds every run finished and only rewrites the report
@@ -170,7 +176,7 @@ def test_compare_verb_search_then_seeds(tmp_path):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["compare.only=[nope]"], "compare.only names ['nope']"),
+    (["compare.only=[frod,nope]"], "compare.only names ['nope']"),
     (["compare.stage=later"], "compare.stage must be"),
     (["-m"], "drop -m"),
 ])
