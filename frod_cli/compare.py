@@ -78,22 +78,23 @@ def read_run(run_dir: Path) -> Dict[str, Any]:
     return {"dir": str(run_dir), "final": final, "loss": loss, "seed": seed, "method": str(method), "overrides": overrides}
 
 
-def _label(run: Dict[str, Any], varying: set) -> str:
-    extra = [o for o in run["overrides"]
-             if o in varying and o.lstrip("+~").partition("=")[0] not in (*_SEED_KEYS, "method")]
-    return " ".join([run["method"], *extra])
+def _key(o: str) -> str:
+    return o.lstrip("+~").partition("=")[0]
 
 
 def group_runs(runs: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
-    """Runs by label: the method plus the overrides that vary across the sweep (seed excluded)."""
-    if len(runs) > 1:
-        common = set.intersection(*(set(r["overrides"]) for r in runs))
-        varying = set().union(*(set(r["overrides"]) for r in runs)) - common
-    else:
-        varying = set()
-    groups: Dict[str, List[Dict[str, Any]]] = {}
+    """Runs by label: the method plus the overrides that vary among that method's runs (seed excluded),
+    so a comparison of methods (each with its own rates) reads `frod`, `lora`, ..., and a search reads
+    `frod optimizer.lr_scale=3.0`."""
+    by_method: Dict[str, List[Dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault(_label(r, varying), []).append(r)
+        by_method.setdefault(r["method"], []).append(r)
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for method, rs in by_method.items():
+        sets = [{o.lstrip("+") for o in r["overrides"] if _key(o) not in (*_SEED_KEYS, "method")} for r in rs]
+        varying = set().union(*sets) - set.intersection(*sets)
+        for r, ov in zip(rs, sets):
+            groups.setdefault(" ".join([method, *sorted(ov & varying)]), []).append(r)
     return groups
 
 
