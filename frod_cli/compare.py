@@ -401,12 +401,24 @@ def _link_copy(src: Path, dst: Path) -> None:
     atomic_dir(str(dst), write)
 
 
+def _check_same_settings(run_dir: Path, planned: Sequence[str]) -> None:
+    """A finished run is reused only if it was trained with every override planned for it now: a
+    changed search winner or recipe must not be answered by a stale run that bears the same name."""
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    saved = set(str(o) for o in (_load_yaml(saved_file) or [])) if saved_file.exists() else set()
+    differ = [o for o in planned if o not in saved]
+    if differ:
+        raise ValueError(f"{run_dir} was trained with other settings (not with {differ[0]}); "
+                         f"move it away or use another hydra.run.dir")
+
+
 def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads: int) -> Dict[str, Any]:
     import subprocess
     import time
 
     run_dir = stage_dir / run["name"]
     if (run_dir / "metrics.json").exists():  # finished earlier: a re-run of the command continues
+        _check_same_settings(run_dir, [f"method={run['method']}", *base_args, *run["overrides"]])
         return {**run, "dir": str(run_dir), "rc": 0, "skipped": True, "seconds": 0.0}
     stage_dir.mkdir(parents=True, exist_ok=True)
     same = run.get("same_as")

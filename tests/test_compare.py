@@ -208,3 +208,19 @@ def test_lr_scale_multiplies_every_group():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = build_optimizer(cfg, {"head": [a], "sparse": [b]})
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {"head": 2e-3, "sparse": 5e-4}
+
+
+def test_finished_run_is_reused_only_with_its_own_settings(tmp_path):
+    """A re-run skips finished runs, but a run of the same name trained with other rates (a changed
+    search winner) is refused instead of silently entering the report."""
+    run_dir = tmp_path / "runs" / "frod_s1"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "metrics.json").write_text("{}")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "- recipe=compare/x\n- method=frod\n- optimizer.lr_scale=3.0\n- train.seed=1\n- train.progress=false\n")
+    planned = {"name": "frod_s1", "method": "frod", "overrides": ["optimizer.lr_scale=3.0", "train.seed=1"]}
+    r = compare._run_one(planned, ["recipe=compare/x"], tmp_path / "runs", threads=1)
+    assert r["skipped"] and r["rc"] == 0
+    changed = {**planned, "overrides": ["optimizer.lr_scale=10.0", "train.seed=1"]}
+    with pytest.raises(ValueError, match="optimizer.lr_scale=10.0"):
+        compare._run_one(changed, ["recipe=compare/x"], tmp_path / "runs", threads=1)
