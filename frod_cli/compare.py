@@ -404,8 +404,7 @@ def _link_copy(src: Path, dst: Path) -> None:
 def _check_same_settings(run_dir: Path, planned: Sequence[str]) -> None:
     """A finished run is reused only if it was trained with every override planned for it now: a
     changed search winner or recipe must not be answered by a stale run that bears the same name."""
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    saved = set(str(o) for o in (_load_yaml(saved_file) or [])) if saved_file.exists() else set()
+    saved = set(str(o) for o in (_load_yaml(run_dir / ".hydra" / "overrides.yaml") or []))
     differ = [o for o in planned if o not in saved]
     if differ:
         raise ValueError(f"{run_dir} was trained with other settings (not with {differ[0]}); "
@@ -417,8 +416,7 @@ def _run_one(run: Dict[str, Any], base_args: List[str], stage_dir: Path, threads
     import time
 
     run_dir = stage_dir / run["name"]
-    if (run_dir / "metrics.json").exists():  # finished earlier: a re-run of the command continues
-        _check_same_settings(run_dir, [f"method={run['method']}", *base_args, *run["overrides"]])
+    if (run_dir / "metrics.json").exists():  # finished earlier (execute checked its settings): continue
         return {**run, "dir": str(run_dir), "rc": 0, "skipped": True, "seconds": 0.0}
     stage_dir.mkdir(parents=True, exist_ok=True)
     same = run.get("same_as")
@@ -446,6 +444,9 @@ def execute(runs: List[Dict[str, Any]], base_args: List[str], stage_dir: Path, j
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    for r in runs:  # before any training starts, so a refusal never waits on (or orphans) a running job
+        if (stage_dir / r["name"] / "metrics.json").exists():
+            _check_same_settings(stage_dir / r["name"], [f"method={r['method']}", *base_args, *r["overrides"]])
     jobs = max(1, min(int(jobs), len(runs)))
     threads = int(threads) or max(1, (os.cpu_count() or 1) // jobs)
     done: List[Dict[str, Any]] = []

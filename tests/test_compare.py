@@ -219,8 +219,8 @@ def test_finished_run_is_reused_only_with_its_own_settings(tmp_path):
     (run_dir / ".hydra" / "overrides.yaml").write_text(
         "- recipe=compare/x\n- method=frod\n- optimizer.lr_scale=3.0\n- train.seed=1\n- train.progress=false\n")
     planned = {"name": "frod_s1", "method": "frod", "overrides": ["optimizer.lr_scale=3.0", "train.seed=1"]}
-    r = compare._run_one(planned, ["recipe=compare/x"], tmp_path / "runs", threads=1)
+    [r] = compare.execute([planned], ["recipe=compare/x"], tmp_path / "runs", jobs=1, title="t", threads=1)
     assert r["skipped"] and r["rc"] == 0
     changed = {**planned, "overrides": ["optimizer.lr_scale=10.0", "train.seed=1"]}
     with pytest.raises(ValueError, match="optimizer.lr_scale=10.0"):
-        compare._run_one(changed, ["recipe=compare/x"], tmp_path / "runs", threads=1)
+        compare.execute([changed], ["recipe=compare/x"], tmp_path / "runs", jobs=1, title="t", threads=1)
