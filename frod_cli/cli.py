@@ -1,8 +1,10 @@
 """`frod <verb> [hydra overrides]`: each verb is its own Hydra application over the packaged
 recipes/ tree (config.yaml for train, eval.yaml, merge.yaml).
 
-Bad input (unknown recipe or option, misspelt key, wrong type, missing file) is reported as one
-line on stderr with a non-zero exit, never a traceback (FROD_TRACEBACK=1 shows it).
+Exit codes: 0 done; 2 bad input (unknown recipe or option, misspelt key, wrong type, a value the run
+cannot use, missing or malformed data or model files): one line on stderr, no traceback; 1 a bug in frod:
+the traceback and one line asking to report it; 130 interrupted. FROD_DEBUG=1 shows the traceback of
+every error.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ verbs:
   train     train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps
   eval      metrics of a run directory or merged checkpoint:  frod eval path=<dir> [task=<name>]
   merge     adapter + base model -> merged/:                  frod merge run=<run dir>
+  generate  answers of a causal-LM run or model:    frod generate path=<run dir> prompt="..." | prompts=<file>
   compare   run every method of a recipe's `compare` block, then a report:
                                        frod compare recipe=compare/text_minilm [compare.stage=search]
             or report on existing runs:  frod compare <sweep dir>
@@ -34,10 +37,10 @@ examples:
   frod train -m method=frod,lora,full         # a sweep with summary.csv / summary.md / loss_curves.png
   frod train --help                           # config groups and every key of the composed config
 
-Methods: frod, full, lora, dora, pissa, vera, peft_frod.  Docs: README.md, docs/TOUR.md.
+Methods: frod, full, lora, dora, pissa, vera, peft_frod.  Docs: README.md, docs/ARCHITECTURE.md.
 """
 
-GROUPS = ("recipe", "model", "task", "method", "optimizer", "hparams_search")
+GROUPS = ("recipe", "model", "task", "method", "optimizer", "debug", "hparams_search")
 
 
 def recipes_dir() -> str:
@@ -63,10 +66,11 @@ def recipes_dir() -> str:
 def _train(cfg: Any) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    from frod_cli.train import train
+    from frod_cli.training import recipe_main
 
-    out = cfg.resume or cfg.output_dir or HydraConfig.get().runtime.output_dir
-    return train(cfg, out)
+    hc = HydraConfig.get()
+    out = cfg.resume or cfg.output_dir or hc.runtime.output_dir
+    return recipe_main(cfg, out, list(hc.overrides.task))
 
 
 def _eval(cfg: Any) -> Dict[str, Any]:
@@ -90,31 +94,51 @@ def _merge(cfg: Any) -> Dict[str, Any]:
     return run_merge(cfg)
 
 
+def _generate(cfg: Any) -> Any:
+    from frod_cli.generation import run_generate
+    from frod_cli.training.builders import quiet_libraries
+
+    quiet_libraries()
+    return run_generate(cfg)
+
+
 VERBS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
     "train": ("config", _train),
     "eval": ("eval", _eval),
     "merge": ("merge", _merge),
     "compare": ("config", _compare),
+    "generate": ("generate", _generate),
 }
+USER_ERROR_EXIT = 2
+BUG_EXIT = 1
+
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors -> one line
 # ---------------------------------------------------------------------------------------------
 def _user_error_types() -> Tuple[type, ...]:
+    """Refusals of bad input: config composition and validation, and frod's own one-line errors (the
+    CLI's FrodCliError, the core's FrodError). Any other exception is a bug and keeps its traceback."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from frod_cli import FrodCliError
+    from frod_cli.frod import FrodError
 
-    types: List[type] = [HydraException, OmegaConfBaseException, FrodCliError, ValueError, OSError, KeyError]
-    try:
-        from frod_cli.frod import FrodError
+    return (HydraException, OmegaConfBaseException, FrodCliError, FrodError)
 
-        types.append(FrodError)
-    except Exception:  # noqa: BLE001 - the core may be absent while developing
-        pass
-    return tuple(types)
+
+def _debug() -> bool:
+    return os.environ.get("FROD_DEBUG", "") not in ("", "0")
+
+
+def report_bug(verb: str) -> None:
+    import traceback
+
+    traceback.print_exc()
+    print(f"frod {verb}: internal error: this is a bug in frod, not in your input; please report it with the "
+          "command and the traceback above", file=sys.stderr)
 
 
 def _suggest(ex: BaseException) -> str:
@@ -126,6 +150,13 @@ def _suggest(ex: BaseException) -> str:
     if not isinstance(key, str) or obj is None or not dataclasses.is_dataclass(obj):
         return ""
     fields = [f.name for f in dataclasses.fields(obj)]
+    from frod_cli.methods import CONFIGS
+
+    methods = sorted(n for n, c in CONFIGS.items() if c is obj)
+    if methods:  # a key of another method (method=lora method.sparse_rate=...)
+        owners = sorted(n for n, c in CONFIGS.items() if key in {f.name for f in dataclasses.fields(c)})
+        elsewhere = f" (a key of {', '.join(owners)})" if owners else ""
+        return f"; method {'/'.join(methods)} has no key {key!r}{elsewhere}; its keys: {', '.join(fields)}"
     close = difflib.get_close_matches(key, fields, n=3)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; keys: {', '.join(fields)}"
 
@@ -309,9 +340,13 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
         try:
             result["value"] = fn(cfg)
         except user_errors as e:
-            if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("FROD_TRACEBACK"):
+            if HydraConfig.get().mode == RunMode.MULTIRUN or _debug():
                 raise  # Hydra names the failing job's overrides
             result["error"] = e  # reported as one line below, without Hydra's job banner
+        except Exception as e:  # noqa: BLE001 - a bug: reported with its traceback below
+            if HydraConfig.get().mode == RunMode.MULTIRUN or _debug():
+                raise
+            result["bug"] = e
         return result.get("value")
 
     task_fn.__module__ = __name__
@@ -332,6 +367,8 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
         hydra_main(version_base="1.3", config_path=recipes_dir(), config_name=config_name)(task_fn)()
         if "error" in result:
             raise result["error"]
+        if "bug" in result:
+            raise result["bug"]
         return 0, result.get("value")
     except SystemExit as e:  # --help, --cfg, --info
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -340,10 +377,15 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
         print(f"frod {verb}: interrupted", file=sys.stderr)
         return 130, None
     except user_errors as e:
-        if os.environ.get("FROD_TRACEBACK"):
+        if _debug():
             raise
         print(f"frod {verb}: error: {one_line(e)}", file=sys.stderr)
-        return 1, None
+        return USER_ERROR_EXIT, None
+    except Exception:  # noqa: BLE001 - a bug in frod: its traceback, and how to report it
+        if _debug():
+            raise
+        report_bug(verb)
+        return BUG_EXIT, None
     finally:
         sys.argv = old_argv
         if rank_tmp is not None:
@@ -401,8 +443,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if verb not in VERBS:
         close = difflib.get_close_matches(verb, [*VERBS, "recipes"], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"frod: error: unknown verb {verb!r} (train, eval, merge, compare, recipes){hint}", file=sys.stderr)
-        return 2
+        print(f"frod: error: unknown verb {verb!r} ({', '.join(VERBS)}, recipes){hint}", file=sys.stderr)
+        return USER_ERROR_EXIT
     code, _ = run_verb(verb, rest)
     return code
 

@@ -30,7 +30,6 @@ value is the mean over the seeds that reached it, with the count. Thresholds def
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -39,45 +38,18 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from frod_cli.report import _job_dirs, _plt, _save_fig, atomic_write_json, atomic_write_text, read_jsonl
+from frod_cli import FrodCliError
+from frod_cli.runs import (atomic_dir, atomic_write_json, atomic_write_text, find_runs, read_metrics, read_overrides,
+                           read_run)
+from frod_cli.runs.plots import pyplot, save_fig
+from frod_cli.runs.reader import SEED_KEYS
 
 DEFAULT_FRACTIONS = (0.9, 0.75, 0.5, 0.25)
-_SEED_KEYS = ("train.seed", "seed")
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading runs
 # ---------------------------------------------------------------------------------------------
-def _load_yaml(path: Path) -> Any:
-    if not path.exists():
-        return None
-    try:
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # noqa: BLE001 - a damaged .hydra file only loses the labels
-        return None
-
-
-def read_run(run_dir: Path) -> Dict[str, Any]:
-    """One run: its final metrics, its training-loss log and its seed/overrides."""
-    with open(run_dir / "metrics.json", encoding="utf-8") as f:
-        final = json.load(f)
-    rows = read_jsonl(str(run_dir / "metrics.jsonl"))
-    loss = [(int(r["step"]), float(r["loss"])) for r in rows
-            if "split" not in r and r.get("loss") is not None and "step" in r]
-    loss.sort()
-    cfg = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
-    overrides = [str(o) for o in (_load_yaml(run_dir / ".hydra" / "overrides.yaml") or []) if not str(o).startswith("hydra.")]
-    seed = (cfg.get("train") or {}).get("seed") if isinstance(cfg, dict) else None
-    for o in overrides:
-        k, _, v = o.lstrip("+~").partition("=")
-        if k in _SEED_KEYS:
-            seed = v
-    method = final.get("method") or ((cfg.get("method") or {}).get("name") if isinstance(cfg, dict) else None) or "?"
-    return {"dir": str(run_dir), "final": final, "loss": loss, "seed": seed, "method": str(method), "overrides": overrides}
-
-
 def _key(o: str) -> str:
     return o.lstrip("+~").partition("=")[0]
 
@@ -91,7 +63,7 @@ def group_runs(runs: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
         by_method.setdefault(r["method"], []).append(r)
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for method, rs in by_method.items():
-        sets = [{o.lstrip("+") for o in r["overrides"] if _key(o) not in (*_SEED_KEYS, "method")} for r in rs]
+        sets = [{o.lstrip("+") for o in r["overrides"] if _key(o) not in (*SEED_KEYS, "method")} for r in rs]
         varying = set().union(*sets) - set.intersection(*sets)
         for r, ov in zip(rs, sets):
             groups.setdefault(" ".join([method, *sorted(ov & varying)]), []).append(r)
@@ -176,13 +148,13 @@ def build_report(
     the summary. `objective`: the metric compared (default: the runs' task.objective)."""
     root = Path(sweep_dir)
     out = Path(out_dir) if out_dir else root / "compare"
-    jobs = [d for d in _job_dirs(str(root)) if out not in d.parents and d != out]
+    jobs = [d for d in find_runs(str(root)) if out not in d.parents and d != out]
     if not jobs:
-        raise ValueError(f"no run directory (with metrics.json) under {sweep_dir}")
+        raise FrodCliError(f"no run directory (with metrics.json) under {sweep_dir}")
     runs = [read_run(d) for d in jobs]
     objective = objective or next((r["final"].get("objective") for r in runs if r["final"].get("objective")), None)
     if objective is None:
-        raise ValueError("the runs name no objective: pass objective=<metric>")
+        raise FrodCliError("the runs name no objective: pass objective=<metric>")
     mode = next((r["final"].get("objective_mode") for r in runs if r["final"].get("objective_mode")), "max")
     # The split of the headline number: test where every run has one, else validation.
     split = "test" if all(_metric(r["final"], "test", objective) is not None for r in runs) else "validation"
@@ -271,7 +243,7 @@ def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
 
 
 def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path) -> Optional[str]:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for label, rs in groups.items():
@@ -290,13 +262,13 @@ def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path) -> Optiona
     if drawn:
         ax.legend(fontsize=8)
     ax.set_title("training loss (mean ± std over seeds)")
-    _save_fig(fig, str(path))
+    save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
 
 
 def _plot_scatter(s: Dict[str, Any], path: Path) -> Optional[str]:
-    plt = _plt()
+    plt = pyplot()
     obj, split = s["objective"], s["split"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, g in s["groups"].items():
@@ -310,7 +282,7 @@ def _plot_scatter(s: Dict[str, Any], path: Path) -> Optional[str]:
     ax.set_ylabel(f"{split} {obj}")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(f"{split} {obj} versus trainable parameters")
-    _save_fig(fig, str(path))
+    save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
 
@@ -318,7 +290,7 @@ def _plot_scatter(s: Dict[str, Any], path: Path) -> Optional[str]:
 def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
     if not s["thresholds"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     labels = list(s["groups"])
     th = s["thresholds"]
     width = 0.8 / max(len(labels), 1)
@@ -337,7 +309,7 @@ def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
     ax.set_ylabel("optimizer steps to reach it (× = never)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    _save_fig(fig, str(path))
+    save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
 
@@ -355,16 +327,16 @@ def plan_runs(cc: Any, stage: str, best: Optional[Dict[str, float]] = None) -> L
     if cc.only:
         unknown = [m for m in cc.only if m not in methods]
         if unknown:
-            raise ValueError(f"compare.only names {unknown}, not in compare.methods ({', '.join(methods)})")
+            raise FrodCliError(f"compare.only names {unknown}, not in compare.methods ({', '.join(methods)})")
         methods = {m: methods[m] for m in cc.only}
     if not methods:
-        raise ValueError("compare.methods is empty")
+        raise FrodCliError("compare.methods is empty")
     runs = []
     for m, ov in methods.items():
         ov = [str(o) for o in (ov or [])]
         bad = [o for o in ov if "=" not in o]
         if bad:
-            raise ValueError(f"compare.methods.{m}: overrides are key=value strings, got {bad[0]!r}")
+            raise FrodCliError(f"compare.methods.{m}: overrides are key=value strings, got {bad[0]!r}")
         # `++`: a method's key may be new to the recipe (e.g. a group_lr entry); dataclass fields stay checked
         ov = [o if o.startswith(("+", "~")) else f"++{o}" for o in ov]
         base = [o for o in ov if o.lstrip("+").split("=", 1)[0] != "optimizer.lr_scale"]
@@ -387,7 +359,6 @@ def _link_copy(src: Path, dst: Path) -> None:
     """A finished run reused under another stage: hard links (no extra disk), written atomically."""
     import shutil
 
-    from frod_cli.frod.atomic import atomic_dir
 
     def link(a: str, b: str) -> None:
         try:
@@ -404,10 +375,10 @@ def _link_copy(src: Path, dst: Path) -> None:
 def _check_same_settings(run_dir: Path, planned: Sequence[str]) -> None:
     """A finished run is reused only if it was trained with every override planned for it now: a
     changed search winner or recipe must not be answered by a stale run that bears the same name."""
-    saved = set(str(o) for o in (_load_yaml(run_dir / ".hydra" / "overrides.yaml") or []))
+    saved = set(read_overrides(run_dir))
     differ = [o for o in planned if o not in saved]
     if differ:
-        raise ValueError(f"{run_dir} was trained with other settings (not with {differ[0]}); "
+        raise FrodCliError(f"{run_dir} was trained with other settings (not with {differ[0]}); "
                          f"move it away or use another hydra.run.dir")
 
 
@@ -470,10 +441,9 @@ def pick_best(stage_dir: Path, runs: List[Dict[str, Any]], mode: str) -> Dict[st
     for r in runs:
         scale = float(next(o.split("=", 1)[1] for o in r["overrides"] if o.lstrip("+").startswith("optimizer.lr_scale=")))
         value = None
-        f = Path(r["dir"]) / "metrics.json"
-        if r["rc"] == 0 and f.exists():
-            with open(f, encoding="utf-8") as fh:
-                value = json.load(fh).get("objective_value")
+        final = read_metrics(r["dir"]) if r["rc"] == 0 else None
+        if final is not None:
+            value = final.get("objective_value")
         table.setdefault(r["method"], {})[scale] = None if value is None else float(value)
     best: Dict[str, float] = {}
     for m, by_scale in table.items():
@@ -500,7 +470,6 @@ def _search_markdown(found: Dict[str, Any], objective: str) -> str:
 
 def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str, Any]:
     """The `frod compare` verb: search and/or comparison runs under `root`, then the report."""
-    from frod_cli import FrodCliError
 
     cc = cfg.compare
     stage = str(cc.stage)
@@ -514,37 +483,34 @@ def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str,
     rootp = Path(root)
     out: Dict[str, Any] = {"root": str(rootp)}
     best = None
-    try:
-        if stage in ("search", "both"):
-            runs = plan_runs(cc, "search")
-            done = execute(runs, base_args, rootp / "search", int(cc.jobs), "learning-rate search", int(cc.threads))
-            found = pick_best(rootp / "search", done, str(cfg.task.objective_mode))
-            atomic_write_text(str(rootp / "search" / "search.md"), _search_markdown(found, str(cfg.task.objective)))
-            atomic_write_json(str(rootp / "search" / "best.json"), found["best"])
-            print(_search_markdown(found, str(cfg.task.objective)))
-            best = found["best"]
-            out["search"] = found
-            failed = [r for r in done if r["rc"] != 0]
-            if failed and stage == "search":
-                raise FrodCliError(f"{len(failed)} of {len(done)} runs failed; logs: {failed[0]['log']}")
-        if stage in ("compare", "both"):
-            runs = plan_runs(cc, "compare", best)
-            for r in runs:
-                if "same_as" in r:
-                    r["same_as"] = str(rootp / r["same_as"])
-            done = execute(runs, base_args, rootp / "runs", int(cc.jobs), "comparison runs", int(cc.threads))
-            failed = [r for r in done if r["rc"] != 0]
-            if len(failed) == len(done):
-                raise FrodCliError(f"every run failed; logs: {failed[0]['log']}")
-            s = build_report(str(rootp / "runs"), str(rootp / "report"))
-            out["report"] = str(rootp / "report" / "report.md")
-            print(f"compared {sum(len(g['runs']) for g in s['groups'].values())} runs in {len(s['groups'])} groups: "
-                  f"{out['report']}")
-            if failed:
-                raise FrodCliError(f"{len(failed)} of {len(done)} runs failed (the report covers the rest); "
-                                   f"logs: {', '.join(r['log'] for r in failed)}")
-    except ValueError as e:
-        raise FrodCliError(str(e)) from e
+    if stage in ("search", "both"):
+        runs = plan_runs(cc, "search")
+        done = execute(runs, base_args, rootp / "search", int(cc.jobs), "learning-rate search", int(cc.threads))
+        found = pick_best(rootp / "search", done, str(cfg.task.objective_mode))
+        atomic_write_text(str(rootp / "search" / "search.md"), _search_markdown(found, str(cfg.task.objective)))
+        atomic_write_json(str(rootp / "search" / "best.json"), found["best"])
+        print(_search_markdown(found, str(cfg.task.objective)))
+        best = found["best"]
+        out["search"] = found
+        failed = [r for r in done if r["rc"] != 0]
+        if failed and stage == "search":
+            raise FrodCliError(f"{len(failed)} of {len(done)} runs failed; logs: {failed[0]['log']}")
+    if stage in ("compare", "both"):
+        runs = plan_runs(cc, "compare", best)
+        for r in runs:
+            if "same_as" in r:
+                r["same_as"] = str(rootp / r["same_as"])
+        done = execute(runs, base_args, rootp / "runs", int(cc.jobs), "comparison runs", int(cc.threads))
+        failed = [r for r in done if r["rc"] != 0]
+        if len(failed) == len(done):
+            raise FrodCliError(f"every run failed; logs: {failed[0]['log']}")
+        s = build_report(str(rootp / "runs"), str(rootp / "report"))
+        out["report"] = str(rootp / "report" / "report.md")
+        print(f"compared {sum(len(g['runs']) for g in s['groups'].values())} runs in {len(s['groups'])} groups: "
+              f"{out['report']}")
+        if failed:
+            raise FrodCliError(f"{len(failed)} of {len(done)} runs failed (the report covers the rest); "
+                               f"logs: {', '.join(r['log'] for r in failed)}")
     return out
 
 
@@ -562,9 +528,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         s = build_report(a.sweep_dir, a.out, a.objective, a.thresholds, a.smooth)
-    except (ValueError, OSError) as e:
+    except (FrodCliError, OSError) as e:
         print(f"frod compare: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     out = a.out or os.path.join(a.sweep_dir, "compare")
     print(f"compared {sum(len(g['runs']) for g in s['groups'].values())} runs in {len(s['groups'])} groups: "
           f"{os.path.join(out, 'report.md')}")

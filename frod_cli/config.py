@@ -1,9 +1,10 @@
 """Structured configs for every recipe group, registered in Hydra's ConfigStore.
 
-One dataclass per group (`model`, `task`, `method`, `optimizer`) plus the top-level `FrodRunConfig`.
+One dataclass per group (`model`, `task`, `optimizer`, `train`; `method` per method) plus the top-level `FrodRunConfig`.
 A misspelt key or a wrong type in a recipe is refused by OmegaConf before any work starts.
-A value such as `method.sparse_rate` travels one line: recipe YAML -> `MethodConfig` -> the method
-registry -> `frod_cli.frod.FrodConfig`.
+The `method` group is typed per method: each method registers its own config dataclass with the method
+(frod_cli/methods/), stored here under `method/<name>_schema`. A value such as `method.sparse_rate`
+travels one line: recipe YAML -> `FrodMethodConfig` -> `FrodMethod.frod_config` -> `frod_cli.frod.FrodConfig`.
 """
 from __future__ import annotations
 
@@ -30,6 +31,21 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Greedy by default. Used by causal_lm evaluation (on `max_examples` examples of a split)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    max_examples: int = 64  # examples of each evaluated split that are generated and scored; 0 = all
+    batch_size: int = 16
+
+
+@dataclass
 class TaskConfig:
     type: str = MISSING  # task registry key: seq_cls | image_cls | multiple_choice
     name: str = MISSING  # a label for reports, e.g. "sst2", "cifar10"
@@ -43,6 +59,7 @@ class TaskConfig:
     image_field: str = "image"
     label_field: str = "label"
     labels: Optional[List[str]] = None  # class names; inferred from the data when None
+    label_aliases: Dict[str, str] = field(default_factory=dict)  # e.g. ARC's answerKey {"1": "A", ...}
     regression: bool = False  # e.g. STS-B
     # multiple choice: question column and choice columns (or one list column)
     question_field: str = "question"
@@ -60,30 +77,26 @@ class TaskConfig:
     # Preprocessing
     max_length: int = 128
     image_size: Optional[int] = None  # defaults to the model's
+    # Prompted data (causal_lm; seq_cls with a prompt_template): python format strings over the columns,
+    # e.g. prompt_template="Question: {question}\nAnswer:", response_template=" {answer}"
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    # causal_lm: data_format auto | instruction | chat | text | template
+    data_format: str = "auto"
+    instruction_field: str = "instruction"
+    input_field: Optional[str] = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False  # false: loss on the response tokens only
+    packing: bool = False  # pack examples into blocks of max_length (training split only)
+    # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
+    answer_pattern: str = "full"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     # Metrics: evaluate modules shipped in frod_cli/metrics; objective picks the best checkpoint
     metrics: List[str] = field(default_factory=lambda: ["accuracy"])
     objective: str = "accuracy"
     objective_mode: str = "max"  # max | min
-
-
-@dataclass
-class MethodConfig:
-    name: str = MISSING  # method registry key: frod | full | lora | dora | pissa | vera | peft_frod
-    target_modules: Optional[List[str]] = None  # suffixes or one regex (a single string in a list)
-    modules_to_save: List[str] = field(default_factory=list)  # task head etc.; empty = the task's default
-    # FRoD
-    sparse_rate: float = 0.01
-    regularization: float = 1e-3
-    frod_seed: int = 0
-    frod_mode: str = "auto"  # auto | materialize | project
-    store_u: bool = False
-    basis_dtype: str = "float32"
-    layers_to_transform: Optional[List[int]] = None
-    # LoRA family (PEFT)
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    vera_r: int = 256
 
 
 @dataclass
@@ -101,6 +114,22 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+
+
+@dataclass
+class FsdpConfig:
+    """`train.fsdp`: shard the frozen weights over the processes of a launch (FSDP2, torch's fully_shard,
+    through Accelerate; frod_cli/training/distributed.py, docs/SCALING.md). Trainables stay whole on
+    every rank. One process: ignored (nothing to shard)."""
+
+    enabled: bool = False
+    # Module class names that become one FSDP unit each (their weights are gathered for their forward);
+    # None: the model's `_no_split_modules` (its decoder/encoder layer class, e.g. LlamaDecoderLayer).
+    wrap: Optional[List[str]] = None
+    reshard_after_forward: bool = True  # free the gathered weights after each unit's forward (ZeRO-3)
+    cpu_offload: bool = False  # keep the shards (and their gradients) in CPU memory between uses
+    state_dict_type: str = "FULL_STATE_DICT"  # FULL_STATE_DICT | SHARDED_STATE_DICT
+    version: int = 2  # FSDP2 only
 
 
 @dataclass
@@ -123,6 +152,12 @@ class TrainConfig:
     keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
     progress: bool = True  # rich progress bar (main process only)
     eval_test: bool = True  # evaluate the best checkpoint on the test split at the end
+    # Experiment trackers through Accelerate (tensorboard, wandb, mlflow, ...); files under <run>/trackers
+    log_with: List[str] = field(default_factory=list)
+    # Activation checkpointing (the model's gradient_checkpointing_enable, non-reentrant)
+    gradient_checkpointing: bool = False
+    # Sharded data parallelism (FSDP2 through Accelerate) for multi-process launches
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -149,13 +184,18 @@ class CompareConfig:
 class FrodRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # Each method's own config (frod_cli/methods/<file>.py, stored as method/<name>_schema): the method
+    # group's YAML selects it, so the keys of one method are refused for another.
+    method: Any = MISSING
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe_name: str = "custom"
     output_dir: Optional[str] = None  # default: Hydra's run dir
     resume: Optional[str] = None  # a run directory: continue its last checkpoint (in that directory)
     compare: CompareConfig = field(default_factory=CompareConfig)  # read by `frod compare` only
+    # Settings a recipe gives one method only, e.g. {frod: {sparse_rate: 0.02}}: applied when that method
+    # is chosen, below the command line's method.* keys (so `method=lora` runs the same recipe unchanged).
+    per_method: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +209,29 @@ class EvalRunConfig:
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
     use_adapter: bool = False  # run dir: evaluate base model + adapter/ instead of merged/
     output: Optional[str] = None  # default: <run dir>/eval.json, or <checkpoint>/eval.json
+    cpu: bool = False
+
+
+@dataclass
+class GenerateRunConfig:
+    """`frod generate path=<run dir | model dir> prompt="..." | prompts=<file>`."""
+
+    path: str = MISSING
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None  # a text file (one prompt per line) or .jsonl with a "prompt" field
+    chat: Optional[bool] = None  # apply the tokenizer's chat template; default: when it has one
+    system_prompt: Optional[str] = None
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    use_adapter: bool = False  # run dir: base model + adapter/ instead of merged/
+    output: Optional[str] = None  # also write prompt/answer records as JSONL here
     cpu: bool = False
 
 
@@ -190,3 +253,7 @@ def register_configs() -> None:
     cs.store(name="frod_train_schema", node=FrodRunConfig)
     cs.store(name="frod_eval_schema", node=EvalRunConfig)
     cs.store(name="frod_merge_schema", node=MergeRunConfig)
+    cs.store(name="frod_generate_schema", node=GenerateRunConfig)
+    from frod_cli.methods import register_schemas
+
+    register_schemas()

@@ -17,10 +17,19 @@ Examples (see docs/PERFORMANCE.md):
     python scripts/bench.py --preset llama --seq 256 --batch 4
     python scripts/bench.py --preset bert768 --layers 2 --sweep-hidden 256,384,512,768,1024
     python scripts/bench.py --preset bert768 --layers 2 --sweep-tokens 512,1024,2048,4096
+    python scripts/bench.py --preset bert768 --batch 16 --seq 128 --grad-accum 8 --methods full,frod:micro_batch,frod:window
+    python scripts/bench.py --preset bert768 --layers 2 --sweep-grad-accum 1,2,4,8 --methods full,frod:micro_batch,frod:window
 
 Methods: full, lora (r=64, alpha=64, dropout 0), peft_frod (peft.FrodConfig), peft_frod:offload
 (runtime_offload_base_weight=True), frod (ours, mode=auto), frod:<mode>[+u] with mode in
 auto|materialize|project and "+u" for store_u=True (e.g. frod:materialize+u).
+
+Gradient accumulation (--grad-accum K): a "step" is one optimizer step, K micro-batches (each the
+--batch x --seq batch, all different, the same K for every method; loss / K) then opt.step(). Our FRoD
+then has two accumulation modes, appended as one more ":" part: frod[:<mode>[+u]]:micro_batch (the
+plain path: every micro-batch builds dW and projects its gradient; also what "frod" alone means) and
+frod[:<mode>[+u]]:window (frod_cli.frod.accumulate(model, micro_batches=K) around the K micro-batches:
+dW once, the gradient projected once at the window's exit, which is timed as part of backward).
 """
 from __future__ import annotations
 
@@ -53,6 +62,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 DEFAULT_METHODS = "full,lora,peft_frod,frod,frod:materialize,frod:project,frod:materialize+u"
+DEFAULT_METHODS_ACCUM = "full,lora,peft_frod,frod:micro_batch,frod:window"  # with --grad-accum K > 1
+ACCUMULATION_MODES = ("micro_batch", "window")
 NUM_LABELS = 8
 
 
@@ -312,13 +323,23 @@ def frod_available() -> Optional[str]:
     return None
 
 
+def frod_accumulation(name: str) -> Optional[str]:
+    """"window" or "micro_batch" for our FRoD methods (micro_batch unless the name ends in :window), else None."""
+    if not (name == "frod" or name.startswith("frod:")):
+        return None
+    return "window" if name.split(":")[-1] == "window" else "micro_batch"
+
+
 def parse_frod_method(name: str) -> Dict[str, Any]:
-    spec = name.split(":", 1)[1] if ":" in name else "auto"
+    parts = [p for p in name.split(":")[1:] if p not in ACCUMULATION_MODES]
+    if len(parts) > 1:
+        raise SystemExit(f"unknown frod method {name!r}: use frod[:auto|materialize|project][+u][:micro_batch|:window]")
+    spec = parts[0] if parts else "auto"
     store_u = spec.endswith("+u")
     mode = spec[:-2] if store_u else spec
     mode = mode or "auto"
     if mode not in ("auto", "materialize", "project"):
-        raise SystemExit(f"unknown frod mode in {name!r}: use frod[:auto|materialize|project][+u]")
+        raise SystemExit(f"unknown frod mode in {name!r}: use frod[:auto|materialize|project][+u][:micro_batch|:window]")
     return {"mode": mode, "store_u": store_u}
 
 
@@ -350,8 +371,9 @@ def apply_method(name: str, model: torch.nn.Module, args, preset: Preset) -> tor
     raise SystemExit(f"unknown method {name!r}")
 
 
-def frod_modes(model: torch.nn.Module, tokens: int) -> Dict[str, int]:
-    """How many FRoD layers run each evaluation order in a training step (FrodLinear.choose_mode), by role."""
+def frod_modes(model: torch.nn.Module, tokens: int, window_k: Optional[int] = None) -> Dict[str, int]:
+    """How many FRoD layers run each evaluation order in a training step (FrodLinear.choose_mode), by role;
+    with window_k, "window" for the layers that take an accumulate() window of window_k micro-batches."""
     counts: Dict[str, int] = {}
     for name, mod in model.named_modules():
         choose = getattr(mod, "choose_mode", None)
@@ -359,6 +381,8 @@ def frod_modes(model: torch.nn.Module, tokens: int) -> Dict[str, int]:
             continue
         try:
             mode = choose(tokens, True)
+            if window_k is not None and mod.prefers_window(tokens, window_k):
+                mode = "window"
         except Exception:  # noqa: BLE001
             mode = "?"
         role = ".".join("*" if p.isdigit() else p for p in name.split("."))
@@ -380,9 +404,11 @@ class Runner:
     resident_build_bytes: int
     init_max_abs_diff: Optional[float]
     times: Dict[str, List[float]] = field(
-        default_factory=lambda: {"forward": [], "backward": [], "optimizer": [], "total": [], "cpu": []})
+        default_factory=lambda: {"forward": [], "backward": [], "optimizer": [], "total": [], "cpu": [],
+                                 "window_exit": []})
     mem: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
+    window: Optional[Callable] = None  # accumulate(model, micro_batches=K) for the frod ...:window methods
 
 
 def last_hidden(out) -> torch.Tensor:
@@ -412,18 +438,48 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(r: Runner, batch, loss_fn, device, record: bool):
+def train_step(r: Runner, batches, loss_fn, device, record: bool, window_k: Optional[int] = None):
+    """One optimizer step: forward + loss and backward of each micro-batch in `batches` (loss / K when
+    K > 1), inside r.window's accumulate() when set (its exit, the projection, is timed as backward;
+    window_k, default len(batches), is the micro-batch count it is told), then opt.step() and zero_grad."""
+    K = len(batches)
+    fwd = bwd = exit_s = 0.0
+    losses = []
     gc.disable()
     try:
         sync(device)
         c0 = time.process_time()
         t0 = time.perf_counter()
-        out = r.model(**batch)
-        loss = loss_fn(out)
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
+        window = r.window(r.model, window_k or K) if r.window is not None else None
+        if window is not None:
+            w = window.__enter__()
+        try:
+            for batch in batches:
+                ta = time.perf_counter()
+                out = r.model(**batch)
+                loss = loss_fn(out)
+                if K > 1:
+                    loss = loss / K
+                sync(device)
+                tb = time.perf_counter()
+                loss.backward()
+                sync(device)
+                tc = time.perf_counter()
+                fwd, bwd = fwd + (tb - ta), bwd + (tc - tb)
+                losses.append(loss.detach())
+                del out, loss
+            if window is not None:
+                r.extra["window"] = dict(w.memory_bytes(), layers=len(w.layers), of=len(w.parts), builds=w.builds)
+        except BaseException:
+            if window is not None:
+                window.__exit__(*sys.exc_info())
+            raise
+        if window is not None:
+            te = time.perf_counter()
+            window.__exit__(None, None, None)
+            sync(device)
+            exit_s = time.perf_counter() - te
+            bwd += exit_s
         t2 = time.perf_counter()
         r.opt.step()
         r.opt.zero_grad(set_to_none=True)
@@ -432,16 +488,16 @@ def train_step(r: Runner, batch, loss_fn, device, record: bool):
         c3 = time.process_time()
     finally:
         gc.enable()
-    if not math.isfinite(float(loss.detach())):
-        raise RuntimeError(f"{r.name}: non-finite loss {float(loss.detach())}")
+    total_loss = float(sum(float(x) for x in losses))
+    if not math.isfinite(total_loss):
+        raise RuntimeError(f"{r.name}: non-finite loss {total_loss}")
     if record:
-        for k, v in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("total", t3 - t0),
-                     ("cpu", c3 - c0)):
+        for k, v in (("forward", fwd), ("backward", bwd), ("optimizer", t3 - t2), ("total", t3 - t0),
+                     ("cpu", c3 - c0), ("window_exit", exit_s)):
             r.times[k].append(v)
-    del out, loss
 
 
-def memory_step(r: Runner, batch, loss_fn, device):
+def memory_step(r: Runner, batches, loss_fn, device, record: bool = False):
     gc.collect()
     malloc_trim()
     if device.type == "cuda":
@@ -449,7 +505,7 @@ def memory_step(r: Runner, batch, loss_fn, device):
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
     with PeakRSS() as pk:
-        train_step(r, batch, loss_fn, device, record=False)
+        train_step(r, batches, loss_fn, device, record=record)
     r.mem = {"rss_before": pk.before, "rss_peak": pk.peak, "step_peak_extra": pk.extra,
              "method": "VmHWM" if PeakRSS.use_hwm else "sampling"}
     if device.type == "cuda":
@@ -485,6 +541,7 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
     dtype = getattr(torch, args.dtype)
     batch_size = args.batch or preset.batch
     seq = args.seq or preset.seq
+    K = max(1, getattr(args, "grad_accum", 1) or 1)
 
     torch.manual_seed(args.seed)
     base = preset.build(args).to(dtype=dtype, device=device)
@@ -492,9 +549,13 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
     for p in base.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(args.seed)
-    batch = {k: v.to(device) for k, v in preset.make_batch(base, batch_size, seq, g).items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    batches = []  # K micro-batches from one generator: the first is the K = 1 benchmark's batch
+    for _ in range(K):
+        batch = {k: v.to(device) for k, v in preset.make_batch(base, batch_size, seq, g).items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        batches.append(batch)
+    batch = batches[0]
     hidden = preset.hidden_of(base)
     loss_fn = make_loss(hidden, batch_size, device, args.seed)
     base_pb = params_buffers_bytes(base)
@@ -502,7 +563,8 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
     ref_out = output_of(base, batch)
     tokens = batch_size * (seq if "input_ids" in batch else (base.config.image_size // base.config.patch_size) ** 2 + 1)
     log(f"# preset {preset.name}: {preset.description}; layers={getattr(base.config, 'num_hidden_layers', '?')} "
-        f"hidden={hidden} params={base_params/1e6:.2f}M; batch {batch_size} x seq {seq} ({tokens} tokens); "
+        f"hidden={hidden} params={base_params/1e6:.2f}M; batch {batch_size} x seq {seq} ({tokens} tokens)"
+        f"{f' x {K} micro-batches per optimizer step' if K > 1 else ''}; "
         f"{args.dtype} on {device}, {torch.get_num_threads()} threads")
 
     runners: List[Runner] = []
@@ -528,6 +590,10 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
             diff = float((output_of(model, batch) - ref_out).abs().max())
         r = Runner(name=name, model=model, opt=opt, build_s=build_s, build_cpu_s=build_cpu_s, trainable=sum(p.numel() for p in params),
                    pb_bytes=params_buffers_bytes(model), resident_build_bytes=resident, init_max_abs_diff=diff)
+        if frod_accumulation(name) == "window":
+            from frod_cli.frod import accumulate
+
+            r.window = lambda model, k: accumulate(model, micro_batches=k)
         if name == "frod" or name.startswith("frod:"):
             try:
                 from frod_cli.frod import summary
@@ -536,7 +602,7 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
                 r.extra["summary"] = {k: v for k, v in s.items() if isinstance(v, (int, float, str))}
             except Exception as e:  # noqa: BLE001
                 r.extra["summary_error"] = repr(e)
-            r.extra["auto_modes"] = frod_modes(model, tokens)
+            r.extra["auto_modes"] = frod_modes(model, tokens, K if r.window is not None else None)
         runners.append(r)
         log(f"  built {name:<20} in {build_s:7.2f} s (cpu {build_cpu_s:.2f} s); trainable {r.trainable:,}; params+buffers "
             f"{r.pb_bytes/2**20:.1f} MiB; init diff {diff}")
@@ -545,16 +611,21 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
     gc.collect()
 
     # warmup (also allocates optimizer state), then one memory-probe step, then timed steps, all round-robin
+    # (--probe-timed: the memory-probe step is also the first timed step, one step less per method)
+    probe_timed = bool(getattr(args, "probe_timed", False)) and args.steps > 0
+    warm = batches[:getattr(args, "warmup_micro_batches", None) or K]
     for _ in range(args.warmup):
         for r in runners:
-            train_step(r, batch, loss_fn, device, record=False)
+            train_step(r, warm, loss_fn, device, record=False, window_k=K)
     for r in runners:
         r.extra["optimizer_state_bytes"] = optimizer_state_bytes(r.opt)
-        memory_step(r, batch, loss_fn, device)
-    for i in range(args.steps):
+        memory_step(r, batches, loss_fn, device, record=probe_timed)
+    if probe_timed:
+        log("  step 1 (memory probe): %s" % "  ".join(f"{r.name}={r.times['total'][-1]:.3f}s" for r in runners))
+    for i in range(1 if probe_timed else 0, args.steps):
         order = runners if i % 2 == 0 or not args.reverse_alternate else runners[::-1]
         for r in order:
-            train_step(r, batch, loss_fn, device, record=True)
+            train_step(r, batches, loss_fn, device, record=True)
         log("  step %d: %s" % (i + 1, "  ".join(f"{r.name}={r.times['total'][-1]:.3f}s" for r in runners)))
 
     rows = []
@@ -574,6 +645,11 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
             "optimizer_state_bytes": r.extra["optimizer_state_bytes"],
             "memory": dict(r.mem, state_bytes=state, step_peak_bytes=state + r.mem["step_peak_extra"]),
             "init_max_abs_diff": r.init_max_abs_diff,
+            "grad_accum": K,
+            "accumulation": frod_accumulation(r.name),
+            # accumulate() window's buffers at the end of the memory-probe step's window (bytes): W + dW
+            # (weights' dtype) and the float32 gradient sums, and how many FRoD layers took the window
+            "window": r.extra.get("window"),
         }
         if "summary" in r.extra:
             row["frod_summary"] = r.extra["summary"]
@@ -600,7 +676,9 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
         "preset": preset.name,
         "description": preset.description,
         "config": {"batch": batch_size, "seq": seq, "tokens_per_step": tokens, "hidden": hidden,
-                   "layers": n_layers,
+                   "layers": n_layers, "grad_accum": K, "tokens_per_micro_batch": tokens,
+                   "tokens_per_optimizer_step": K * tokens, "probe_timed": probe_timed,
+                   "warmup_micro_batches": len(warm),
                    "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
                    "targets": preset.targets, "sparse_rate": args.sparse_rate, "lora_r": args.lora_r,
                    "optimizer": f"AdamW(lr={args.lr}, weight_decay=0.01)", "warmup": args.warmup, "steps": args.steps,
@@ -623,16 +701,18 @@ def fmt_r(x):
 def table(result) -> str:
     rows = result["rows"]
     c = result["config"]
+    K = c.get("grad_accum", 1)
+    accum = f" x {K} micro-batches per optimizer step (times per optimizer step)" if K > 1 else ""
     head = (f"{result['preset']}: {c['layers']} layers, hidden {c['hidden']}, batch {c['batch']} x seq {c['seq']} "
-            f"({c['tokens_per_step']} tokens), {c['dtype']} on {c['device']}, {c['threads']} threads, "
+            f"({c['tokens_per_step']} tokens){accum}, {c['dtype']} on {c['device']}, {c['threads']} threads, "
             f"median of {c['steps']} steps after {c['warmup']} warmup")
     a = [head, "",
          "| method | step s | min-max s | fwd s | bwd s | opt s | x full | x peft_frod | step CPU s | CPU x full "
          "| CPU x peft_frod | build s | build CPU s | build x peft_frod (wall / CPU) |",
          "|" + "---|" * 14]
     b = ["| method | trainable | % of base | params+buffers MiB | x base | optimizer state MiB | step peak extra MiB "
-         "| state + step peak MiB | peak x full | init max abs diff |",
-         "|" + "---|" * 10]
+         "| state + step peak MiB | peak x full | init max abs diff | window buffers MiB (W+dW / grad) |",
+         "|" + "---|" * 11]
     for r in rows:
         t = r["step_s"]
         vf, vp = r.get("vs_full") or {}, r.get("vs_peft_frod") or {}
@@ -644,13 +724,18 @@ def table(result) -> str:
             f"{fmt_r(vf.get('step'))} | {fmt_r(vp.get('step'))} | {t['cpu']['median']:.2f} | {fmt_r(vf.get('step_cpu'))} | "
             f"{fmt_r(vp.get('step_cpu'))} | {r['build_s']:.2f} | {r['build_cpu_s']:.2f} | "
             f"{fmt_r(vp.get('build'))} / {fmt_r(vp.get('build_cpu'))} |")
+        win = r.get("window")
+        mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+        win_cell = (f"{mib(win['total'])} ({mib(win['weights'])} / {mib(win['grad_buffers'])}), "
+                    f"{win['layers']}/{win['of']} layers") if win else "-"
         cuda = ""
         if "cuda_peak" in m:
             cuda = f" (CUDA peak {fmt_bytes(m['cuda_peak'])} MiB, step extra {fmt_bytes(m['cuda_step_peak_extra'])} MiB)"
         b.append(
             f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {fmt_bytes(r['params_buffers_bytes'])} | "
             f"{r['params_buffers_vs_base']:.3f} | {fmt_bytes(r['optimizer_state_bytes'])} | {fmt_bytes(m['step_peak_extra'])} | "
-            f"{fmt_bytes(m['step_peak_bytes'])} | {fmt_r(vf.get('step_peak'))} | {'-' if d is None else f'{d:.2e}'}{cuda} |")
+            f"{fmt_bytes(m['step_peak_bytes'])} | {fmt_r(vf.get('step_peak'))} | {'-' if d is None else f'{d:.2e}'}{cuda} | "
+            f"{win_cell} |")
     return "\n".join(a + [""] + b)
 
 
@@ -681,17 +766,20 @@ def sweep_table(points, key) -> str:
     lines = [head, "|" + "---|" * (2 + len(methods) + len([m for m in methods if m != "full"]))]
     for p in points:
         by = {r["method"]: r for r in p["rows"]}
-        v = p["config"]["hidden"] if key == "hidden" else p["config"]["tokens_per_step"]
+        c = p["config"]
+        v = {"hidden": c["hidden"], "grad_accum": c.get("grad_accum", 1)}.get(key, c["tokens_per_step"])
         cells = [f"{by[m]['step_s']['total']['median']:.3f}" for m in methods]
         rat = [fmt_r((by[m].get("vs_full") or {}).get("step")) for m in methods if m != "full"]
-        lines.append(f"| {v} | {p['config']['tokens_per_step']} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
+        tokens = c.get("tokens_per_optimizer_step", c["tokens_per_step"])
+        lines.append(f"| {v} | {tokens} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bert768", choices=sorted(PRESETS))
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma list (default {DEFAULT_METHODS}; with --grad-accum > 1: {DEFAULT_METHODS_ACCUM})")
     ap.add_argument("--batch", type=int, default=None, help="default: the preset's")
     ap.add_argument("--seq", type=int, default=None, help="default: the preset's (ignored by clip)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
@@ -709,6 +797,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-hidden", default=None, help="comma list of hidden sizes: one run per size")
     ap.add_argument("--sweep-tokens", default=None,
                     help="comma list of tokens per step: one run per value (seq fixed, batch = tokens/seq)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (K); times are per optimizer step")
+    ap.add_argument("--sweep-grad-accum", default=None, help="comma list of K: one run per value")
+    ap.add_argument("--warmup-micro-batches", type=int, default=None,
+                    help="micro-batches per warmup step (default: all K; the window still plans for K)")
+    ap.add_argument("--probe-timed", action="store_true",
+                    help="count the memory-probe step as the first timed step (one step less per method)")
     ap.add_argument("--reverse-alternate", action="store_true", help="reverse the method order every other repetition")
     ap.add_argument("--allow-missing", action="store_true", help="drop frod methods when frod_cli.frod is not importable")
     ap.add_argument("--out", default=None, help="JSON path (default bench_out/<preset>[-sweep].json)")
@@ -716,7 +811,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.grad_accum < 1:
+        raise SystemExit("--grad-accum must be >= 1")
+    if args.methods is None:
+        accum = args.grad_accum > 1 or args.sweep_grad_accum
+        args.methods = DEFAULT_METHODS_ACCUM if accum else DEFAULT_METHODS
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m == "frod" or m.startswith("frod:"):
+            parse_frod_method(m)  # refuse a bad name before anything is built
     if any(m == "frod" or m.startswith("frod:") for m in methods):
         why = frod_available()
         if why:
@@ -729,14 +832,16 @@ def main(argv=None) -> int:
     env = environment(args)
     t0 = time.perf_counter()
 
-    if args.sweep_hidden or args.sweep_tokens:
-        key = "hidden" if args.sweep_hidden else "tokens"
-        values = [int(v) for v in (args.sweep_hidden or args.sweep_tokens).split(",")]
+    if args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum:
+        key = "hidden" if args.sweep_hidden else ("tokens" if args.sweep_tokens else "grad_accum")
+        values = [int(v) for v in (args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum).split(",")]
         points = []
         for v in values:
             a = copy.copy(args)
             if key == "hidden":
                 a.hidden = v
+            elif key == "grad_accum":
+                a.grad_accum = v
             else:
                 seq = args.seq or preset.seq
                 a.seq = seq

@@ -23,11 +23,11 @@ ROW_FIELDS = {"method", "step_s", "build_s", "trainable", "trainable_pct", "para
               "params_buffers_vs_base", "optimizer_state_bytes", "memory", "init_max_abs_diff", "vs_full", "vs_peft_frod"}
 
 
-def _run(tmp_path, methods, steps=2):
+def _run(tmp_path, methods, steps=2, extra=()):
     bench = _bench()
     out = tmp_path / "tiny.json"
     rc = bench.main(["--preset", "tiny", "--methods", methods, "--steps", str(steps), "--warmup", "1",
-                     "--threads", "1", "--out", str(out), "--quiet"])
+                     "--threads", "1", "--out", str(out), "--quiet", *extra])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -82,5 +82,37 @@ def test_frod_method_names():
     assert bench.parse_frod_method("frod") == {"mode": "auto", "store_u": False}
     assert bench.parse_frod_method("frod:materialize+u") == {"mode": "materialize", "store_u": True}
     assert bench.parse_frod_method("frod:project") == {"mode": "project", "store_u": False}
+    assert bench.parse_frod_method("frod:window") == {"mode": "auto", "store_u": False}
+    assert bench.parse_frod_method("frod:materialize+u:window") == {"mode": "materialize", "store_u": True}
+    assert bench.frod_accumulation("frod") == "micro_batch"
+    assert bench.frod_accumulation("frod:project:micro_batch") == "micro_batch"
+    assert bench.frod_accumulation("frod:materialize+u:window") == "window"
+    assert bench.frod_accumulation("full") is None
     with pytest.raises(SystemExit):
         bench.parse_frod_method("frod:fast")
+    with pytest.raises(SystemExit):
+        bench.parse_frod_method("frod:project:materialize")
+
+
+def test_bench_grad_accum_window(tmp_path):
+    why = _bench().frod_available()
+    if why:
+        pytest.skip(why)
+    methods = ["full", "frod:micro_batch", "frod:window", "frod:materialize+u:window"]
+    res = _run(tmp_path, ",".join(methods), extra=("--grad-accum", "3", "--probe-timed"))
+    rows = _check_common(res, methods)
+    c = res["config"]
+    assert c["grad_accum"] == 3 and c["tokens_per_optimizer_step"] == 3 * c["tokens_per_micro_batch"]
+    assert c["probe_timed"]
+    assert rows["full"]["accumulation"] is None and rows["frod:micro_batch"]["accumulation"] == "micro_batch"
+    assert rows["frod:micro_batch"]["window"] is None
+    for m in ("frod:window", "frod:materialize+u:window"):
+        r = rows[m]
+        assert r["accumulation"] == "window" and r["grad_accum"] == 3
+        w = r["window"]
+        assert 0 < w["layers"] <= w["of"] and w["builds"] == w["layers"]
+        assert w["grad_buffers"] > 0 and w["total"] == w["weights"] + w["grad_buffers"]
+        assert r["step_s"]["window_exit"]["median"] > 0
+        assert r["init_max_abs_diff"] == 0.0
+    # stored U: the window pays off for every layer at K = 3 (materialize forced)
+    assert rows["frod:materialize+u:window"]["window"]["layers"] == rows["frod:materialize+u:window"]["window"]["of"]

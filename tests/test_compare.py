@@ -1,4 +1,4 @@
-"""frod_cli.compare on synthetic run directories (the layout frod_cli.train writes)."""
+"""frod_cli.compare on synthetic run directories (the layout frod train writes)."""
 from __future__ import annotations
 
 import json
@@ -120,7 +120,7 @@ def test_validation_split_when_no_test_and_main(tmp_path, capsys):
     assert s["split"] == "validation" and s["groups"]["frod"]["validation"]["accuracy"]["mean"] == pytest.approx(0.81)
     # a second run of the command does not take its own output for runs
     assert compare.main([str(root)]) == 0
-    assert compare.main([str(tmp_path / "empty")]) == 1
+    assert compare.main([str(tmp_path / "empty")]) == 2
     assert "no run directory" in capsys.readouterr().err
 
 
@@ -152,11 +152,15 @@ def test_compare_verb_search_then_seeds(tmp_path):
     assert main(["compare", *TINY_COMPARE, "compare.stage=both", f"hydra.run.dir={root}"]) == 0
     best = json.loads((root / "search" / "best.json").read_text())
     assert set(best) == {"frod", "lora"}
+    md = (root / "search" / "search.md").read_text()
     for method, scale in best.items():
         # the winner is the search run with the best validation objective, read back from its metrics.json
         vals = {x: json.loads((root / "search" / f"{method}_lr{compare._scale_tag(x)}" / "metrics.json").read_text())
                 ["objective_value"] for x in (0.5, 4.0)}
         assert vals[scale] == max(vals.values())
+        # search.md: the method's row bolds the winner's value and names its multiple in the last column
+        row = next(line for line in md.splitlines() if line.startswith(f"| {method} |"))
+        assert f"**{vals[scale]:.4f}**" in row and row.endswith(f"| x{scale:g} |"), row
         for seed in (1, 2):
             run = root / "runs" / f"{method}_s{seed}"
             overrides = (run / ".hydra" / "overrides.yaml").read_text()
@@ -171,7 +175,6 @@ def test_compare_verb_search_then_seeds(tmp_path):
         assert reused.read_text() == (root / "search" / f"{method}_lr{compare._scale_tag(scale)}" / "metrics.json").read_text()
     lora_cfg = (root / "runs" / "lora_s1" / ".hydra" / "config.yaml").read_text()
     assert "adapter: 0.002" in lora_cfg  # the method's own overrides reach its runs
-    assert "lr_scale" in (root / "search" / "search.md").read_text() or "x0.5" in (root / "search" / "search.md").read_text()
     s = json.loads((root / "report" / "summary.json").read_text())
     assert set(s["groups"]) == {"frod", "lora"}  # one row per method: its own rates are not a label
     assert all(len(g["runs"]) == 3 for g in s["groups"].values())  # seeds 1, 2 and the reused 42
@@ -191,7 +194,7 @@ def test_compare_verb_search_then_seeds(tmp_path):
 def test_compare_verb_refusals(tmp_path, capsys, args, msg):
     from frod_cli.cli import main
 
-    assert main(["compare", *TINY_COMPARE, *args, f"hydra.run.dir={tmp_path / 'c'}"]) == 1
+    assert main(["compare", *TINY_COMPARE, *args, f"hydra.run.dir={tmp_path / 'c'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
     assert not (tmp_path / "c" / "runs").exists()
@@ -202,7 +205,7 @@ def test_lr_scale_multiplies_every_group():
     from omegaconf import OmegaConf
 
     from frod_cli.config import OptimizerConfig
-    from frod_cli.train import build_optimizer
+    from frod_cli.training.builders import build_optimizer
 
     cfg = OmegaConf.structured(OptimizerConfig(lr=1e-3, group_lr={"head": 4e-3}, lr_scale=0.5))
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))

@@ -82,7 +82,6 @@ def test_decomposition_reconstructs_weights(fam):
         by_cat.setdefault(layer.category.key, []).append(layer.frod_sigma)
     for key, sigmas in by_cat.items():
         total = torch.stack(sigmas).pow(2).sum(0)
-        M = sum(1 for _ in sigmas)
         if total.numel() and all(s.numel() for s in sigmas):
             # sum_i sigma_ik^2 = 1 for every k (Q has orthonormal columns); <= 1 for padded wide stacks
             assert torch.all(total <= 1 + 1e-4), key

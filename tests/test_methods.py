@@ -1,6 +1,7 @@
-"""One battery over every registered method on a tiny BERT classifier: adapt, train a few steps
-(the loss moves), save + reload the adapter onto a fresh base model, merge (the plain model gives
-the adapted model's logits), and the merged model reloads with plain transformers."""
+"""One battery over every registered method (the registry, not a list: a new method is tested without
+editing this file) on a tiny BERT classifier: adapt, train a few steps (the loss moves), save + reload the
+adapter onto a fresh base model, merge (the plain model gives the adapted model's logits), and the merged
+model reloads with plain transformers. Plus the per-method configs and the one target matcher."""
 from __future__ import annotations
 
 import pytest
@@ -8,10 +9,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from frod_cli.config import MethodConfig, ModelConfig
-from frod_cli.methods import available, build_method, get_method
+from frod_cli.config import ModelConfig
+from frod_cli.methods import CONFIGS, available, build_method, get_method, method_config
 
-ALL = ["frod", "full", "lora", "dora", "pissa", "vera", "peft_frod"]
+ALL = available()
+SMALL = {"r": 4, "alpha": 8, "sparse_rate": 0.05}  # small sizes for whichever method has these keys
 
 
 class FakeTask:
@@ -34,15 +36,43 @@ def batch():
 
 
 def method_for(name: str, **kw):
-    cfg = OmegaConf.structured(MethodConfig(name=name, r=4, alpha=8, vera_r=16, sparse_rate=0.05, **kw))
+    fields = CONFIGS[name].__dataclass_fields__
+    cfg = method_config(name, **{k: v for k, v in SMALL.items() if k in fields}, **kw)
     mcfg = OmegaConf.structured(ModelConfig(name_or_path="tiny:bert", target_modules=["query", "key", "value", "dense"]))
     return build_method(cfg, FakeTask(), mcfg)
 
 
 def test_registry_has_every_method():
-    assert set(ALL) <= set(available())
+    assert {"frod", "full", "lora", "dora", "pissa", "vera", "peft_frod"} <= set(ALL)
+    assert set(CONFIGS) == set(ALL)
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
+
+
+def test_method_configs_refuse_keys_of_other_methods():
+    with pytest.raises(Exception, match="sparse_rate"):
+        method_config("lora", sparse_rate=0.5)
+    cfg = method_config("lora")
+    with pytest.raises(Exception, match="sparse_rate"):
+        cfg.sparse_rate = 0.5
+    assert "projection_seed" in CONFIGS["vera"].__dataclass_fields__  # VeRA's own PRNG key, not FRoD's seed
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (["attention.output.dense"], {"bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.1.attention.output.dense"}),
+    (["query"], {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query"}),
+    (r".*\.1\.attention\.self\.(query|value)", {"bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"}),
+])
+def test_one_target_matcher(spec, expected):
+    """PEFT's rule in every method: a list is suffixes of module paths (a one-element list holding a dot
+    included), a single string is a regex; the core's matcher picks the same layers."""
+    from frod_cli.frod import FrodConfig, find_targets
+
+    model = base_model()
+    for name in ALL:
+        assert set(method_for(name, target_modules=spec).resolve_targets(model)) == expected, name
+    core = FrodConfig(target_modules=spec, modules_to_save=["classifier"])
+    assert {n for n, _ in find_targets(model, core)} == expected
 
 
 def test_targets_exclude_head_and_respect_layers():

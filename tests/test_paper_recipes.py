@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from frod_cli.cli import recipes_dir, run_verb
 from frod_cli.config import FrodRunConfig, register_configs
+from frod_cli.training.preflight import apply_per_method
 
 RECIPES = Path(recipes_dir())
 PAPER = sorted(p.stem for p in (RECIPES / "recipe" / "paper").glob("*.yaml"))
@@ -43,6 +44,7 @@ def compose_recipe(name: str, *overrides: str, prefix: str = "paper"):
         initialize_config_dir(config_dir=str(RECIPES), version_base="1.3")
     cfg = compose("config", overrides=[f"recipe={prefix}/{name}", *overrides])
     merged = OmegaConf.merge(OmegaConf.structured(FrodRunConfig), cfg)  # refuses unknown keys / wrong types
+    apply_per_method(merged, overrides)  # the recipe's per_method settings, as `frod train` applies them
     OmegaConf.resolve(merged)
     return merged
 
@@ -134,7 +136,7 @@ def test_paper_trainable_counts(family, name, expected):
     """The recipe's targets and sparse_rate give the paper's FRoD counts: n + floor(rate * n^2) per target
     layer (in-dim n), the task head excluded (RoBERTa's classifier.dense is head, not target)."""
     from frod_cli.methods import build_method
-    from frod_cli.train import build_task
+    from frod_cli.training.builders import build_task
 
     cfg = compose_recipe(name)
     model = _meta_model(family)
@@ -182,7 +184,7 @@ def test_siqa_and_winogrande_schemas_and_unused_hidden_splits(tmp_path):
 # --------------------------------------------------------------------------------- task-level metrics
 def test_glue_task_metrics_on_known_inputs():
     """CoLA and STS-B through their recipes' task configs (tests/test_metrics.py covers the modules)."""
-    from frod_cli.train import build_task
+    from frod_cli.training.builders import build_task
 
     cola = build_task(compose_recipe("glue_cola").task, 0)
     refs, preds = [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 1]  # TP 3, TN 2, FP 1, FN 2
@@ -288,3 +290,65 @@ def test_smoke_commonsense_siqa_tiny_llama(tmp_path):
     m = _train(tmp_path, "siqa", "model.name_or_path=tiny:llama", "task.max_length=48", "task.validation_fraction=0.25",
                f"+task.data_files.train={tmp_path / 'train.jsonl'}", f"+task.data_files.validation={tmp_path / 'validation.jsonl'}")
     assert "accuracy" in m["validation"] and "accuracy" in m["test"]
+
+
+# ------------------------------------------------------------- commonsense: the authors' protocol, smoke
+def _stand_in(name: str, i: int) -> dict:
+    """One example in the Hub schema of each commonsense benchmark (labels cycle through the classes)."""
+    choices = {"text": ["a stone", "a bird", "a cloud", "a fish"], "label": ["A", "B", "C", "D"]}
+    return {
+        "boolq": {"question": "is the sky blue", "passage": "On a clear day the sky is blue.", "answer": i % 2 == 0},
+        "piqa": {"goal": "dry a wet towel", "sol1": "hang it in the sun", "sol2": "put it in water", "label": i % 2},
+        "siqa": {"context": "Tracy fed the cat.", "question": "Why?", "answerA": "kind", "answerB": "tired",
+                 "answerC": "late", "label": str(i % 3 + 1)},
+        "hellaswag": {"ctx": "She opens the door and", "endings": ["walks in", "flies", "melts", "sings"],
+                      "label": str(i % 4)},
+        "winogrande": {"sentence": "The cup fell off the table because _ was tilted.", "option1": "the cup",
+                       "option2": "the table", "answer": str(i % 2 + 1)},
+        "arc_e": {"question": "What can fly?", "choices": choices, "answerKey": "ABCD"[i % 4] if i % 3 else str(i % 4 + 1)},
+        "arc_c": {"question": "What can swim?", "choices": choices, "answerKey": "ABCD"[i % 4] if i % 3 else str(i % 4 + 1)},
+        "openbookqa": {"question_stem": "Which is heavy?", "choices": choices, "answerKey": "ABCD"[i % 4]},
+    }[name]
+
+
+COMMONSENSE = sorted(n for n, f in FAMILY.items() if f == "commonsense")
+
+
+@pytest.mark.parametrize("name", COMMONSENSE)
+def test_commonsense_recipes_follow_the_authors_protocol(name):
+    """recipe=paper/<benchmark>: a sequence classifier on one prompt listing the choices (the authors'
+    script), the official validation split reported; recipe=commonsense_mc/<benchmark> keeps log-prob
+    multiple choice on the same benchmark."""
+    from frod_cli.tasks import templates
+
+    cfg = compose_recipe(name)
+    t = cfg.task
+    assert t.type == "seq_cls" and t.prompt_template and t.max_length == 512
+    assert (t.validation_split, t.test_split) == (None, "validation")
+    row = _stand_in(name, 1)
+    assert set(templates.fields(t.prompt_template)) <= set(row)
+    assert len(t.labels) >= 2
+    mc = compose_recipe(name, prefix="commonsense_mc")
+    assert mc.task.type == "multiple_choice" and mc.task.dataset == t.dataset
+    assert mc.optimizer.group_lr == cfg.optimizer.group_lr and mc.train.grad_accum == cfg.train.grad_accum == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMMONSENSE)
+def test_commonsense_recipe_smoke_run_on_a_tiny_llama(name, tmp_path):
+    """Each recipe=paper/<benchmark> trains end to end on a tiny random LLaMA with a local stand-in in its
+    Hub schema (the real data sets need the Hub), accumulation window included."""
+    files = {}
+    for split, n in (("train", 24), ("validation", 8)):
+        f = tmp_path / f"{split}.jsonl"
+        f.write_text("".join(json.dumps(_stand_in(name, i)) + "\n" for i in range(n)))
+        files[split] = f
+    run = tmp_path / "run"
+    code, _ = run_verb("train", [
+        f"recipe=paper/{name}", "model.name_or_path=tiny:llama", "model.dtype=float32", "task.source=local",
+        f"+task.data_files.train={files['train']}", f"+task.data_files.validation={files['validation']}",
+        "task.max_length=96", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2", "train.eval_every=2",
+        "train.eval_batch_size=8", "train.save_merged=false", "train.progress=false", f"hydra.run.dir={run}"])
+    assert code == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 2 and "accuracy" in m["test"] and m["task"] == name

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from frod_cli import checkpoint as ck
+from frod_cli.training import checkpoint as ck
 from frod_cli.cli import main, run_verb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,10 +99,18 @@ def reference(data, tmp_path_factory):
     return run
 
 
+def kill_seed() -> int:
+    """The seed of a test's random kill moment: FROD_TEST_SEED to replay one, else drawn and printed
+    (pytest shows it with a failure)."""
+    return int(os.environ.get("FROD_TEST_SEED") or time.time_ns() % 1_000_003)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(reference, data, tmp_path):
     run = tmp_path / "killed"
-    kill_at = random.randint(2, 7)
+    seed = kill_seed()
+    kill_at = random.Random(seed).randint(2, 7)
+    print(f"FROD_TEST_SEED={seed}: kill after step {kill_at}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *tiny(data, *RESUME), f"hydra.run.dir={run}"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
@@ -155,7 +163,7 @@ def test_incomplete_run_in_same_directory_resumes_automatically(reference, data,
 # ---------------------------------------------------------------------------------------------------
 _SAVER = r"""
 import sys, torch
-from frod_cli import checkpoint as ck
+from frod_cli.training import checkpoint as ck
 run = sys.argv[1]
 big = {"w": torch.randn(4_000_000)}
 opt = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.randn(4_000_000)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
@@ -171,11 +179,14 @@ while True:
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seed = kill_seed()
+    rng = random.Random(seed)
+    print(f"FROD_TEST_SEED={seed}: kill delays drawn from random.Random({seed})")
     for trial in range(3):
         run = tmp_path / f"r{trial}"
         p = subprocess.Popen([sys.executable, "-c", _SAVER, str(run)], env=env, stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
-        time.sleep(random.uniform(0.05, 1.5))
+        time.sleep(rng.uniform(0.05, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
         latest = ck.latest_checkpoint(str(run))
@@ -185,7 +196,7 @@ def test_sigkill_during_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
 
 
 def test_failed_save_keeps_previous_checkpoint_and_adapter(tmp_path, monkeypatch):
-    from frod_cli.report import atomic_dir, recover_atomic_dir
+    from frod_cli.runs import atomic_dir, recover_atomic_dir
 
     t = {"w": torch.ones(3)}
     opt = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
@@ -260,7 +271,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoint(data, tmp_path, monke
     monkeypatch.setattr(ClassificationTask, "loss", loss)
     run = tmp_path / "nan"
     code = main(["train", *tiny(data, "train.max_steps=6", "train.checkpoint_every=1"), f"hydra.run.dir={run}"])
-    assert code == 1
+    assert code == 2
     line = one_error_line(capsys)
     assert "nan" in line and "step 3" in line and "step-00000002" in line
     assert ck.latest_checkpoint(str(run)).endswith("step-00000002")
@@ -272,7 +283,7 @@ def test_unwritable_output_dir_is_refused_before_training(data, tmp_path, capsys
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code = main(["train", *tiny(data), f"output_dir={blocker}/run", f"hydra.run.dir={tmp_path / 'h'}"])
-    assert code == 1
+    assert code == 2
     assert "not writable" in one_error_line(capsys)
 
 
@@ -283,7 +294,7 @@ def test_full_output_dir_is_refused_before_training(data, tmp_path, monkeypatch,
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
     run = tmp_path / "full"
-    assert main(["train", *tiny(data), f"hydra.run.dir={run}"]) == 1
+    assert main(["train", *tiny(data), f"hydra.run.dir={run}"]) == 2
     assert "MiB free" in one_error_line(capsys)
     assert not (run / "checkpoints").exists() and not (run / "adapter").exists()
 
@@ -307,7 +318,7 @@ def test_override_naming_a_callable_is_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     code = main(["train", "+hydra.callbacks.evil._target_=os.system", f"+hydra.callbacks.evil.command=touch {marker}",
                  f"hydra.run.dir={tmp_path / 'r'}"])
-    assert code == 1
+    assert code == 2
     assert "_target_" in one_error_line(capsys)
     assert not marker.exists() and not (tmp_path / "r").exists()
 
@@ -318,7 +329,7 @@ def test_recipe_naming_a_callable_is_refused(tmp_path, capsys):
     (d / "evil.yaml").write_text("# @package _global_\n# frod train recipe=evil\nhydra:\n  callbacks:\n"
                                  "    evil:\n      _target_: subprocess.call\n      args: [touch, pwned]\n")
     code = main(["train", "recipe=evil", f"hydra.searchpath=[file://{tmp_path}]", f"hydra.run.dir={tmp_path / 'r'}"])
-    assert code == 1
+    assert code == 2
     assert "subprocess.call" in one_error_line(capsys)
 
 
@@ -330,7 +341,7 @@ def test_remote_code_needs_the_explicit_flag(tmp_path, data, capsys):
                                                      "AutoModelForSequenceClassification": "evil.EvilModel"}}))
     (model / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')\n")
     code = main(["train", *tiny(data), f"model.name_or_path={model}", f"hydra.run.dir={tmp_path / 'r'}"])
-    assert code == 1
+    assert code == 2
     line = one_error_line(capsys)
     assert "trust_remote_code" in line or "custom" in line
     assert not (tmp_path / "pwned").exists()

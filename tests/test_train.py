@@ -13,11 +13,9 @@ from frod_cli.cli import main, run_verb
 
 pytestmark = pytest.mark.slow
 
-TINY_TEXT = [
-    "model=tiny_bert", "task.max_train_samples=64", "task.max_eval_samples=32", "task.max_length=24",
-    "train.max_steps=4", "train.batch_size=16", "train.eval_batch_size=32", "train.eval_every=2",
-    "train.log_every=1", "train.progress=false",
-]
+from conftest import DEBUG  # noqa: E402  (tests/ is on sys.path under pytest)
+
+TINY_TEXT = DEBUG
 RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "metrics.json", "adapter",
              "merged/config.json", "merged/model.safetensors", "loss.png"]
 
@@ -50,9 +48,9 @@ def test_merged_loads_with_plain_transformers(text_run):
     """merged/ needs no frod import and gives the adapted model's logits (base + adapter)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from frod_cli.eval import load_run_config
+    from frod_cli.runs import load_run_config
     from frod_cli.methods import build_method
-    from frod_cli.train import build_task, load_model
+    from frod_cli.training.builders import build_task, load_model
 
     run, _ = text_run
     plain = AutoModelForSequenceClassification.from_pretrained(run / "merged").eval()
@@ -145,3 +143,43 @@ def test_vit_cifar_smoke(tmp_path):
     assert m["merge_max_abs_diff"] < 1e-5
     AutoModelForImageClassification.from_pretrained(run / "merged")
     AutoImageProcessor.from_pretrained(run / "merged")
+
+
+def test_recipe_class_on_the_composed_debug_config(cfg_debug):
+    """The recipe's own steps on the session's composed config: TrainState after training holds what
+    state.json will hold, and finalize returns the best validation objective it wrote."""
+    from frod_cli.training import FinetuneRecipe
+    from frod_cli.training.state import TrainState
+
+    recipe = FinetuneRecipe(cfg_debug, cfg_debug.output_dir)
+    recipe.setup()
+    recipe.train()
+    st = recipe.state
+    assert (st.step, st.total_steps, st.last_eval_step) == (4, 4, 4)
+    assert TrainState.from_dict(st.to_dict()) == st
+    value = recipe.finalize()
+    m = json.loads((Path(cfg_debug.output_dir) / "metrics.json").read_text())
+    assert value == pytest.approx(m["objective_value"]) and m["best_step"] == st.best_step
+
+
+def test_target_modules_suffix_with_a_dot_trains_exactly_those_layers(tmp_path):
+    """`[attention.output.dense]` is a suffix (PEFT's rule): FRoD adapts the attention-output layers only,
+    so the trainable count is theirs (n + floor(sparse_rate n^2) each) plus the classifier's."""
+    import math
+
+    from frod_cli.frod import frod_layers
+    from frod_cli.training.builders import load_trained
+
+    run = tmp_path / "att"
+    code, _ = run_verb("train", [*DEBUG, "method.target_modules=[attention.output.dense]", "train.max_steps=1",
+                                 "train.save_merged=false", f"hydra.run.dir={run}"])
+    assert code == 0
+    m = json.loads((run / "metrics.json").read_text())
+    model, _, _, _, _, cfg = load_trained(str(run), use_adapter=True, load_data=True)
+    layers = dict(frod_layers(model))
+    assert layers and all(n.endswith(".attention.output.dense") for n in layers), sorted(layers)
+    assert len(layers) == model.config.num_hidden_layers
+    rate = float(cfg.method.sparse_rate)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    expected = sum(l.in_features + math.floor(rate * l.in_features ** 2) for l in layers.values()) + head
+    assert m["trainable_params"] == expected

@@ -4,12 +4,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -20,6 +15,7 @@ from .atomic import atomic_dir
 from .basis import shared_basis, sparse_pattern
 from .config import FrodConfig, FrodError
 from .layer import FrodCategory, FrodLinear, is_conv1d, weight_of
+from .targets import describe_linear_roles, find_linear_targets, is_linear, matches, role_of
 
 ADAPTER_FORMAT = "frod-adapter"
 ADAPTER_VERSION = 1
@@ -45,37 +41,16 @@ class FrodState(nn.Module):
 
 
 # ---- finding targets and categories ---------------------------------------------------------------
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def _index_parts(name: str) -> Tuple[int, ...]:
     return tuple(int(p) for p in name.split(".") if p.isdigit())
 
 
-def role_of(name: str) -> str:
-    """The module path with block indices removed: `encoder.layer.3.attention.self.query` ->
-    `encoder.layer.*.attention.self.query`. Text and vision towers keep distinct roles."""
-    return ".".join("*" if p.isdigit() else p for p in name.split("."))
-
-
-def _matches(name: str, patterns) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def find_targets(model: nn.Module, config: FrodConfig) -> List[Tuple[str, nn.Module]]:
-    linear = [(n, m) for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, FrodLinear)]
-    linear = [(n, m) for n, m in linear if not _matches(n, config.modules_to_save)]
-    found = [(n, m) for n, m in linear if _matches(n, config.target_modules)]
-    if config.layers_to_transform is not None:
-        keep = set(config.layers_to_transform)
-        found = [(n, m) for n, m in found if _index_parts(n) and _index_parts(n)[0] in keep]
+    found = find_linear_targets(model, config.target_modules, exclude=config.modules_to_save,
+                                layers_to_transform=config.layers_to_transform, skip=(FrodLinear,))
     if not found:
-        roles = sorted({role_of(n) for n, _ in linear})
-        shown = ", ".join(roles[:40]) + (" ..." if len(roles) > 40 else "")
-        raise FrodError(f"target_modules {config.target_modules!r} match no linear layer; linear layers here: {shown}")
+        raise FrodError(f"target_modules {config.target_modules!r} match no linear layer; linear layers here: "
+                        f"{describe_linear_roles(model)}")
     return found
 
 
@@ -143,7 +118,7 @@ def _install(model: nn.Module, config: FrodConfig, categories: List[FrodCategory
     device = next(iter(per_layer.values()))["sigma"].device
     model.add_module(STATE_ATTR, FrodState(config, categories, fingerprint).to(device))
     for name, module in model.named_modules():
-        if config.modules_to_save and _matches(name, config.modules_to_save):
+        if config.modules_to_save and matches(name, config.modules_to_save):
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
@@ -292,7 +267,7 @@ def save_adapter(model: nn.Module, path) -> Path:
     saved_modules = []
     if state.config.modules_to_save:
         for name, module in model.named_modules():
-            if _matches(name, state.config.modules_to_save) and not isinstance(module, FrodLinear):
+            if matches(name, state.config.modules_to_save) and not isinstance(module, FrodLinear):
                 saved_modules.append(name)
                 for pname, p in module.state_dict().items():
                     tensors[f"module.{name}.{pname}"] = p
@@ -348,7 +323,7 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
         members: Dict[str, List[Tuple[str, nn.Module]]] = {}
         for name, info in meta["layers"].items():
             module = modules.get(name)
-            if module is None or not _is_linear(module):
+            if module is None or not is_linear(module):
                 raise FrodError(f"adapter at {path} does not fit this model: no linear layer {name!r}")
             shape = tuple(weight_of(module).shape)
             if shape != (info["out"], info["in"]):

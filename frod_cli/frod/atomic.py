@@ -14,7 +14,7 @@ def _umask() -> int:
     return mask
 
 
-def _chmod_tree(path: str) -> None:
+def chmod_tree(path: str) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries: give them the usual umask modes."""
     mask = _umask()
     if os.path.isdir(path):
@@ -32,7 +32,7 @@ def install_dir(tmp: str, path: str) -> None:
     """Move the finished directory `tmp` to `path`, replacing a previous version only at the last moment
     (`recover_atomic_dir` repairs the one window between the two renames)."""
     tmp, path = os.path.abspath(str(tmp)), os.path.abspath(str(path))
-    _chmod_tree(tmp)
+    chmod_tree(tmp)
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
         os.rmdir(old)

@@ -114,7 +114,6 @@ def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
 def shared_basis(weights: Sequence[torch.Tensor], regularization: float, dtype: torch.dtype) -> CategoryBasis:
     """Steps 1-5 for one category. `weights` are the members' W_i (m_i x n) in layer order."""
     W = [w.detach().to(dtype) for w in weights]
-    n = W[0].shape[1]
     blocks, R = stack_qr(W)
     T = hogsvd_matrix(blocks, regularization)
     _, Z = torch.linalg.eigh(T)  # step 3: Z diagonalizes T (orthogonal)

@@ -10,9 +10,13 @@ Two ways to compute dW_i x, chosen per call by `FrodLinear.choose_mode` (see its
                GEMM per token. In no-grad calls dW_i is cached until the trainable values change.
   project      per token: z = V^T x, t = M z, dx = V^-T diag(1/sigma) t, y = W (x + dx) + b, which
                is dW x = W V^-T diag(1/sigma) M V^T x = U M V^T x without any m x n tensor.
+Inside an `accumulate(model)` window (accumulate.py) a layer may instead use W_i + dW_i built once for the
+whole window and hand back dL/d(dW_i) summed over its micro-batches; `effective_weight`,
+`backward_delta_weight` and `prefers_window` below are the math of that, accumulate.py the bookkeeping.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -154,6 +158,10 @@ class FrodCategory(_KeepOwnTensors):
 class FrodLinear(_KeepOwnTensors):
     """Wraps an nn.Linear or a GPT-2 Conv1D; the wrapped layer stays as `base_layer`, untouched."""
 
+    # The open accumulate() window this layer belongs to (accumulate.py sets and clears it); a class-level
+    # default so that the per-micro-batch path only pays one attribute read.
+    _window = None
+
     def __init__(self, base_layer: nn.Module, category: FrodCategory, sigma: torch.Tensor,
                  U_t: Optional[torch.Tensor] = None, mode: str = "auto"):
         super().__init__()
@@ -192,14 +200,36 @@ class FrodLinear(_KeepOwnTensors):
     def U(self) -> torch.Tensor:
         return self.U_t().T
 
-    def delta_weight(self) -> torch.Tensor:
-        """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
+    def um_t(self) -> torch.Tensor:
+        """(U_i M_i)^T (n x m, float32), differentiable in lambda_i and s_i."""
         Ut = self.U_t()
         d = self.frod_lambda - self.frod_sigma
         cat = self.category
         # (U M)^T = M^T U^T: diag part scales rows of U^T, entry (r, c) of S moves row r into row c.
-        CT = Ut * d[:, None] + sparse_rows(Ut, self.frod_s, cat.by_col, cat.by_row)
-        return CT.T @ cat.V.T  # (U M) V^T, written straight into the m x n layout of W
+        return Ut * d[:, None] + sparse_rows(Ut, self.frod_s, cat.by_col, cat.by_row)
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
+        return self.um_t().T @ self.category.V.T  # (U M) V^T, written straight into the m x n layout of W
+
+    # ---- one build per accumulation window (used by accumulate.py) ------------------------------
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """W_i + dW_i in the base layer's own layout and dtype (n x m for Conv1D), without a graph: the
+        matrix the materialized forward multiplies by, bit for bit (`_linear` forms the same sum)."""
+        base = self.base_layer
+        dW = self.delta_weight().to(weight_of(base).dtype)
+        return base.weight + (dW.T if is_conv1d(base) else dW)
+
+    def backward_delta_weight(self, G: torch.Tensor) -> None:
+        """Add dL/dlambda_i and dL/ds_i to their .grad, given G = dL/d(dW_i) (m x n, any float dtype).
+
+        dW_i = (U_i M_i) V^T, so dL/d(U_i M_i) = G V; autograd carries it through (U_i M_i)^T = M_i^T U_i^T
+        to the diagonal (lambda_i) and the pattern entries (s_i): dL/dM_i = U_i^T G V, the same products the
+        per-micro-batch backward runs. M_i enters dW_i linearly, so G may be a sum over micro-batches."""
+        with torch.enable_grad():
+            CT = self.um_t()
+            torch.autograd.backward(CT, (G.float() @ self.category.V).T)
 
     def project(self, x2: torch.Tensor) -> torch.Tensor:
         """dW_i x for a batch of rows x2 (T x n), per token. Returns dx with W dx = dW x when U is
@@ -213,6 +243,14 @@ class FrodLinear(_KeepOwnTensors):
         return (cat.V_inv_T @ (tt * self.inv_sigma[:, None])).T  # V^-T diag(1/sigma) t
 
     # ---- mode choice ---------------------------------------------------------------------------
+    def _step_costs(self, tokens: int):
+        """(materialize, project) multiply-adds of one training call with `tokens` tokens (choose_mode's rule)."""
+        m, n, T = self.out_features, self.in_features, tokens
+        u_stored = self.frod_U_t is not None
+        mat = (1 if u_stored else 2) * m * n * n + m * n * n + T * m * n
+        proj = (2 * T * n * n + 2 * T * m * n) if u_stored else 4 * T * n * n
+        return mat, proj
+
     def choose_mode(self, tokens: int, training: bool) -> str:
         """Pick the cheaper evaluation order for this call, counting multiply-adds beyond the base GEMMs.
 
@@ -225,20 +263,46 @@ class FrodLinear(_KeepOwnTensors):
             return self.mode
         if not training:
             return "materialize"
-        m, n, T = self.out_features, self.in_features, tokens
-        u_stored = self.frod_U_t is not None
-        mat = (1 if u_stored else 2) * m * n * n + m * n * n + T * m * n
-        proj = (2 * T * n * n + 2 * T * m * n) if u_stored else 4 * T * n * n
+        mat, proj = self._step_costs(tokens)
         return "materialize" if mat <= proj else "project"
+
+    def prefers_window(self, tokens: int, micro_batches: Optional[float]) -> bool:
+        """Whether building W_i + dW_i once for a window of `micro_batches` micro-batches of `tokens` tokens
+        costs less than this layer's own per-micro-batch order (choose_mode) over the window.
+
+        window: once per window, dW (m n^2, plus m n^2 recomputing U) and the projection of its summed
+          gradient at the exit, G V (m n^2, plus m n^2 recomputing U again: U is not kept, which would
+          cost another m x n buffer per layer); per micro-batch, the weight gradient dY^T X added to the
+          window's buffer (T m n). Per micro-batch that is fixed / K + T m n.
+        own order: choose_mode's cost (`_step_costs`) in every micro-batch.
+        So with U stored the window wins for any K > 1; recomputing U it wins for K >= 2 wherever
+        materialize wins per micro-batch, and against project (4 T n^2 per micro-batch) only while
+        T m n + fixed / K < 4 T n^2, never for m >= 4 n (BERT's intermediate.dense keeps projecting).
+        A forced mode="project" keeps its order. micro_batches=None means "many": fixed / K -> 0."""
+        if self.mode == "project":
+            return False
+        m, n, T = self.out_features, self.in_features, tokens
+        u = 0 if self.frod_U_t is not None else m * n * n
+        fixed = 2 * u + 2 * m * n * n
+        K = math.inf if micro_batches is None else max(1, micro_batches)
+        window = fixed / K + T * m * n
+        mat, proj = self._step_costs(tokens)
+        per_micro_batch = mat if self.choose_mode(tokens, True) == "materialize" else proj
+        return window < per_micro_batch
 
     # ---- forward ----------------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
         """The base layer's own op with W + dW, so that dW == 0 reproduces it bit for bit."""
         base = self.base_layer
+        return self._with_weight(x, base.weight + (dW.T if is_conv1d(base) else dW))
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's own op with `weight` (in the base layer's layout) in place of its weight."""
+        base = self.base_layer
         if is_conv1d(base):
-            y = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), base.weight + dW.T)
+            y = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight)
             return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, base.weight + dW, base.bias)
+        return F.linear(x, weight, base.bias)
 
     def _cached_delta(self) -> torch.Tensor:
         W = weight_of(self.base_layer)
@@ -253,6 +317,11 @@ class FrodLinear(_KeepOwnTensors):
             return self.base_layer(x)
         training = torch.is_grad_enabled() and (self.frod_lambda.requires_grad or self.frod_s.requires_grad)
         tokens = x.numel() // self.in_features
+        if self._window is not None:
+            # inside accumulate(): W + dW of the window when this layer takes part (None: it keeps its own order)
+            W_eff = self._window.weight(self, tokens, training)
+            if W_eff is not None:
+                return self._with_weight(x, W_eff)
         W = weight_of(self.base_layer)
         if self.choose_mode(tokens, training) == "materialize":
             dW = self.delta_weight().to(W.dtype) if training else self._cached_delta()

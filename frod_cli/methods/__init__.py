@@ -1,11 +1,12 @@
-"""Method registry: name -> a `Method` (see base.py). Every module of this package is imported on
-first use, so adding a method is one file here plus one YAML in recipes/method/."""
+"""Method registry: name -> a `Method` and its config dataclass (see base.py). Every module of this
+package is imported on first use, so adding a method is one file here plus one YAML in recipes/method/."""
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from frod_cli.methods.base import METHODS, Method, build_method, get_method, register_method
+from frod_cli.methods.base import (CONFIGS, METHODS, Method, MethodConfig, build_method, get_method, method_config,
+                                   register_method)
 
 _DISCOVERED = False
 
@@ -25,4 +26,16 @@ def available() -> list:
     return sorted(METHODS)
 
 
-__all__ = ["METHODS", "Method", "available", "build_method", "discover", "get_method", "register_method"]
+def register_schemas() -> None:
+    """Store every method's config in Hydra's ConfigStore: group `method`, name `<method>_schema`
+    (recipes/method/<method>.yaml lists it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    discover()
+    cs = ConfigStore.instance()
+    for name, cls in CONFIGS.items():
+        cs.store(group="method", name=f"{name}_schema", node=cls(name=name))
+
+
+__all__ = ["CONFIGS", "METHODS", "Method", "MethodConfig", "available", "build_method", "discover", "get_method",
+           "method_config", "register_method", "register_schemas"]

@@ -1,66 +1,66 @@
-"""The method protocol: how a fine-tuning method adapts a model, which parameters it trains
-(in named groups, for per-group learning rates), how it saves, reloads and merges.
+"""The method protocol: how a fine-tuning method adapts a model, which parameters it trains (in named
+groups, for per-group learning rates), how it saves, reloads and merges, and what it wraps around an
+accumulation window.
 
-The training loop only talks to this interface; it knows nothing about FRoD or PEFT.
-A method is one file in this package (registered with `@register_method("name")`) plus one YAML
-in `recipes/method/`.
+A method is one file in this package: a config dataclass (a subclass of `MethodConfig`, its keys are the
+`method.*` keys a recipe may set) and a `Method` subclass, registered together with
+`@register_method("name", config=TheConfig)`; plus `recipes/method/<name>.yaml`. The configs are stored in
+Hydra's ConfigStore (group `method`, name `<name>_schema`), so `method=lora method.sparse_rate=0.5` is
+refused before any work. The training loop only talks to this interface.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
-import torch
+from omegaconf import MISSING
 from torch import nn
 
 from frod_cli import FrodCliError
+from frod_cli.frod.targets import describe_linear_roles, find_linear_targets, inside
 
 METHODS: Dict[str, type] = {}
+CONFIGS: Dict[str, type] = {}
 
-_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+@dataclass
+class MethodConfig:
+    """The keys every method has."""
+
+    name: str = MISSING  # the registry key: frod | full | lora | dora | pissa | vera | peft_frod
+    # PEFT's rule (frod_cli.frod.targets): a list of module-path suffixes, or one regex string.
+    # None: the model family's default (model.target_modules).
+    target_modules: Any = None
+    modules_to_save: List[str] = field(default_factory=list)  # task head etc.; empty = the task's default
+    layers_to_transform: Optional[List[int]] = None  # block indices (the first integer of a module path)
 
 
-def register_method(name: str) -> Callable[[type], type]:
+def register_method(name: str, config: type = MethodConfig) -> Callable[[type], type]:
+    """Register a Method subclass under `name` with its config dataclass (a MethodConfig subclass)."""
+    if not issubclass(config, MethodConfig):
+        raise TypeError(f"method {name!r}: its config must subclass MethodConfig")
+
     def deco(cls: type) -> type:
         if name in METHODS and METHODS[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
+        cls.config_class = config
         METHODS[name] = cls
+        CONFIGS[name] = config
         return cls
 
     return deco
 
 
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers GPT-2 Conv1D
-
-
-def _under(name: str, prefixes: Sequence[str]) -> bool:
-    """True if module path `name` is (inside) a module whose path ends with one of `prefixes`."""
-    parts = name.split(".")
-    for p in prefixes:
-        pp = p.split(".")
-        for i in range(len(parts) - len(pp) + 1):
-            if parts[i : i + len(pp)] == pp:
-                return True
-    return False
-
-
-def first_index(name: str) -> Optional[int]:
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
 class Method:
-    """Base class. Subclasses implement `adapt`, `param_groups`, `save_adapter`, `load_adapter`,
-    `merge`. `cfg` is a `MethodConfig`, `task` a `frod_cli.tasks.base.Task` (or None),
-    `model_cfg` the `ModelConfig` (supplies the model family's default target modules)."""
+    """Base class. Subclasses implement `adapt`, `param_groups`, `save_adapter`, `load_adapter`, `merge`.
+    `cfg` is the method's config, `task` a `frod_cli.tasks.base.Task` (or None), `model_cfg` the
+    `ModelConfig` (it supplies the model family's default target modules)."""
 
     name: str = ""
+    config_class: type = MethodConfig
     # True where merging changes nothing (full fine-tuning): no difference to report.
     trains_everything: bool = False
 
@@ -77,43 +77,28 @@ class Method:
             mts = list(getattr(self.task, "default_modules_to_save", ()) or ())
         return mts
 
-    def target_patterns(self) -> Optional[List[str]]:
+    def target_spec(self) -> Any:
+        """method.target_modules, else the model family's: a list of suffixes, a regex string, or None."""
         tm = self.cfg.target_modules
         if tm is None and self.model_cfg is not None:
             tm = getattr(self.model_cfg, "target_modules", None)
-        return list(tm) if tm is not None else None
+        if tm is None or isinstance(tm, str):
+            return tm
+        return [str(t) for t in tm]
 
     def resolve_targets(self, model: nn.Module) -> List[str]:
-        """Full paths of the linear layers to adapt: matches of the target patterns (suffixes, or a
-        single regex) outside the task head, restricted to `layers_to_transform`."""
-        patterns = self.target_patterns()
-        heads = self.modules_to_save()
-        regex = None
-        if patterns is not None and len(patterns) == 1 and set(patterns[0]) & _REGEX_CHARS:
-            regex = re.compile(patterns[0])
-        names = []
-        for name, module in model.named_modules():
-            if not name or not _is_linear(module) or _under(name, heads):
-                continue
-            if regex is not None:
-                ok = regex.fullmatch(name) is not None
-            elif patterns is None:
-                ok = True
-            else:
-                ok = any(name == p or name.endswith("." + p) for p in patterns)
-            if ok and self.cfg.layers_to_transform is not None:
-                ok = first_index(name) in set(self.cfg.layers_to_transform)
-            if ok:
-                names.append(name)
+        """Full paths of the linear layers to adapt, outside the task head, in `layers_to_transform`."""
+        spec, heads = self.target_spec(), self.modules_to_save()
+        names = [n for n, _ in find_linear_targets(model, spec, exclude=heads,
+                                                   layers_to_transform=self.cfg.layers_to_transform)]
         if not names:
-            raise FrodCliError(
-                f"method {self.name}: no linear layer matches target_modules={patterns} "
-                f"(outside {heads}); set model.target_modules or method.target_modules"
-            )
+            raise FrodCliError(f"method {self.name}: no linear layer matches target_modules={spec!r} (outside "
+                               f"{heads}); linear layers here: {describe_linear_roles(model)}")
         return names
 
     @staticmethod
     def paths_regex(paths: Sequence[str]) -> str:
+        """The resolved paths as one regex: handed to the core or to PEFT, it selects exactly them."""
         return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
 
     # ---- the protocol --------------------------------------------------------------------
@@ -133,6 +118,15 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """The plain transformers model (original architecture) with the adaptation merged in."""
         raise NotImplementedError
+
+    def accumulation(self, model: nn.Module, micro_batches: int, tokens: int) -> ContextManager:
+        """A context the loop opens around one accumulation window of `micro_batches` micro-batches
+        (`tokens` tokens in all, an estimate). Default: nothing."""
+        return contextlib.nullcontext()
+
+    def describe(self) -> Dict[str, Any]:
+        """What the run's metrics.json records about the method beyond its config (e.g. choices made)."""
+        return {}
 
     # ---- shared helpers ------------------------------------------------------------------
     def count_base(self, model: nn.Module) -> None:
@@ -161,12 +155,18 @@ def build_method(cfg: Any, task: Any = None, model_cfg: Any = None) -> Method:
     return get_method(cfg.name)(cfg, task, model_cfg)
 
 
-def split_head(model: nn.Module, heads: Sequence[str], is_head: Optional[Callable[[str], bool]] = None):
+def method_config(name: str, **values: Any) -> Any:
+    """The typed config of method `name` (an OmegaConf node), with `values` set: for code and tests."""
+    from omegaconf import OmegaConf
+
+    cls = get_method(name).config_class
+    return OmegaConf.structured(cls(name=name, **values))
+
+
+def split_head(model: nn.Module, heads: Sequence[str]):
     """(head params, other trainable params) by module path."""
     head, rest = [], []
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        h = is_head(n) if is_head is not None else _under(n.rsplit(".", 1)[0], heads)
-        (head if h else rest).append(p)
+        if p.requires_grad:
+            (head if inside(n.rsplit(".", 1)[0], heads) else rest).append(p)
     return head, rest

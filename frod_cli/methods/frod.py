@@ -1,15 +1,44 @@
 """`frod`: our FRoD implementation (frod_cli.frod). Groups: sparse (S values), scale (lambda), head."""
 from __future__ import annotations
 
-from typing import Dict, List
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, ContextManager, Dict, List, Optional
 
+import torch
 from torch import nn
 
-from frod_cli.methods.base import Method, register_method
+from frod_cli import FrodCliError
+from frod_cli.methods.base import Method, MethodConfig, register_method
+
+log = logging.getLogger("frod.methods.frod")
+ACCUMULATE = ("auto", "window", "micro_batch")
 
 
-@register_method("frod")
+@dataclass
+class FrodMethodConfig(MethodConfig):
+    sparse_rate: float = 0.01  # fraction of the n^2 entries of S that train (a fixed, seeded pattern)
+    regularization: float = 1e-3  # pi of the regularized HO-GSVD
+    frod_seed: int = 0  # seeds the sparse pattern
+    frod_mode: str = "auto"  # auto | materialize | project: how dW x is computed (frod_cli/frod/layer.py)
+    store_u: bool = False  # keep U_i (one more copy of each adapted weight) instead of recomputing it
+    basis_dtype: str = "float32"  # float32 | float64: precision of the decomposition
+    # auto | window | micro_batch: build dW once per accumulation window (exact) or per micro-batch.
+    # auto: window when train.grad_accum > 1 and the window's buffers fit the free memory.
+    accumulate: str = "auto"
+
+
+@register_method("frod", config=FrodMethodConfig)
 class FrodMethod(Method):
+    def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
+        super().__init__(cfg, task, model_cfg)
+        if not 0.0 < float(cfg.sparse_rate) < 1.0:
+            raise FrodCliError(f"method.sparse_rate must lie in (0, 1), got {cfg.sparse_rate}")
+        if cfg.accumulate not in ACCUMULATE:
+            raise FrodCliError(f"method.accumulate must be one of {', '.join(ACCUMULATE)}, got {cfg.accumulate!r}")
+        self.window_choice: Optional[str] = None
+
     def frod_config(self, model: nn.Module):
         from frod_cli.frod import FrodConfig
 
@@ -52,3 +81,45 @@ class FrodMethod(Method):
         from frod_cli.frod import merge_and_unload
 
         return merge_and_unload(model)
+
+    # ---- accumulation windows (issue 12) ------------------------------------------------------------
+    def accumulation(self, model: nn.Module, micro_batches: int, tokens: int) -> ContextManager:
+        if self.window_choice is None:
+            self.window_choice = self._choose_window(model, micro_batches)
+        if self.window_choice != "window":
+            return contextlib.nullcontext()
+        from frod_cli.frod import accumulate
+
+        return accumulate(model, micro_batches=micro_batches)
+
+    def _choose_window(self, model: nn.Module, micro_batches: int) -> str:
+        from frod_cli.frod import frod_layers
+
+        mode = self.cfg.accumulate
+        if mode != "auto":
+            return mode
+        if micro_batches <= 1:
+            return "micro_batch"
+        # one float32 m x n gradient buffer per adapted layer while a window is open
+        need = sum(4 * layer.out_features * layer.in_features for _, layer in frod_layers(model))
+        free = _free_memory(model)
+        choice = "window" if free is None or need < 0.5 * free else "micro_batch"
+        log.info("method.accumulate=auto: %s (window buffers %.1f MiB, free memory %s)", choice, need / 2**20,
+                 "unknown" if free is None else f"{free / 2**20:.0f} MiB")
+        return choice
+
+    def describe(self) -> Dict[str, Any]:
+        return {"accumulate": self.window_choice or "micro_batch"}
+
+
+def _free_memory(model: nn.Module) -> Optional[int]:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - no reading: assume it fits
+        return None

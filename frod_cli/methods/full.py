@@ -4,15 +4,14 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-import torch
 from torch import nn
 
-from frod_cli.methods.base import Method, register_method, split_head
+from frod_cli.methods.base import Method, MethodConfig, register_method, split_head
 
 WEIGHTS = "model.safetensors"
 
 
-@register_method("full")
+@register_method("full", config=MethodConfig)
 class FullMethod(Method):
     trains_everything = True
 

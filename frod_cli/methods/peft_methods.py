@@ -3,11 +3,34 @@ PEFT's FRoD, a reference). The task head is passed as `modules_to_save`.
 Groups: adapter (lora_A/B, magnitudes, VeRA vectors), head; peft_frod: sparse, scale, head."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List
 
 from torch import nn
 
-from frod_cli.methods.base import Method, register_method
+from frod_cli import FrodCliError
+from frod_cli.methods.base import Method, MethodConfig, register_method
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+
+
+@dataclass
+class VeraMethodConfig(MethodConfig):
+    r: int = 256  # VeRA's shared random matrices are wide: its usual rank is far above LoRA's
+    dropout: float = 0.0
+    projection_seed: int = 0  # PRNG key of the shared random projections
+
+
+@dataclass
+class PeftFrodMethodConfig(MethodConfig):
+    sparse_rate: float = 0.01
+    regularization: float = 1e-3
+    frod_seed: int = 0
 
 
 class PeftMethod(Method):
@@ -45,7 +68,7 @@ class PeftMethod(Method):
         return model.merge_and_unload()
 
 
-@register_method("lora")
+@register_method("lora", config=LoraMethodConfig)
 class LoraMethod(PeftMethod):
     extra: dict = {}
 
@@ -63,12 +86,12 @@ class LoraMethod(PeftMethod):
         )
 
 
-@register_method("dora")
+@register_method("dora", config=LoraMethodConfig)
 class DoraMethod(LoraMethod):
     extra = {"use_dora": True}
 
 
-@register_method("pissa")
+@register_method("pissa", config=LoraMethodConfig)
 class PissaMethod(LoraMethod):
     """PiSSA rewrites the base weights (W - principal part). Its saved adapter is converted to a
     plain LoRA (rank 2r) that applies to the *original* base model, so reload and merge need no
@@ -124,24 +147,29 @@ class PissaMethod(LoraMethod):
         return model.merge_and_unload()
 
 
-@register_method("vera")
+@register_method("vera", config=VeraMethodConfig)
 class VeraMethod(PeftMethod):
     def peft_config(self, targets):
         from peft import VeraConfig
 
         c = self.cfg
         return VeraConfig(
-            r=int(c.vera_r),
+            r=int(c.r),
             vera_dropout=float(c.dropout),
             target_modules=self.paths_regex(targets),
             modules_to_save=self.modules_to_save() or None,
-            projection_prng_key=int(c.frod_seed),
+            projection_prng_key=int(c.projection_seed),
             save_projection=True,
         )
 
 
-@register_method("peft_frod")
+@register_method("peft_frod", config=PeftFrodMethodConfig)
 class PeftFrodMethod(PeftMethod):
+    def __init__(self, cfg, task=None, model_cfg=None):
+        super().__init__(cfg, task, model_cfg)
+        if not 0.0 < float(cfg.sparse_rate) < 1.0:
+            raise FrodCliError(f"method.sparse_rate must lie in (0, 1), got {cfg.sparse_rate}")
+
     def peft_config(self, targets):
         from peft import FrodConfig
 

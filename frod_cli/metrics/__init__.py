@@ -9,6 +9,7 @@ folders here does not. Names are flat; each maps to a module and its arguments:
     matthews_correlation  matthews_correlation (alias mcc)
     pearson               pearsonr (alias pearsonr)
     spearmanr             spearmanr (alias spearman)
+    exact_match           exact_match (strings; causal_lm normalises both sides first)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Dict, Iterable, Optional
 import numpy as np
 
 METRICS_DIR = Path(__file__).resolve().parent
-MODULES = ("accuracy", "f1", "matthews_correlation", "pearsonr", "spearmanr")
+MODULES = ("accuracy", "f1", "matthews_correlation", "pearsonr", "spearmanr", "exact_match")
 _ALIASES = {"mcc": "matthews_correlation", "pearsonr": "pearson", "spearman": "spearmanr"}
 # name -> (module, module's output key, fixed kwargs)
 _SPECS = {
@@ -31,6 +32,7 @@ _SPECS = {
     "matthews_correlation": ("matthews_correlation", "matthews_correlation", {}),
     "pearson": ("pearsonr", "pearsonr", {}),
     "spearmanr": ("spearmanr", "spearmanr", {}),
+    "exact_match": ("exact_match", "exact_match", {}),
 }
 KNOWN = tuple(sorted(set(_SPECS) | set(_ALIASES)))
 

@@ -7,7 +7,7 @@ it calls `loss`, `predict` and `compute_metrics`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -63,6 +63,14 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(predictions, references) for one batch, on the batch's device; called under no_grad."""
+
+    def evaluate(self, model: torch.nn.Module, dataset: Any, collate: Callable, accelerator: Any,
+                 batch_size: int) -> Optional[Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]]:
+        """A task's own evaluation of one encoded split (e.g. loss plus generation), or None for the
+        default (batched `predict`, gathered over processes, then `compute_metrics`). Returns
+        (metrics, prediction records or None); records are written to predictions.jsonl for the best
+        checkpoint. Called under no_grad with the model in eval mode, on every process."""
+        return None
 
     @abstractmethod
     def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:

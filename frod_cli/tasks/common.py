@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _MISSING = (None, -1, "")
 
 
-def _is_missing(v: Any) -> bool:
+def is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (not isinstance(v, bool) and v in _MISSING)
 
 
@@ -27,7 +27,7 @@ def drop_hidden_test(raw: datasets.DatasetDict, column: str, test_split: Optiona
     missing labels are left for the checks to refuse: there they are a data error, not a convention."""
     if test_split in raw:
         ds = raw[test_split]
-        if column not in ds.column_names or all(_is_missing(v) for v in ds.unique(column)):
+        if column not in ds.column_names or all(is_missing(v) for v in ds.unique(column)):
             log.warning("test split %r has no labels; carving a test split out of train instead", test_split)
             return datasets.DatasetDict({s: d for s, d in raw.items() if s != test_split})
     return raw
@@ -44,10 +44,10 @@ def encode_class_labels(
     """
     feat = next(iter(raw.values())).features[column]
     labels = list(labels) if labels is not None else None
-    present = sorted({v for ds in raw.values() for v in ds.unique(column) if not _is_missing(v)})
+    present = sorted({v for ds in raw.values() for v in ds.unique(column) if not is_missing(v)})
 
     def refuse(value: Any, split: str) -> None:
-        what = "a missing label" if _is_missing(value) else f"label {value!r}"
+        what = "a missing label" if is_missing(value) else f"label {value!r}"
         raise ValueError(f"split {split!r} column {column!r} holds {what}, not one of task.labels {names}")
 
     if isinstance(feat, datasets.ClassLabel):
@@ -171,6 +171,10 @@ class ClassificationTask(DataTask):
                     raise ValueError(f"split {split!r} column {self.label_column!r} has missing regression targets")
                 out[split] = ds.cast_column(self.label_column, datasets.Value("float32"))
             return datasets.DatasetDict(out)
+        aliases = {str(k): str(v) for k, v in (self.cfg.label_aliases or {}).items()}
+        if aliases:  # several spellings of one label (ARC's answerKey is "A"-"D" or "1"-"4")
+            column = self.label_column
+            raw = raw.map(lambda ex: {column: aliases.get(str(ex[column]), ex[column])})
         raw, self.labels = encode_class_labels(raw, self.label_column, self.cfg.labels)
         return raw
 

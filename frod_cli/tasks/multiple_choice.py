@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_task
-from .common import DataTask, _is_missing
+from .common import DataTask, is_missing
 
 SCHEMAS = ("piqa", "arc", "boolq", "hellaswag", "siqa", "winogrande", "generic")
 _MC_FEATURES = datasets.Features(
@@ -40,7 +40,7 @@ def _qa(question: str, context: Optional[str] = None) -> str:
 
 def _label_index(value: Any, choices: List[str], keys: Optional[List[str]] = None) -> int:
     """0-based index of the answer; -1 when hidden. Raises ValueError when it names no choice."""
-    if _is_missing(value):
+    if is_missing(value):
         return -1
     if keys is not None:  # ARC: answerKey names one of choices.label ("A".."E" or "1".."5")
         if str(value) in keys:
@@ -92,15 +92,15 @@ def normalise_example(ex: Dict[str, Any], schema: str, cfg: Any) -> Tuple[str, L
         return _qa(question, ex["passage"]), ["no", "yes"], -1 if ex["answer"] is None else int(bool(ex["answer"]))
     if schema == "hellaswag":
         choices, label = list(ex["endings"]), ex.get("label")
-        return str(ex["ctx"]).strip(), choices, -1 if _is_missing(label) else _label_index(int(label), choices)
+        return str(ex["ctx"]).strip(), choices, -1 if is_missing(label) else _label_index(int(label), choices)
     if schema == "siqa":
         choices, label = [ex["answerA"], ex["answerB"], ex["answerC"]], ex.get("label")
-        return _qa(ex["question"], ex["context"]), choices, -1 if _is_missing(label) else _label_index(int(label) - 1, choices)
+        return _qa(ex["question"], ex["context"]), choices, -1 if is_missing(label) else _label_index(int(label) - 1, choices)
     if schema == "winogrande":
         # The options fill the blank: ask what "_" stands for (the sentence is the context).
         choices, answer = [ex["option1"], ex["option2"]], ex.get("answer")
         prompt = _qa('What does the blank "_" refer to?', ex["sentence"])
-        return prompt, choices, -1 if _is_missing(answer) else _label_index(int(answer) - 1, choices)
+        return prompt, choices, -1 if is_missing(answer) else _label_index(int(answer) - 1, choices)
     choices = ex[cfg.choices_field]
     choices = list(choices["text"] if isinstance(choices, dict) else choices)
     context = ex[cfg.context_field] if cfg.context_field else None

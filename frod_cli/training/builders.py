@@ -1,0 +1,203 @@
+"""The pieces `frod train`, `frod eval`, `frod merge` and `frod generate` build alike: task, model,
+method, loaders, optimizer, schedule; and a trained model back from a run directory."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from frod_cli import FrodCliError
+from frod_cli.training.preflight import SCHEDULERS
+
+log = logging.getLogger("frod.build")
+
+
+@contextlib.contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Errors that libraries raise on bad user input (a missing file, a malformed data set, a model id
+    that does not load) become one-line refusals; everything else stays a bug with its traceback."""
+    try:
+        yield
+    except FrodCliError:
+        raise
+    except (ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FrodCliError(f"{what}: {first}") from e
+
+
+def quiet_libraries() -> None:
+    """The loop has its own progress bar: silence the libraries' per-map/per-shard bars."""
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.disable_progress_bars()
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def build_task(task_cfg: Any, seed: int):
+    from frod_cli.tasks import get_task
+
+    with user_input(f"task {task_cfg.name}"):
+        return get_task(task_cfg.type)(task_cfg, seed)
+
+
+def load_task_data(task: Any, required: Tuple[str, ...] = ("train", "validation")):
+    with user_input(f"task {task.cfg.name}"):
+        data = task.load_data()
+    for split in required:
+        if split not in data:
+            raise FrodCliError(f"task {task.cfg.name}: no {split!r} split")
+        if len(data[split]) == 0:
+            raise FrodCliError(f"task {task.cfg.name}: the {split!r} split is empty")
+    return data
+
+
+def encode_data(task: Any, data: Any, preprocessor: Any):
+    with user_input(f"task {task.cfg.name}"):
+        return task.encode(data, preprocessor)
+
+
+def load_model(model_cfg: Any, task: Any):
+    """(model, preprocessor) for the task (frod_cli.models)."""
+    from frod_cli.models import load_model as _load
+
+    with user_input(f"model {model_cfg.name_or_path}"):
+        return _load(model_cfg, task)
+
+
+def build_method(method_cfg: Any, task: Any, model_cfg: Any):
+    from frod_cli.methods import build_method as _build
+
+    return _build(method_cfg, task, model_cfg)
+
+
+def make_loader(dataset, batch_size: int, collate, shuffle: bool = False, seed: int = 0, num_workers: int = 0):
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=num_workers,
+                      generator=g if shuffle else None)
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def epoch_batches(n: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int) -> List[List[int]]:
+    """This process's micro-batches of one epoch: a permutation seeded by (seed, epoch), cut into global
+    batches of batch_size x num_processes; rank r takes the r-th slice of each. With one process the
+    last batch may be short; with several the incomplete last global batch is dropped (equal shards)."""
+    g = torch.Generator()
+    g.manual_seed(int(seed) * 1_000_003 + int(epoch))
+    perm = torch.randperm(n, generator=g).tolist()
+    if num_processes == 1:
+        return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    G = batch_size * num_processes
+    return [perm[j * G + rank * batch_size: j * G + (rank + 1) * batch_size] for j in range(n // G)]
+
+
+def build_optimizer(opt_cfg: Any, groups: Dict[str, List[torch.nn.Parameter]]):
+    """AdamW or SGD over the method's named groups, each at optimizer.group_lr.<name> (else lr) x lr_scale."""
+    unknown = set(opt_cfg.group_lr or {}) - set(groups)
+    if unknown:
+        log.info("optimizer.group_lr keys %s do not name a parameter group of this method (groups: %s); "
+                 "they are ignored", sorted(unknown), sorted(groups))
+    scale = float(opt_cfg.lr_scale)
+    param_groups = []
+    for name, params in groups.items():
+        params = [p for p in params if p.requires_grad]
+        if params:
+            lr = float((opt_cfg.group_lr or {}).get(name, opt_cfg.lr)) * scale
+            param_groups.append({"params": params, "lr": lr, "name": name})
+    if not param_groups:
+        raise FrodCliError("the method left no trainable parameter")
+    lr, wd = float(opt_cfg.lr) * scale, float(opt_cfg.weight_decay)
+    if opt_cfg.name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(float(b) for b in opt_cfg.betas),
+                                 eps=float(opt_cfg.eps), weight_decay=wd)
+    if opt_cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=wd)
+    raise FrodCliError(f"unknown optimizer.name {opt_cfg.name!r}; available: adamw, sgd")
+
+
+def build_scheduler(optimizer, opt_cfg: Any, total_steps: int):
+    """(scheduler, warmup steps)."""
+    from transformers import get_scheduler
+
+    if opt_cfg.scheduler not in SCHEDULERS:
+        raise FrodCliError(f"unknown optimizer.scheduler {opt_cfg.scheduler!r}; available: {', '.join(SCHEDULERS)}")
+    warmup = int(opt_cfg.warmup_steps) or int(math.ceil(float(opt_cfg.warmup_ratio) * total_steps))
+    name = "constant_with_warmup" if opt_cfg.scheduler == "constant" else opt_cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps), warmup
+
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank."""
+    h = hashlib.sha256()
+    items = [(n, b) for n, b in model.named_buffers() if b is not None]
+    items += [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for name, t in sorted(items, key=lambda x: x[0]):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001 - a reading, never fatal
+        return float("nan")
+
+
+def load_trained(path: str, *, use_adapter: bool = False, task_cfg: Any = None, seed: Optional[int] = None,
+                 dtype: Optional[str] = None, load_data: bool = True) -> Tuple[Any, Any, Any, Any, str, Any]:
+    """A trained model back from a run directory (its merged/, or base model + adapter/) or from a saved
+    model directory. Returns (model, preprocessor, task, data or None, description, run config or None)."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.config import ModelConfig
+    from frod_cli.runs import RunPaths, is_run_dir, load_run_config, recover_atomic_dir
+
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FrodCliError(f"no such run directory or model directory: {path}")
+    if not is_run_dir(path):
+        if task_cfg is None:
+            raise FrodCliError(f"{path} is a model directory, not a run directory: name its task (task=<name>)")
+        task = build_task(task_cfg, int(42 if seed is None else seed))
+        data = load_task_data(task, required=()) if load_data else None
+        mcfg = OmegaConf.structured(ModelConfig(name_or_path=path, dtype=dtype or "float32"))
+        model, pre = load_model(mcfg, task)
+        return model, pre, task, data, path, None
+    run, paths = load_run_config(path), RunPaths.of(path)
+    for d in (paths.adapter, paths.merged):
+        recover_atomic_dir(str(d))
+    seed = int(run.train.seed if seed is None else seed)
+    task = build_task(task_cfg if task_cfg is not None else run.task, seed)
+    data = load_task_data(task, required=()) if load_data else None
+    if not use_adapter and paths.merged.is_dir():
+        mcfg = OmegaConf.structured(ModelConfig(name_or_path=str(paths.merged), dtype=dtype or run.model.dtype))
+        model, pre = load_model(mcfg, task)
+        return model, pre, task, data, "merged/", run
+    if not paths.adapter.is_dir():
+        raise FrodCliError(f"{path} has neither merged/ nor adapter/")
+    from accelerate.utils import set_seed
+
+    set_seed(seed)  # models built from a config (tiny:*) get the same init as in training
+    base, pre = load_model(run.model, task)
+    method = build_method(run.method, task, run.model)
+    model = method.load_adapter(base, str(paths.adapter))
+    return model, pre, task, data, f"{run.model.name_or_path} + {run.method.name} adapter", run

@@ -1,0 +1,287 @@
+"""Sharded training: `train.fsdp.enabled=true` on a multi-process launch (FSDP2, torch's `fully_shard`,
+through Accelerate's `FullyShardedDataParallelPlugin`). docs/SCALING.md has the commands and the memory
+arithmetic; this docstring is the design.
+
+Who shards. Accelerate does, on every device: `acc.prepare` runs its `fsdp2_prepare_model`, which
+applies `fully_shard` to each module of the `wrap` classes (default: the model's `_no_split_modules`,
+i.e. its decoder/encoder layer), to the input embeddings and the output tail, then to the root. On a GPU
+launch Accelerate enters `DistributedType.FSDP` by itself when it is given the plugin. On a CPU launch
+(torchrun over gloo, as in CI) it stays `MULTI_CPU` and ignores the plugin (accelerate/state.py only
+switches the GPU-like types), yet the FSDP2 path itself runs on CPU unchanged (DTensor weights, gloo
+all-gather and reduce-scatter, forward and backward): `FsdpAccelerator` switches the state to FSDP for
+such a launch, so CPU and GPU runs take the same code. The alternative (our own `fully_shard` in
+`FinetuneRecipe.wrap_model`) would have needed Accelerate kept away from the model, which it would
+otherwise wrap in DDP on MULTI_CPU.
+
+What is sharded: the frozen weights, which are where the memory of a large model is. The trainables of a
+method that freezes its base (FRoD's lambda and S values, LoRA's factors, the task head) are given to
+`fully_shard` as `ignored_params`: they stay whole, plain tensors, identical on every rank, exactly as
+under DDP, so snapshots, checkpoints (FULL and SHARDED state dicts are then the same files: nothing
+sharded is trainable), the optimizer state (float32, whole), adapter/ and the rank fingerprint check are
+the DDP code. FSDP does not reduce the gradients of ignored parameters: `FsdpAccelerator.backward`
+averages them over the ranks with DDP's rule (after a backward outside `no_sync`, i.e. once per window
+of the loop's gradient accumulation), in one flat all-reduce per dtype. FRoD's shared tensors (basis V,
+V^-T, pattern rows/cols: the `frod_adapter` FrodState module; sigma, stored U) are buffers, which FSDP
+never shards.
+
+FRoD reads its layer's full weight W (U recomputed as W V^-T diag(1/sigma)): inside a forward that is
+what FSDP provides (the enclosing unit's pre-forward hook all-gathers the unit's weights; the pooler or
+head outside any layer belongs to the root unit, gathered for the whole forward). Outside a forward the
+weights are shards, so:
+  - merged/: rank 0 rebuilds the model on CPU (the base as loaded at the start, plus the adapter of the
+    current values; no basis is recomputed) and merges that; the merge check compares it with the
+    sharded model's own outputs (`FinetuneRecipe._write_merged_sharded`).
+  - accumulation windows (method.accumulate=window, frod/accumulate.py) build W + dW outside the
+    forward's gather and keep it for every adapted layer for the whole window: an unsharded copy of all
+    adapted weights. Refused under FSDP; `auto` takes the per-micro-batch path (logged).
+  - FrodLinear's evaluation cache keeps one m x n dW per layer across calls (an unsharded copy again):
+    dropped after each forward of a sharded model (`drop_frod_caches`).
+Methods that train every weight (method=full) would shard their trainables and optimizer state; their
+snapshots, checkpoints and adapter would then need gathering in the loop's evaluate/restore/resume
+code: refused for now.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from frod_cli import FrodCliError
+
+log = logging.getLogger("frod.distributed")
+
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+
+
+def world_size_of_launch() -> int:
+    """The number of processes of this launch (torchrun / accelerate launch set WORLD_SIZE), before
+    Accelerate starts."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def check_fsdp_config(cfg: Any) -> bool:
+    """Refuse what train.fsdp cannot do before any work; True when this launch shards."""
+    fc = cfg.train.fsdp
+    if not bool(fc.enabled):
+        return False
+    if int(fc.version) != 2:
+        raise FrodCliError(f"train.fsdp.version={fc.version}: only FSDP2 (torch's fully_shard) is supported; use 2")
+    if str(fc.state_dict_type).upper() not in STATE_DICT_TYPES:
+        raise FrodCliError(f"train.fsdp.state_dict_type must be one of {', '.join(STATE_DICT_TYPES)}, "
+                           f"got {fc.state_dict_type!r}")
+    if fc.wrap is not None and (isinstance(fc.wrap, str) or not all(isinstance(w, str) and w for w in fc.wrap)):
+        raise FrodCliError(f"train.fsdp.wrap must be a list of module class names, got {fc.wrap!r}")
+    if world_size_of_launch() < 2:
+        log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
+        return False
+    from frod_cli.methods import get_method
+
+    if get_method(cfg.method.name).trains_everything:
+        raise FrodCliError(f"train.fsdp: method={cfg.method.name} trains every weight, so its trainables and "
+                           "optimizer state would be sharded; frod train shards frozen weights only (FRoD, LoRA "
+                           "family) for now. Use DDP (train.fsdp.enabled=false) for full fine-tuning")
+    accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
+    if accumulate == "window":
+        raise FrodCliError("method.accumulate=window needs every adapted layer's full W + dW outside the forward "
+                           "for the whole window, which sharding forbids: use method.accumulate=micro_batch (or "
+                           "auto) with train.fsdp")
+    if accumulate == "auto":
+        cfg.method.accumulate = "micro_batch"
+        log.info("train.fsdp: method.accumulate=auto takes micro_batch (a window would hold an unsharded "
+                 "W + dW per adapted layer)")
+    return True
+
+
+def make_plugin(fc: Any):
+    """Accelerate's FSDP2 plugin for train.fsdp (the wrap policy and ignored parameters are set once the
+    model exists: `FsdpAccelerator.set_model_policy`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=bool(fc.reshard_after_forward),
+        cpu_offload=bool(fc.cpu_offload),
+        state_dict_type=str(fc.state_dict_type).upper(),
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(fc.wrap) if fc.wrap is not None else None,
+    )
+
+
+def _accelerator_class():
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    class FsdpAccelerator(Accelerator):
+        """Accelerate with its FSDP2 path on CPU launches too, and DDP's gradient rule for the parameters
+        FSDP leaves whole (the trainables): averaged over the ranks after each backward that runs
+        outside `no_sync`."""
+
+        def __init__(self, *args: Any, fsdp_plugin: Any, **kwargs: Any):
+            if fsdp_plugin.cpu_offload and torch.cuda.is_available():
+                # offloaded shards take part in CPU-side collectives: Accelerate then starts nccl + gloo
+                os.environ.setdefault("FSDP_OFFLOAD_PARAMS", "true")
+            super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
+            if self.state.distributed_type == DistributedType.MULTI_CPU:
+                # accelerate/state.py enters FSDP for GPU-like launches only; its FSDP2 path (prepare,
+                # no_sync, DTensor-aware clipping, state dicts) runs on CPU over gloo as it is.
+                self.state.distributed_type = DistributedType.FSDP
+                self.state.fsdp_plugin = fsdp_plugin
+                PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            if not self.is_fsdp2:
+                raise FrodCliError(f"train.fsdp: Accelerate did not enter FSDP on this launch "
+                                   f"({self.state.distributed_type}); launch with torchrun or accelerate launch")
+            self.replicated: List[nn.Parameter] = []
+            self._no_sync_depth = 0
+
+        def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]]) -> None:
+            """Before `prepare`: the classes to wrap (checked against the model) and the trainables, which
+            FSDP leaves whole (ignored_params) and this class keeps in sync."""
+            plugin = self.state.fsdp_plugin
+            names = list(wrap) if wrap is not None else list(getattr(model, "_no_split_modules", None) or [])
+            present = {type(m).__name__ for m in model.modules()}
+            missing = [n for n in names if n not in present]
+            if missing:
+                layers = sorted(n for n in present if n.endswith(("Layer", "Block", "Embeddings")))
+                raise FrodCliError(f"train.fsdp.wrap: no module of class {', '.join(missing)} in this model; "
+                                   f"candidates: {', '.join(layers) or 'none'}")
+            # Accelerate makes the input embeddings (and the output head) units of their own after the
+            # wrap classes: a wrapped class holding them (BERT's _no_split_modules lists BertEmbeddings)
+            # would shard them twice, which fully_shard rejects.
+            holders = embedding_holders(model)
+            if wrap is not None and holders & set(names):
+                raise FrodCliError(f"train.fsdp.wrap: {', '.join(sorted(holders & set(names)))} holds the input "
+                                   "embeddings or the output head, which Accelerate shards as units of their own; "
+                                   "list the layer classes only")
+            names = [n for n in names if n not in holders]
+            if not names:
+                log.warning("train.fsdp: the model names no layer class (_no_split_modules) and train.fsdp.wrap "
+                            "is not set: the whole model is one FSDP unit, gathered for every forward")
+            plugin.transformer_cls_names_to_wrap = names
+            self.replicated = [p for p in model.parameters() if p.requires_grad]
+            holder = nn.ParameterList(self.replicated)  # not attached to the model: only names the parameters
+            plugin.ignored_modules = [holder]
+            if self.is_main_process:
+                frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+                log.info("train.fsdp: sharding %s frozen parameters over %d processes (units: %s); %s trainable "
+                         "parameters whole on every rank", f"{frozen:,}", self.num_processes, ", ".join(names)
+                         or "the root", f"{sum(p.numel() for p in self.replicated):,}")
+
+        def prepare(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().prepare(*args, **kwargs)
+            for obj in result if isinstance(result, tuple) else (result,):
+                if isinstance(obj, nn.Module) and self.is_main_process:
+                    local, full = shard_sizes(obj)
+                    log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
+                             100.0 * local / max(full, 1))
+            return result
+
+        @contextlib.contextmanager
+        def no_sync(self, model: nn.Module) -> Iterator[None]:
+            self._no_sync_depth += 1
+            try:
+                with super().no_sync(model):
+                    yield
+            finally:
+                self._no_sync_depth -= 1
+
+        def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+            super().backward(loss, **kwargs)
+            if self._no_sync_depth == 0 and self.replicated:
+                average_gradients(self.replicated, self.num_processes)
+
+    return FsdpAccelerator
+
+
+def shard_sizes(model: nn.Module) -> tuple:
+    """(elements of this rank's shards, elements of the sharded parameters in full) over the DTensor parameters."""
+    from torch.distributed.tensor import DTensor
+
+    local = full = 0
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            local += p.to_local().numel()
+            full += p.numel()
+    return local, full
+
+
+def embedding_holders(model: nn.Module) -> set:
+    """Class names of the modules that contain the input embeddings or the output embeddings (the root
+    aside)."""
+    targets = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    targets = [t for t in targets if isinstance(t, nn.Module)]
+    names = set()
+    for _, m in model.named_modules():
+        if m is model:
+            continue
+        if any(t is m or any(t is s for s in m.modules()) for t in targets):
+            names.add(type(m).__name__)
+    return names
+
+
+def make_accelerator(fc: Any, **kwargs: Any):
+    """An Accelerator in FSDP2 mode for train.fsdp (see the module docstring)."""
+    return _accelerator_class()(fsdp_plugin=make_plugin(fc), **kwargs)
+
+
+def average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
+    """Mean of the parameters' gradients over the ranks, one flat all-reduce per dtype. Every rank must
+    hold gradients for the same parameters (checked: a mismatch would corrupt the average silently)."""
+    import torch.distributed as dist
+
+    with_grad = [p for p in params if p.grad is not None]
+    counts = torch.tensor([len(with_grad), -len(with_grad)], dtype=torch.long, device=params[0].device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    if int(counts[0]) != -int(counts[1]):
+        raise RuntimeError(f"train.fsdp: ranks hold gradients for different numbers of trainable parameters "
+                           f"({-int(counts[1])} to {int(counts[0])}); every trainable must be used in every step")
+    by_dtype: dict = {}
+    for p in with_grad:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def drop_frod_caches(model: nn.Module) -> None:
+    """FrodLinear keeps the dW of its last no-grad call (m x n) for the next one: under FSDP that is an
+    unsharded copy of every adapted weight, kept between evaluations. Drop it after each forward."""
+    from frod_cli.frod.layer import FrodLinear
+
+    def drop(module: nn.Module, args: Any, output: Any) -> None:
+        module._cache = None
+
+    for m in model.modules():
+        if isinstance(m, FrodLinear):
+            m.register_forward_hook(drop)
+
+
+def rank_fingerprints(acc: Any, model: nn.Module) -> List[str]:
+    """state_fingerprint (buffers and trainables) of every rank."""
+    from accelerate.utils import gather_object
+
+    from frod_cli.training.builders import state_fingerprint
+
+    return list(gather_object([state_fingerprint(model)]))
+
+
+def shutdown() -> None:
+    """End the process group cleanly: every rank reaches the barrier before any destroys its group (a
+    rank tearing gloo down while another still talks to it aborts the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

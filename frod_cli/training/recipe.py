@@ -1,0 +1,568 @@
+"""The fine-tuning recipe (Accelerate), in the spirit of torchtune's FTRecipeInterface: `setup`,
+`load_checkpoint`, `train`, `evaluate`, `save_checkpoint`, `finalize`, with the run's state in attributes
+and in one `TrainState`. It knows nothing about FRoD: the method gives it parameter groups, a context
+around each accumulation window, and saves/merges; the task gives it data, loss and evaluation.
+
+Run directory (written by the main process only, each file atomically; see frod_cli.runs):
+  .hydra/            the composed config and the overrides (Hydra)
+  metrics.jsonl      one line per log step (step, loss, lr, throughput, memory) and per evaluation
+  metrics.json       final metrics of the best checkpoint (validation, test), trainable params, wall time
+  predictions.jsonl  per-example predictions of the best checkpoint (tasks that evaluate by generation)
+  adapter/           the best checkpoint's adapter (method.save_adapter)
+  merged/            a plain transformers model + preprocessor (AutoModelFor...from_pretrained)
+  loss.png           the loss curve
+  trackers/          experiment-tracker files (train.log_with, e.g. TensorBoard event files)
+  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py;
+                     for resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
+
+Hooks for what wraps this loop: `wrap_model` (sharding), `Method.accumulation` (a context around one
+optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from frod_cli import FrodCliError
+from frod_cli.console import fmt_metrics, print_final, progress_bar
+from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
+from frod_cli.runs.plots import plot_loss_curve
+from frod_cli.training import builders as B
+from frod_cli.training import checkpoint as ck
+from frod_cli.training import distributed as D
+from frod_cli.training import preflight
+from frod_cli.training.evaluation import (Evaluator, check_batch, majority_accuracy, merge_and_check, model_outputs,
+                                          save_merged)
+from frod_cli.training.state import TrainState
+from frod_cli.training.trackers import Trackers
+
+log = logging.getLogger("frod.train")
+
+
+class NonFiniteLoss(FrodCliError):
+    pass
+
+
+class FinetuneRecipe:
+    """One `frod train` run. `recipe_main` shows the order of the calls."""
+
+    def __init__(self, cfg: Any, output_dir: Optional[str], user_overrides: Sequence[str] = ()):
+        self.t_start = time.time()
+        preflight.apply_per_method(cfg, user_overrides)
+        preflight.validate(cfg)
+        from omegaconf import OmegaConf
+
+        OmegaConf.resolve(cfg)
+        self.cfg, self.tc = cfg, cfg.train
+        self.requested_output = output_dir
+        self.state = TrainState()
+        self.stop = False
+        self.best_values: Optional[Dict[str, torch.Tensor]] = None  # trainables of the best evaluation
+        self.last_ckpt: Optional[str] = None
+        self.resume_from: Optional[str] = None
+        self.jsonl: Optional[JsonlWriter] = None
+        self.best_records: List[Dict[str, Any]] = []
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        B.quiet_libraries()
+        self._setup_accelerator()
+        self._setup_output()
+        self._setup_task()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_data()
+        self._setup_schedule()
+        self.trackers = Trackers(self.acc, self.cfg, self.paths.root)
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+
+        tc = self.tc
+        self.mixed = tc.mixed_precision
+        if self.mixed != "no" and (tc.cpu or not torch.cuda.is_available()):
+            log.info("mixed_precision=%s needs a GPU; training in float32", self.mixed)
+            self.mixed = "no"
+        # Gradient accumulation is the loop's own (train_step), so resuming never depends on Accelerate's
+        # counters; trackers are Accelerate's (train.log_with).
+        kwargs = dict(mixed_precision=self.mixed, cpu=bool(tc.cpu),
+                      **Trackers.accelerator_kwargs(self.cfg, self.requested_output))
+        # train.fsdp: Accelerate's FSDP2 plugin, on CPU launches too (training/distributed.py)
+        self.sharded = D.check_fsdp_config(self.cfg)
+        self.acc = D.make_accelerator(tc.fsdp, **kwargs) if self.sharded else Accelerator(**kwargs)
+        self.main = self.acc.is_main_process
+        self.ga = int(tc.grad_accum)
+
+    def _setup_output(self) -> None:
+        from accelerate.utils import broadcast_object_list
+
+        cfg = self.cfg
+        out = [cfg.resume or self.requested_output or cfg.output_dir]
+        if self.acc.num_processes > 1:  # one output directory for all processes: the main process's
+            broadcast_object_list(out)
+        if out[0] is None:
+            raise FrodCliError("no output directory (run through `frod train` or set output_dir=...)")
+        if cfg.resume and cfg.output_dir and os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
+            raise FrodCliError("resume continues in the run directory it names: drop output_dir")
+        self.output_dir = out[0]
+        self.paths = RunPaths.of(self.output_dir)
+        if self.main:
+            preflight.check_output_dir(self.output_dir)
+            for d in (self.paths.adapter, self.paths.merged):
+                recover_atomic_dir(str(d))
+        self.resume_from = preflight.resume_point(cfg, self.output_dir, self.main)
+
+    def _setup_task(self) -> None:
+        from accelerate.utils import set_seed
+
+        seed = int(self.tc.seed)
+        set_seed(seed)
+        self.task = B.build_task(self.cfg.task, seed)
+        self.data = B.load_task_data(self.task)
+
+    def _setup_model(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        set_seed(int(self.tc.seed))  # models built from a config (tiny:*) get the same init in eval/merge
+        model, self.preprocessor = B.load_model(cfg.model, self.task)
+        self.method = B.build_method(cfg.method, self.task, cfg.model)
+        t0 = time.time()
+        model = self.method.adapt(model)
+        self.adapt_s = time.time() - t0
+        if self.tc.gradient_checkpointing:
+            self._enable_gradient_checkpointing(model)
+        self.counts = self.method.trainable_summary(model)
+        self.model = model
+        self._check_identical_ranks()
+        if self.main:
+            preflight.check_free_space(self.output_dir, preflight.disk_need(model, bool(self.tc.save_merged)))
+
+    def _enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
+        base = getattr(model, "get_base_model", lambda: model)()
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise FrodCliError(f"model {self.cfg.model.name_or_path} does not support gradient checkpointing")
+        # Non-reentrant checkpointing: frozen inputs need no requires_grad trick, and the FRoD layers
+        # inside a checkpointed block simply run their forward again.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _check_identical_ranks(self) -> None:
+        """Every rank must hold the same adapter (FRoD: basis and pattern) and the same initial values."""
+        from accelerate.utils import gather_object
+
+        own = [B.state_fingerprint(self.model)]
+        self.fingerprints = gather_object(own) if self.acc.num_processes > 1 else own
+        if len(set(self.fingerprints)) > 1:
+            raise FrodCliError(f"the adapted model differs between processes ({len(set(self.fingerprints))} "
+                               "variants): check that every rank loads the same base model and seed")
+
+    def _setup_optimizer(self) -> None:
+        groups = self.method.param_groups(self.model)
+        self.optimizer = B.build_optimizer(self.cfg.optimizer, groups)
+        if self.main:
+            c = self.counts
+            log.info("%s on %s with %s: %s trainable of %s (%.3f%%); groups %s; adapt %.1fs",
+                     self.cfg.model.name_or_path, self.cfg.task.name, self.cfg.method.name,
+                     f"{c['trainable_params']:,}", f"{c['total_params']:,}", c["trainable_percent"],
+                     {k: sum(p.numel() for p in v) for k, v in groups.items()}, self.adapt_s)
+
+    def _setup_data(self) -> None:
+        tc = self.tc
+        with self.acc.main_process_first():
+            self.encoded = B.encode_data(self.task, self.data, self.preprocessor)
+        self.collate = self.task.collate(self.preprocessor)
+        self.train_set = self.encoded["train"]
+        self.model, self.optimizer = self.acc.prepare(self.wrap_model(self.model), self.optimizer)
+        self.evaluator = Evaluator(self.task, self.acc, self.encoded, self.collate, int(tc.eval_batch_size),
+                                   int(tc.num_workers))
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The hook for a wrapper around the model before Accelerate prepares it (sharding). With
+        train.fsdp, Accelerate's prepare shards it (FSDP2); here it gets its policy: the layer classes
+        that become units and the trainables that stay whole (training/distributed.py)."""
+        if self.sharded:
+            self.acc.set_model_policy(model, self.tc.fsdp.wrap)
+            D.drop_frod_caches(model)
+        return model
+
+    def _setup_schedule(self) -> None:
+        tc, acc = self.tc, self.acc
+        n = len(B.epoch_batches(len(self.train_set), int(tc.batch_size), acc.num_processes, acc.process_index,
+                                int(tc.seed), 0))
+        if n == 0:
+            raise FrodCliError(f"the training split ({len(self.train_set)} examples) is smaller than one global "
+                               f"batch ({int(tc.batch_size)} x {acc.num_processes} processes)")
+        self.n_micro = n
+        self.steps_per_epoch = max(1, math.ceil(n / self.ga))
+        self.total_steps = (int(tc.max_steps) if int(tc.max_steps) > 0
+                            else max(1, math.ceil(float(tc.epochs) * self.steps_per_epoch)))
+        self.scheduler, self.warmup = B.build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
+        self.eval_every = int(tc.eval_every) if int(tc.eval_every) > 0 else self.steps_per_epoch
+        self.samples_per_step = int(tc.batch_size) * self.ga * acc.num_processes
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.trainable_names = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad]
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.window_loss = torch.zeros(2, device=acc.device)  # loss sum, count since the last log line
+        self.state = TrainState(num_processes=acc.num_processes, total_steps=self.total_steps)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        params = dict(self.unwrapped.named_parameters())
+        return {n: params[n].detach().to("cpu", copy=True) for n in self.trainable_names}
+
+    def restore(self, values: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            params = dict(self.unwrapped.named_parameters())
+            for n, t in values.items():
+                params[n].copy_(t.to(params[n].device))
+
+    def load_checkpoint(self, path: str) -> Dict[str, Any]:
+        """Continue from checkpoints/step-N/: trainables, optimizer, scheduler, TrainState; metrics.jsonl
+        is cut back to what it held then. Returns the saved RNG states (set just before training)."""
+        saved = ck.load_checkpoint(path)
+        missing = set(self.trainable_names) - set(saved["trainable"])
+        if missing:
+            raise FrodCliError(f"checkpoint {path} does not fit this model: no values for {sorted(missing)[:3]}")
+        st = TrainState.from_dict(saved["state"])
+        if st.num_processes != self.acc.num_processes:
+            raise FrodCliError(f"checkpoint {path} was written by {st.num_processes} processes; resume it with "
+                               f"the same number (this launch has {self.acc.num_processes})")
+        self.restore(saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state, self.best_values, self.last_ckpt = st, saved["best"], path
+        from frod_cli.runs import read_jsonl
+
+        self.best_records = [r for r in read_jsonl(str(self.paths.predictions)) if r.get("split") == "validation"]
+        if self.main:
+            self.window_loss += torch.tensor(st.window_loss, device=self.acc.device)
+            log_file = str(self.paths.log)
+            if os.path.exists(log_file) and os.path.getsize(log_file) > st.jsonl_bytes:
+                with open(log_file, "r+b") as f:  # drop what was logged after the checkpoint
+                    f.truncate(st.jsonl_bytes)
+        return saved["rng"]
+
+    def save_checkpoint(self) -> None:
+        acc, st = self.acc, self.state
+        win = acc.reduce(self.window_loss.clone(), reduction="sum") if acc.num_processes > 1 else self.window_loss
+        if self.main:
+            st.window_loss = [float(x) for x in win.tolist()]
+            st.jsonl_bytes = os.path.getsize(self.paths.log)
+            self.last_ckpt = ck.save_checkpoint(
+                self.output_dir, st.step, trainable=self.snapshot(), best=self.best_values,
+                optimizer_sd=self.optimizer.state_dict(), scheduler_sd=self.scheduler.state_dict(),
+                state=st.to_dict(), config=preflight.plain_config(self.cfg))
+        acc.wait_for_everyone()
+
+    # ---- training -------------------------------------------------------------------------------
+    def train(self) -> None:
+        rng = self.load_checkpoint(self.resume_from) if self.resume_from is not None else None
+        self.jsonl = JsonlWriter(str(self.paths.log)) if self.main else None
+        self.acc.wait_for_everyone()
+        self.progress = progress_bar(self.main and bool(self.tc.progress))
+        if self.progress:
+            self.ptask = self.progress.add_task(f"{self.cfg.recipe_name} [{self.cfg.method.name}]",
+                                                total=self.total_steps, completed=self.state.step,
+                                                loss="-", lr="-", sps="-")
+            self.progress.start()
+        self.model.train()
+        if rng is not None:  # the RNG streams (dropout, ...) as they were at the checkpoint
+            ck.set_rng_state(*rng)
+        self.t_train = self.t_window = time.time()
+        self.first_step, self.steps_window = self.state.step, 0
+        try:
+            while self.state.step < self.total_steps and not self.stop:
+                self._train_epoch()
+        except BaseException:
+            if self.jsonl is not None:
+                self.jsonl.close()
+            raise
+        finally:
+            if self.progress:
+                self.progress.stop()
+        self.train_s = time.time() - self.t_train
+
+    def _train_epoch(self) -> None:
+        from torch.utils.data import DataLoader
+
+        st, tc, acc = self.state, self.tc, self.acc
+        batches = B.epoch_batches(len(self.train_set), int(tc.batch_size), acc.num_processes, acc.process_index,
+                                  int(tc.seed), st.epoch)
+        loader = DataLoader(self.train_set, batch_sampler=batches[st.step_in_epoch * self.ga:],
+                            collate_fn=self.collate, num_workers=int(tc.num_workers),
+                            generator=torch.Generator())  # the loader's own seed draws leave the global RNG alone
+        it = iter(loader)
+        for k in range(st.step_in_epoch, self.steps_per_epoch):
+            window = [next(it) for _ in range(min(self.ga, self.n_micro - k * self.ga))]
+            self.train_step(window)
+            st.step += 1
+            st.step_in_epoch = k + 1
+            self._after_step()
+            if self.stop or st.step >= self.total_steps:
+                return
+        st.epoch += 1
+        st.step_in_epoch = 0
+
+    def train_step(self, window: List[Dict[str, Any]]) -> None:
+        """One optimizer step over the micro-batches of one accumulation window."""
+        acc, size = self.acc, len(window)
+        tokens = sum(int(b["input_ids"].numel()) for b in window if torch.is_tensor(b.get("input_ids")))
+        bad = torch.zeros((), device=acc.device)
+        bad_value = torch.zeros((), device=acc.device)
+        context = self.method.accumulation(self.unwrapped, size, tokens or None)
+        # A method's window context hands its gradients over at the window's end, after the last backward:
+        # the loop then syncs every gradient itself, once per window, instead of DDP's per-backward hooks.
+        deferred = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
+        with context:
+            for j, batch in enumerate(window):
+                batch = B.to_device(batch, acc.device)
+                sync = not deferred and j == size - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    loss = self.task.loss(self.model, batch)  # the prepared model autocasts (mixed precision)
+                    # flagged on the device (no sync per micro-batch); checked once per optimizer step
+                    nonfinite = ~torch.isfinite(loss.detach().float())
+                    bad += nonfinite.any()
+                    bad_value = torch.where(nonfinite, loss.detach().float(), bad_value).reshape(())
+                    acc.backward(loss / size)
+                self.window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+        if deferred:
+            self._all_reduce_gradients()
+        self._check_finite(bad, bad_value)
+        if float(self.cfg.optimizer.max_grad_norm) > 0:
+            acc.clip_grad_norm_(self.trainable_params, float(self.cfg.optimizer.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _all_reduce_gradients(self) -> None:
+        """Mean of every trainable gradient over processes, in one flat all-reduce."""
+        grads = [p.grad for p in self.trainable_params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _check_finite(self, bad: torch.Tensor, bad_value: torch.Tensor) -> None:
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")
+        if float(bad) > 0:
+            st = self.state
+            where = f"checkpoint {self.last_ckpt}" if self.last_ckpt else "none (no checkpoint was saved before it)"
+            raise NonFiniteLoss(f"the loss became {float(bad_value)} at step {st.step + 1} (epoch {st.epoch}): "
+                                f"training stopped; last good checkpoint: {where}")
+
+    def _after_step(self) -> None:
+        st, tc = self.state, self.tc
+        self.steps_window += 1
+        if st.step % int(tc.log_every) == 0 or st.step == self.total_steps:
+            self._log_training()
+        if self.progress:
+            self.progress.update(self.ptask, completed=st.step)
+        evaluated = st.step % self.eval_every == 0 or st.step == self.total_steps
+        if evaluated:
+            st.last_eval_step = st.step
+            if self.evaluate():
+                if self.main:
+                    log.info("early stopping at step %d (patience %d)", st.step, tc.early_stopping_patience)
+                self.stop = True
+        ckpt_every = int(tc.checkpoint_every)
+        if evaluated or (ckpt_every > 0 and st.step % ckpt_every == 0):
+            self.save_checkpoint()
+
+    def _log_training(self) -> None:
+        acc, st = self.acc, self.state
+        tot = acc.reduce(self.window_loss, reduction="sum") if acc.num_processes > 1 else self.window_loss
+        mean_loss = float(tot[0] / tot[1].clamp(min=1))
+        sps = self.steps_window * self.samples_per_step / max(time.time() - self.t_window, 1e-9)
+        elapsed = time.time() - self.t_train
+        eta = elapsed / max(st.step - self.first_step, 1) * (self.total_steps - st.step)
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        record = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / self.steps_per_epoch, 4),
+                  "loss": mean_loss, "lr": lrs, "samples_per_s": sps, "elapsed_s": elapsed, "eta_s": eta,
+                  "memory_mb": B.memory_mb(acc.device)}
+        if self.main:
+            self.jsonl.write(record)
+        self.trackers.log_training(record)
+        if self.progress:
+            self.progress.update(self.ptask, loss=f"{mean_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
+                                 sps=f"{sps:.0f}")
+        self.window_loss.zero_()
+        self.t_window, self.steps_window = time.time(), 0
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> bool:
+        """Evaluate on validation; keep the best checkpoint. True = stop early (patience spent)."""
+        st, cfg = self.state, self.cfg
+        result = self.evaluator.split(self.model, "validation")
+        metrics = result.metrics
+        objective = cfg.task.objective
+        if objective not in metrics:
+            raise FrodCliError(f"task.objective {objective!r} is not among the metrics {sorted(metrics)}")
+        improved = st.improves(metrics[objective], cfg.task.objective_mode)
+        if improved:
+            st.best, st.best_step, st.best_val, st.bad_evals = metrics[objective], st.step, metrics, 0
+            self.best_values = self.snapshot()
+            self._write_predictions(result.records, "validation")
+            if self.main and self.tc.save_adapter:
+                atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))
+        else:
+            st.bad_evals += 1
+        if self.main:
+            self.jsonl.write({"step": st.step, "split": "validation", **metrics, "best": improved})
+            log.info("step %d validation %s%s", st.step, fmt_metrics(metrics), " (best)" if improved else "")
+        self.trackers.log_evaluation("validation", metrics, st.step)
+        patience = int(self.tc.early_stopping_patience)
+        return patience > 0 and st.bad_evals >= patience
+
+    # ---- the end --------------------------------------------------------------------------------
+    def finalize(self) -> float:
+        """The best checkpoint on validation and test, merged/, metrics.json; returns the objective."""
+        st = self.state
+        if st.last_eval_step != st.step:
+            self.evaluate()
+        self.restore(self.best_values or {})
+        if self.main and self.tc.save_adapter and self.best_values is not None and not self.paths.adapter.is_dir():
+            atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))  # resumed
+        results, test_majority = self._evaluate_best()
+        merge_diff = self._write_merged() if self.tc.save_merged else None
+        final = self._final_metrics(results, test_majority, merge_diff)
+        if self.main:
+            self.jsonl.close()
+            atomic_write_json(str(self.paths.metrics), final)
+            plot_loss_curve(str(self.paths.log), str(self.paths.loss_png),
+                            title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {self.cfg.task.name}")
+            print_final(final, self.output_dir)
+            if not self.tc.keep_checkpoints:
+                shutil.rmtree(os.path.join(self.output_dir, ck.CHECKPOINTS), ignore_errors=True)
+        self.trackers.finish(final)
+        if self.sharded:
+            self._check_identical_trainables()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        if self.acc.num_processes > 1:
+            D.shutdown()  # barrier, then destroy (a no-op where end_training already destroyed the group)
+        return float(st.best) if st.best is not None else float("nan")
+
+    def _check_identical_trainables(self) -> None:
+        """After a sharded run: the whole tensors (trainables, FRoD basis and pattern) still agree on every rank."""
+        prints = D.rank_fingerprints(self.acc, self.unwrapped)
+        if len(set(prints)) > 1:
+            raise FrodCliError(f"train.fsdp: the trainables differ between processes at the end of training "
+                               f"({len(set(prints))} variants)")
+
+    def _evaluate_best(self):
+        """Validation metrics as recorded at the best step; test metrics of the best checkpoint; the
+        per-example predictions of both (tasks that produce them) in predictions.jsonl."""
+        results: Dict[str, Any] = {"validation": self.state.best_val}
+        test_majority = None
+        if self.evaluator.has("test") and self.tc.eval_test:
+            res = self.evaluator.split(self.model, "test")
+            results["test"] = res.metrics
+            test_majority = majority_accuracy(res.references)
+            self.trackers.log_evaluation("test", res.metrics, self.state.step)
+            self._write_predictions(res.records, "test")
+        return results, test_majority
+
+    def _write_predictions(self, records: Optional[List[Dict[str, Any]]], split: str) -> None:
+        """predictions.jsonl: the best checkpoint's validation records, then its test records."""
+        if records is None:
+            return
+        if split == "validation":
+            self.best_records = [{"split": split, **r} for r in records]
+            rows = self.best_records
+        else:
+            rows = self.best_records + [{"split": split, **r} for r in records]
+        if self.main:
+            atomic_write_text(str(self.paths.predictions), "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+    def _write_merged(self) -> Optional[float]:
+        if self.sharded:
+            return self._write_merged_sharded()
+        if not self.main:
+            return None
+        batch = check_batch(self.encoded["validation"], self.collate, min(8, int(self.tc.eval_batch_size)),
+                            self.acc.device)
+        plain = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+        merged, diff = merge_and_check(self.method, plain, batch, self.task)
+        save_merged(merged, self.preprocessor, str(self.paths.merged))
+        return diff
+
+    def _write_merged_sharded(self) -> Optional[float]:
+        """merged/ of a sharded run. The weights exist only as shards, so rank 0 rebuilds the model on CPU:
+        the base as loaded at the start (frozen since) plus the adapter of the current values (basis and
+        pattern read back, not recomputed; FRoD checks the base's fingerprint), merges and writes that.
+        The merge check compares the merged model with the sharded model's own outputs (every rank runs
+        that forward: it gathers the weights)."""
+        batch = check_batch(self.encoded["validation"], self.collate, min(8, int(self.tc.eval_batch_size)),
+                            self.acc.device)
+        self.model.eval()
+        with torch.no_grad():
+            trained = model_outputs(self.model, batch, self.task).cpu()
+        diff = None
+        if self.main:
+            plain = self._rebuild_on_cpu()
+            cpu_batch = B.to_device(batch, torch.device("cpu"))
+            with torch.no_grad():
+                rebuilt = model_outputs(plain, cpu_batch, self.task)
+                merged = self.method.merge(plain)
+                merged.eval()
+                after = model_outputs(merged, cpu_batch, self.task)
+            log.info("train.fsdp: merged/ rebuilt on CPU; max |rebuilt - sharded| output %.3g",
+                     float((rebuilt - trained).abs().max()))
+            save_merged(merged, self.preprocessor, str(self.paths.merged))
+            diff = float((after - trained).abs().max())
+        self.acc.wait_for_everyone()
+        return diff
+
+    def _rebuild_on_cpu(self) -> torch.nn.Module:
+        """The trained model, unsharded, on CPU: the base loaded as in setup + an adapter of the current values."""
+        import tempfile
+
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        set_seed(int(self.tc.seed))  # as in _setup_model: models built from a config get the same init
+        base, _ = B.load_model(cfg.model, self.task)
+        method = B.build_method(cfg.method, self.task, cfg.model)
+        with tempfile.TemporaryDirectory(prefix="frod-merge-") as d:
+            adapter = os.path.join(d, "adapter")
+            self.method.save_adapter(self.unwrapped, adapter)  # trainables are whole under FSDP
+            model = method.load_adapter(base, adapter)
+        return model.eval()
+
+    def _final_metrics(self, results: Dict[str, Any], test_majority: Optional[float],
+                       merge_diff: Optional[float]) -> Dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        return {
+            "recipe": cfg.recipe_name, "model": cfg.model.name_or_path, "task": cfg.task.name,
+            "method": cfg.method.name, "objective": cfg.task.objective, "objective_mode": cfg.task.objective_mode,
+            "objective_value": st.best, "best_step": st.best_step, **results, **self.counts,
+            "steps": st.step, "epochs": round(st.step / self.steps_per_epoch, 4),
+            "samples_per_s": st.step * self.samples_per_step / max(self.train_s, 1e-9),
+            "train_time_s": self.train_s, "adapt_time_s": self.adapt_s, "wall_time_s": time.time() - self.t_start,
+            "peak_memory_mb": B.memory_mb(self.acc.device), "merge_max_abs_diff": merge_diff,
+            "test_majority_class_accuracy": test_majority, "num_processes": self.acc.num_processes,
+            "rank_fingerprints": self.fingerprints, "resumed_from": self.resume_from,
+            "mixed_precision": self.mixed, "method_details": self.method.describe(),
+        }
+
+
+def recipe_main(cfg: Any, output_dir: Optional[str] = None, user_overrides: Sequence[str] = ()) -> float:
+    """`frod train`: set up, train, finalize; returns the validation objective of the best checkpoint
+    (what the Optuna sweeper optimizes)."""
+    recipe = FinetuneRecipe(cfg, output_dir, user_overrides)
+    recipe.setup()
+    recipe.train()
+    return recipe.finalize()

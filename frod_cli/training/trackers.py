@@ -1,0 +1,95 @@
+"""Experiment trackers through Accelerate (`train.log_with=[tensorboard]`, wandb, mlflow, or any tracker
+Accelerate knows and finds installed). They get the composed config as hyperparameters, the training
+log lines (loss, per-group learning rates, throughput, memory) and every evaluation; file-based trackers
+write under <run dir>/trackers (`tensorboard --logdir runs/`). Adding a tracker Accelerate does not know
+is one class of Accelerate's `GeneralTracker`, passed the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+from frod_cli import FrodCliError
+
+# tracker name -> (Accelerate's availability check, the package to install)
+KNOWN = {
+    "tensorboard": ("is_tensorboard_available", "tensorboard"),
+    "wandb": ("is_wandb_available", "wandb"),
+    "mlflow": ("is_mlflow_available", "mlflow"),
+    "comet_ml": ("is_comet_ml_available", "comet-ml"),
+    "aim": ("is_aim_available", "aim"),
+    "clearml": ("is_clearml_available", "clearml"),
+    "dvclive": ("is_dvclive_available", "dvclive"),
+    "swanlab": ("is_swanlab_available", "swanlab"),
+    "trackio": ("is_trackio_available", "trackio"),
+}
+TRACKER_DIR = "trackers"
+
+
+def requested(cfg: Any) -> List[str]:
+    """train.log_with, checked: every name known to Accelerate and its package installed."""
+    import accelerate.utils as au
+
+    names = [str(n) for n in (cfg.train.log_with or [])]
+    for name in names:
+        if name not in KNOWN:
+            raise FrodCliError(f"train.log_with: unknown tracker {name!r}; known: {', '.join(KNOWN)}")
+        check, package = KNOWN[name]
+        if not getattr(au, check)():
+            raise FrodCliError(f"train.log_with: tracker {name!r} is not installed (pip install {package})")
+    return names
+
+
+def flat_hparams(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """The config as flat scalar hyperparameters (lists and None as strings), as trackers expect."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+class Trackers:
+    """The run's trackers (none unless train.log_with names some); every call is a no-op without them."""
+
+    def __init__(self, accelerator: Any, cfg: Any, run_dir: Path):
+        from omegaconf import OmegaConf
+
+        self.acc = accelerator
+        self.names = requested(cfg)
+        if self.names:
+            config = flat_hparams(OmegaConf.to_container(cfg, resolve=True))
+            accelerator.init_trackers(str(cfg.recipe_name), config=config)
+
+    @staticmethod
+    def accelerator_kwargs(cfg: Any, output_dir: Any) -> Dict[str, Any]:
+        """What Accelerator() needs for the trackers: their names and the directory of file-based ones."""
+        names = requested(cfg)
+        if not names:
+            return {}
+        run_dir = cfg.resume or output_dir or cfg.output_dir
+        kwargs: Dict[str, Any] = {"log_with": names}
+        if run_dir:
+            kwargs["project_dir"] = str(Path(run_dir) / TRACKER_DIR)
+        return kwargs
+
+    def log_training(self, record: Dict[str, Any]) -> None:
+        if not self.names:
+            return
+        values = {"train/loss": record["loss"], "train/samples_per_s": record["samples_per_s"],
+                  "train/memory_mb": record["memory_mb"], "train/epoch": record["epoch"]}
+        values.update({f"train/lr/{group}": lr for group, lr in record["lr"].items()})
+        self.acc.log(values, step=int(record["step"]))
+
+    def log_evaluation(self, split: str, metrics: Dict[str, float], step: int) -> None:
+        if self.names:
+            self.acc.log({f"{split}/{k}": v for k, v in metrics.items()}, step=int(step))
+
+    def finish(self, final: Dict[str, Any]) -> None:
+        if self.names:
+            self.acc.log({"final/objective_value": final.get("objective_value") or float("nan"),
+                          "final/trainable_percent": final["trainable_percent"]}, step=int(final["steps"]))

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU checks for one GPU (sized for an H200, at most 8 minutes in all):
+#   1. the CUDA-marked tests (pytest -m cuda), skipped when there are none;
+#   2. scripts/bench.py in bfloat16 on cuda, bert768 (batch 16 x 128) and llama (batch 4 x 256), for
+#      full, lora, peft_frod and frod at K = 1 and K = 8 micro-batches per optimizer step
+#      (K = 8: frod:micro_batch and frod:window).
+# Every bench writes its JSON and log into $OUT (or bench_out/gpu); summary.txt lists the exit codes.
+# peft_frod runs in its own invocation (next to full, for its ratios), so that a failure of the upstream
+# implementation in bfloat16 cannot take the other rows with it. Each run has its own time limit and the
+# whole script stops starting runs at its deadline (GPU_CHECK_SECONDS, default 470).
+#
+#   bash scripts/gpu_check.sh                # from the repository root, after `make install`
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+DEST=${OUT:-bench_out/gpu}
+mkdir -p "$DEST"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-470}))
+SUMMARY="$DEST/summary.txt"
+: > "$SUMMARY"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run NAME LIMIT_S CMD...: run CMD under a time limit (cut to what is left before the deadline)
+run() {
+    local name=$1 limit=$2 left rc
+    shift 2
+    left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 30 ]; then
+        note "$name: skipped (out of time)"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit} s): $*"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$DEST/$name.log" 2>&1
+    rc=$?
+    note "$name: rc=$rc ($((SECONDS - t0)) s)$([ $rc -eq 124 ] && echo ', timed out')"
+    tail -n 25 "$DEST/$name.log"
+}
+
+note "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') on $(hostname)"
+"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+
+# 1. CUDA-marked tests: pytest exits 5 when nothing is collected
+"$PY" -m pytest -q -p no:cacheprovider -m cuda --collect-only tests > "$DEST/pytest_cuda_collect.log" 2>&1
+case $? in
+    0) run pytest_cuda 90 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests ;;
+    5) note "pytest_cuda: skipped (no test is marked cuda)" ;;
+    *) note "pytest_cuda: collection failed, see pytest_cuda_collect.log" ;;
+esac
+
+# 2. benchmarks, bfloat16 on the GPU
+COMMON=(--device cuda --dtype bfloat16 --threads 16 --quiet)
+bench() {  # bench NAME LIMIT_S ARGS...
+    local name=$1 limit=$2
+    shift 2
+    run "$name" "$limit" "$PY" scripts/bench.py "$@" "${COMMON[@]}" --out "$DEST/$name.json"
+}
+BERT=(--preset bert768 --batch 16 --seq 128)
+LLAMA=(--preset llama --batch 4 --seq 256)
+K1=(--steps 5 --warmup 2)
+K8=(--grad-accum 8 --steps 3 --warmup 1 --warmup-micro-batches 2 --probe-timed)
+
+bench bert768_k1 60 "${BERT[@]}" "${K1[@]}" --methods full,lora,frod
+bench bert768_k8 75 "${BERT[@]}" "${K8[@]}" --methods full,lora,frod:micro_batch,frod:window
+bench llama_k1 60 "${LLAMA[@]}" "${K1[@]}" --methods full,lora,frod
+bench llama_k8 75 "${LLAMA[@]}" "${K8[@]}" --methods full,lora,frod:micro_batch,frod:window
+# upstream PEFT's FRoD last: its basis build is the slowest part and it may not support bfloat16
+bench bert768_k1_peft 60 "${BERT[@]}" "${K1[@]}" --methods full,peft_frod
+bench llama_k1_peft 60 "${LLAMA[@]}" "${K1[@]}" --methods full,peft_frod
+bench bert768_k8_peft 50 "${BERT[@]}" "${K8[@]}" --methods full,peft_frod
+bench llama_k8_peft 50 "${LLAMA[@]}" "${K8[@]}" --methods full,peft_frod
+
+note "# done in $SECONDS s"
+exit 0
