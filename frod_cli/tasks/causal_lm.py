@@ -285,7 +285,7 @@ class CausalLM(DataTask):
                                    f"{', '.join(map(repr, missing))}; its columns are {ds.column_names}")
 
     def load_data(self) -> datasets.DatasetDict:
-        raw = keep_configured_splits(load_raw(self.cfg), self.cfg)
+        raw = _class_names(keep_configured_splits(load_raw(self.cfg), self.cfg))
         first = raw[self.cfg.train_split] if self.cfg.train_split in raw else next(iter(raw.values()))
         self.format = self.resolve_format(first.column_names)
         self._check_columns(raw)
@@ -496,6 +496,19 @@ class CausalLM(DataTask):
                 log.warning("causal_lm: %d references are not among task.labels", ref_ids.count(-2))
             out["accuracy"] = metrics_lib.compute(["accuracy"], pred_ids, ref_ids)["accuracy"]
         return out
+
+
+def _class_names(raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Class-label columns as their names: a template renders "positive", not 2."""
+    out = {}
+    for split, ds in raw.items():
+        for col, feat in ds.features.items():
+            if isinstance(feat, datasets.ClassLabel):
+                names = feat.names
+                ds = ds.map(lambda ex, c=col: {c: names[ex[c]] if ex[c] is not None and ex[c] >= 0 else None},
+                            features=datasets.Features({**ds.features, col: datasets.Value("string")}))
+        out[split] = ds
+    return datasets.DatasetDict(out)
 
 
 def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:

@@ -181,6 +181,25 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _load_test_dataset(cfg: Any) -> datasets.Dataset:
+    """task.test_dataset: one split of another data set (a Hub id or a local csv/json/jsonl/parquet file),
+    its columns renamed onto the task's by task.test_rename."""
+    where, split = cfg.test_dataset, cfg.test_dataset_split
+    try:
+        if os.path.isfile(where):
+            ds = datasets.load_dataset(_local_format(where, None), data_files={split: where}, split=split)
+        else:
+            ds = datasets.load_dataset(where, cfg.test_subset, split=split)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load task.test_dataset {where!r} ({cfg.test_subset}, split {split}): "
+                         f"{_first_line(e)}") from e
+    renames = dict(cfg.test_rename or {})
+    missing = [c for c in renames if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"task.test_rename names {missing[0]!r}, not a column of {where} ({ds.column_names})")
+    return ds.rename_columns(renames) if renames else ds
+
+
 def load_raw(cfg: Any) -> datasets.DatasetDict:
     """The source's own splits, unmodified (apart from an offline source's documented cleaning)."""
     if cfg.source == "hub":
@@ -200,6 +219,8 @@ def load_raw(cfg: Any) -> datasets.DatasetDict:
         raise ValueError(f"unknown task.source {cfg.source!r}; use hub, local or offline")
     if not isinstance(raw, datasets.DatasetDict):
         raw = datasets.DatasetDict(train=raw)
+    if getattr(cfg, "test_dataset", None):
+        raw[cfg.test_split or "test"] = _load_test_dataset(cfg)
     for split, ds in raw.items():
         if len(ds) == 0:
             raise ValueError(f"split {split!r} of the {cfg.source} source is empty")

@@ -70,6 +70,12 @@ def check_fsdp_config(cfg: Any) -> bool:
     """Refuse what train.fsdp cannot do before any work; True when this launch shards."""
     fc = cfg.train.fsdp
     if not bool(fc.enabled):
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            # Accelerate would build its own plugin from the launch's fsdp_* settings and shard the
+            # trainables too, which the loop's adapter saving and checkpoints do not gather
+            raise FrodCliError("this launch asks Accelerate for FSDP (an accelerate config with distributed_type: "
+                               "FSDP): frod train shards through train.fsdp; add train.fsdp.enabled=true (its "
+                               "settings replace the config's fsdp_* keys) or launch with distributed_type: MULTI_GPU")
         return False
     if int(fc.version) != 2:
         raise FrodCliError(f"train.fsdp.version={fc.version}: only FSDP2 (torch's fully_shard) is supported; use 2")
@@ -99,15 +105,19 @@ def check_fsdp_config(cfg: Any) -> bool:
     return True
 
 
-def make_plugin(fc: Any):
+def make_plugin(fc: Any, on_cpu: bool = False):
     """Accelerate's FSDP2 plugin for train.fsdp (the wrap policy and ignored parameters are set once the
     model exists: `FsdpAccelerator.set_model_policy`)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
+    offload = bool(fc.cpu_offload)
+    if offload and on_cpu:
+        log.info("train.fsdp.cpu_offload on a CPU launch: the shards are in CPU memory already")
+        offload = False
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=bool(fc.reshard_after_forward),
-        cpu_offload=bool(fc.cpu_offload),
+        cpu_offload=offload,
         state_dict_type=str(fc.state_dict_type).upper(),
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=list(fc.wrap) if fc.wrap is not None else None,
@@ -125,7 +135,9 @@ def _accelerator_class():
         outside `no_sync`."""
 
         def __init__(self, *args: Any, fsdp_plugin: Any, **kwargs: Any):
-            if fsdp_plugin.cpu_offload and torch.cuda.is_available():
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            if isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy) and torch.cuda.is_available():
                 # offloaded shards take part in CPU-side collectives: Accelerate then starts nccl + gloo
                 os.environ.setdefault("FSDP_OFFLOAD_PARAMS", "true")
             super().__init__(*args, fsdp_plugin=fsdp_plugin, **kwargs)
@@ -142,45 +154,15 @@ def _accelerator_class():
             self._no_sync_depth = 0
 
         def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]]) -> None:
-            """Before `prepare`: the classes to wrap (checked against the model) and the trainables, which
-            FSDP leaves whole (ignored_params) and this class keeps in sync."""
-            plugin = self.state.fsdp_plugin
-            names = list(wrap) if wrap is not None else list(getattr(model, "_no_split_modules", None) or [])
-            present = {type(m).__name__ for m in model.modules()}
-            missing = [n for n in names if n not in present]
-            if missing:
-                layers = sorted(n for n in present if n.endswith(("Layer", "Block", "Embeddings")))
-                raise FrodCliError(f"train.fsdp.wrap: no module of class {', '.join(missing)} in this model; "
-                                   f"candidates: {', '.join(layers) or 'none'}")
-            # Accelerate makes the input embeddings (and the output head) units of their own after the
-            # wrap classes: a wrapped class holding them (BERT's _no_split_modules lists BertEmbeddings)
-            # would shard them twice, which fully_shard rejects.
-            holders = embedding_holders(model)
-            if wrap is not None and holders & set(names):
-                raise FrodCliError(f"train.fsdp.wrap: {', '.join(sorted(holders & set(names)))} holds the input "
-                                   "embeddings or the output head, which Accelerate shards as units of their own; "
-                                   "list the layer classes only")
-            names = [n for n in names if n not in holders]
-            if not names:
-                log.warning("train.fsdp: the model names no layer class (_no_split_modules) and train.fsdp.wrap "
-                            "is not set: the whole model is one FSDP unit, gathered for every forward")
-            plugin.transformer_cls_names_to_wrap = names
-            self.replicated = [p for p in model.parameters() if p.requires_grad]
-            holder = nn.ParameterList(self.replicated)  # not attached to the model: only names the parameters
-            plugin.ignored_modules = [holder]
-            if self.is_main_process:
-                frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-                log.info("train.fsdp: sharding %s frozen parameters over %d processes (units: %s); %s trainable "
-                         "parameters whole on every rank", f"{frozen:,}", self.num_processes, ", ".join(names)
-                         or "the root", f"{sum(p.numel() for p in self.replicated):,}")
+            """Before `prepare`: the classes to wrap and the trainables, which FSDP leaves whole."""
+            self.replicated = set_model_policy(self.state.fsdp_plugin, model, wrap, self.num_processes,
+                                               self.is_main_process)
 
         def prepare(self, *args: Any, **kwargs: Any) -> Any:
             result = super().prepare(*args, **kwargs)
-            for obj in result if isinstance(result, tuple) else (result,):
-                if isinstance(obj, nn.Module) and self.is_main_process:
-                    local, full = shard_sizes(obj)
-                    log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
-                             100.0 * local / max(full, 1))
+            for obj in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(obj, nn.Module):
+                    after_sharding(obj, self.is_main_process)
             return result
 
         @contextlib.contextmanager
@@ -198,6 +180,54 @@ def _accelerator_class():
                 average_gradients(self.replicated, self.num_processes)
 
     return FsdpAccelerator
+
+
+def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]], world: int,
+                     main: bool) -> List[nn.Parameter]:
+    """Give the plugin the classes to wrap (checked against the model) and the trainables as ignored
+    parameters; returns the trainables (whole on every rank, kept in sync by FsdpAccelerator)."""
+    names = list(wrap) if wrap is not None else list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        layers = sorted(n for n in present if n.endswith(("Layer", "Block", "Embeddings")))
+        raise FrodCliError(f"train.fsdp.wrap: no module of class {', '.join(missing)} in this model; "
+                           f"candidates: {', '.join(layers) or 'none'}")
+    # Accelerate makes the input embeddings (and the output head) units of their own after the wrap
+    # classes: a wrapped class holding them (BERT's _no_split_modules lists BertEmbeddings) would shard
+    # them twice, which fully_shard rejects.
+    holders = embedding_holders(model)
+    if wrap is not None and holders & set(names):
+        raise FrodCliError(f"train.fsdp.wrap: {', '.join(sorted(holders & set(names)))} holds the input "
+                           "embeddings or the output head, which Accelerate shards as units of their own; "
+                           "list the layer classes only")
+    names = [n for n in names if n not in holders]
+    if not names:
+        log.warning("train.fsdp: the model names no layer class (_no_split_modules) and train.fsdp.wrap "
+                    "is not set: the whole model is one FSDP unit, gathered for every forward")
+    plugin.transformer_cls_names_to_wrap = names
+    replicated = [p for p in model.parameters() if p.requires_grad]
+    # Accelerate reads `ignored_modules` as modules and ignores their parameters: a ParameterList that
+    # is not attached to the model names exactly the trainables (a FrodLinear also holds its frozen W).
+    plugin.ignored_modules = [nn.ParameterList(replicated)]
+    if main:
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info("train.fsdp: sharding %s frozen parameters over %d processes (units: %s); %s trainable "
+                 "parameters whole on every rank", f"{frozen:,}", world, ", ".join(names) or "the root",
+                 f"{sum(p.numel() for p in replicated):,}")
+    return replicated
+
+
+def after_sharding(model: nn.Module, main: bool) -> None:
+    """What the sharded model needs beyond Accelerate's prepare (see the functions called)."""
+    # transformers' marker of an FSDP2 model: generate() then keeps every rank stepping until all have
+    # finished (synced_gpus), as each step gathers weights from all ranks
+    model._is_fsdp_managed_module = True
+    reshard_after_no_grad_forward(model)
+    if main:
+        local, full = shard_sizes(model)
+        log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
+                 100.0 * local / max(full, 1))
 
 
 def shard_sizes(model: nn.Module) -> tuple:
@@ -228,7 +258,8 @@ def embedding_holders(model: nn.Module) -> set:
 
 def make_accelerator(fc: Any, **kwargs: Any):
     """An Accelerator in FSDP2 mode for train.fsdp (see the module docstring)."""
-    return _accelerator_class()(fsdp_plugin=make_plugin(fc), **kwargs)
+    on_cpu = bool(kwargs.get("cpu")) or not torch.cuda.is_available()
+    return _accelerator_class()(fsdp_plugin=make_plugin(fc, on_cpu), **kwargs)
 
 
 def average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
@@ -253,6 +284,24 @@ def average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def reshard_after_no_grad_forward(model: nn.Module) -> None:
+    """Every unit back to its shards after a forward without gradients (evaluation, generation, the merge
+    check). FSDP keeps the root unit (and Accelerate's output-head unit) gathered after its forward for the
+    backward that follows; after an evaluation none follows, and the first `state_dict()` call on one rank
+    alone (PEFT's save_pretrained on the main process) would reshard them there only: the next forward's
+    all-gathers would then differ between ranks and hang or abort gloo."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def reshard(module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            for unit in units:
+                unit.reshard()
+
+    model.register_forward_hook(reshard)
 
 
 def drop_frod_caches(model: nn.Module) -> None:

@@ -64,9 +64,11 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
 
     settings = (cfg.get("per_method") or {}).get(cfg.method.name) or {}
     given = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    applied = {}
     for key, value in OmegaConf.to_container(OmegaConf.create(dict(settings))).items():
         if f"method.{key}" in given:
             continue
+        applied[key] = value
         try:
             with open_dict(cfg):
                 cfg.method[key] = value
@@ -74,6 +76,9 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
             keys = ", ".join(cfg.method.keys())
             raise FrodCliError(f"per_method.{cfg.method.name}.{key}: method {cfg.method.name} has no key {key!r} "
                                f"(its keys: {keys})") from None
+    if applied:
+        log.info("the recipe's per_method.%s settings: %s", cfg.method.name,
+                 ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
 def check_output_dir(path: str) -> None:

@@ -188,10 +188,53 @@ class FinetuneRecipe:
         """The hook for a wrapper around the model before Accelerate prepares it (sharding). With
         train.fsdp, Accelerate's prepare shards it (FSDP2); here it gets its policy: the layer classes
         that become units and the trainables that stay whole (training/distributed.py)."""
+        self._float32_trainables(model)
         if self.sharded:
             self.acc.set_model_policy(model, self.tc.fsdp.wrap)
             D.drop_frod_caches(model)
         return model
+
+    def _float32_trainables(self, model: torch.nn.Module) -> None:
+        """Frozen weights in model.dtype (bfloat16, float16), trainables in float32, so their updates and
+        AdamW's state are float32 too. The methods' own trainables already are (FRoD's lambda and S, PEFT's
+        adapter weights); what is left are the trained modules (the task head, method.modules_to_save):
+        each computes in float32 (its inputs cast up), and hands back the model's dtype, except a task
+        head, whose float32 logits feed the loss. Full fine-tuning keeps the weights as loaded."""
+        from frod_cli.frod.targets import inside
+
+        low = (torch.bfloat16, torch.float16)
+        if self.method.trains_everything:
+            return
+        owners = [(n, m) for n, m in model.named_modules()
+                  if any(p.requires_grad and p.dtype in low for p in m.parameters(recurse=False))]
+        if not owners:
+            return
+        model_dtype = next(p.dtype for p in model.parameters() if p.dtype in low)
+        heads = self.method.modules_to_save()
+
+        def cast(x: Any, dtype: torch.dtype) -> Any:
+            if torch.is_tensor(x):
+                return x.to(dtype) if x.is_floating_point() else x
+            if isinstance(x, (tuple, list)):
+                return type(x)(cast(v, dtype) for v in x)
+            if isinstance(x, dict):
+                return {k: cast(v, dtype) for k, v in x.items()}
+            return x
+
+        with torch.no_grad():
+            for name, module in owners:
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.float()  # the same Parameter: the optimizer already holds it
+                for key, b in module._buffers.items():
+                    if b is not None and b.dtype in low:
+                        module._buffers[key] = b.float()
+                module.register_forward_pre_hook(lambda m, args, kwargs: (cast(args, torch.float32),
+                                                                          cast(kwargs, torch.float32)),
+                                                 with_kwargs=True)
+                if not inside(name, heads):
+                    module.register_forward_hook(lambda m, args, out: cast(out, model_dtype))
+        if self.main:
+            log.info("model.dtype=%s: %s (trained in float32)", self.cfg.model.dtype, ", ".join(n for n, _ in owners))
 
     def _setup_schedule(self) -> None:
         tc, acc = self.tc, self.acc
@@ -496,8 +539,12 @@ class FinetuneRecipe:
                             self.acc.device)
         plain = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
         merged, diff = merge_and_check(self.method, plain, batch, self.task)
-        save_merged(merged, self.preprocessor, str(self.paths.merged))
+        save_merged(merged, self.preprocessor, str(self.paths.merged), dtype=self._model_dtype())
         return diff
+
+    def _model_dtype(self) -> torch.dtype:
+        """model.dtype: merged/ is written in it (trained heads included, which train in float32)."""
+        return getattr(torch, str(self.cfg.model.dtype))
 
     def _write_merged_sharded(self) -> Optional[float]:
         """merged/ of a sharded run. The weights exist only as shards, so rank 0 rebuilds the model on CPU:
@@ -521,7 +568,7 @@ class FinetuneRecipe:
                 after = model_outputs(merged, cpu_batch, self.task)
             log.info("train.fsdp: merged/ rebuilt on CPU; max |rebuilt - sharded| output %.3g",
                      float((rebuilt - trained).abs().max()))
-            save_merged(merged, self.preprocessor, str(self.paths.merged))
+            save_merged(merged, self.preprocessor, str(self.paths.merged), dtype=self._model_dtype())
             diff = float((after - trained).abs().max())
         self.acc.wait_for_everyone()
         return diff

@@ -1,0 +1,80 @@
+"""Frozen weights in bfloat16 (model.dtype=bfloat16) with float32 trainables and float32 optimizer state,
+end to end on CPU: the loss tracks the float32 run, FRoD's values, the trained head and AdamW's moments
+are float32 in the checkpoint, and merged/ is a bfloat16 model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from frod_cli.cli import run_verb
+from frod_cli.training import checkpoint as ck
+
+NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
+              "+model.config_overrides.attention_probs_dropout_prob=0.0"]
+
+
+def losses(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r and "split" not in r}
+
+
+def checkpoint_tensors(run: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ck.latest_checkpoint(str(run))) / name))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same debug=default run with float32 and with bfloat16 frozen weights."""
+    from conftest import DEBUG
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        run = tmp_path_factory.mktemp(dtype) / "run"
+        code, _ = run_verb("train", [*DEBUG, *NO_DROPOUT, "train.cpu=true", "train.keep_checkpoints=true",
+                                     "train.log_every=1", f"model.dtype={dtype}", f"hydra.run.dir={run}"])
+        assert code == 0
+        out[dtype] = run
+    return out
+
+
+@pytest.mark.slow
+def test_bf16_loss_tracks_float32(runs):
+    f32, b16 = losses(runs["float32"]), losses(runs["bfloat16"])
+    assert sorted(f32) == sorted(b16) == [1, 2, 3, 4]
+    for step in f32:
+        assert b16[step] == pytest.approx(f32[step], rel=0.03), (step, f32[step], b16[step])
+
+
+@pytest.mark.slow
+def test_bf16_trainables_and_adamw_state_are_float32(runs):
+    trainable = checkpoint_tensors(runs["bfloat16"], "trainable.safetensors")
+    assert any(k.endswith("frod_lambda") for k in trainable) and any(k.endswith("frod_s") for k in trainable)
+    assert any(k.startswith("classifier.") for k in trainable)  # the head trains in float32 too
+    assert {k: v.dtype for k, v in trainable.items() if v.dtype != torch.float32} == {}
+    optimizer = checkpoint_tensors(runs["bfloat16"], "optimizer.safetensors")
+    moments = {k: v for k, v in optimizer.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
+    assert len(moments) == 2 * len(trainable)
+    assert {k: v.dtype for k, v in moments.items() if v.dtype != torch.float32} == {}
+
+
+@pytest.mark.slow
+def test_bf16_merged_model_is_bfloat16(runs):
+    from safetensors.torch import load_file
+
+    run = runs["bfloat16"]
+    merged = load_file(str(run / "merged" / "model.safetensors"))
+    assert merged and {v.dtype for v in merged.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert not any("frod" in k for k in merged)  # a plain BERT
+    assert json.loads((run / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["merge_max_abs_diff"] is not None and metrics["merge_max_abs_diff"] < 1e-2
+    # merged/ loads back and evaluates like the trained model did on test
+    code, _ = run_verb("eval", [f"path={run}", "cpu=true"])
+    assert code == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1 / 32 + 1e-9)

@@ -1,0 +1,111 @@
+"""recipe=sft_smoke end to end (a tiny random LLaMA, the packaged instruction set, offline): the run
+directory, predictions.jsonl, merged/ generating exactly what the adapted model generates (greedy), and
+`frod generate` on the run. Plus a test split taken from another data set (task.test_dataset)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from frod_cli.cli import main, run_verb
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["What is 2 plus 3?", "Is 7 even or odd? Answer with one word.", "Name a colour."]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("sft") / "run"
+    code, value = run_verb("train", ["recipe=sft_smoke", "train.progress=false", f"hydra.run.dir={run}"])
+    assert code == 0
+    return run, value
+
+
+def test_sft_smoke_writes_generation_metrics_and_predictions(sft_run):
+    run, value = sft_run
+    m = json.loads((run / "metrics.json").read_text())
+    for split in ("validation", "test"):
+        assert {"loss", "perplexity", "exact_match"} <= set(m[split]), m[split]
+        assert m[split]["perplexity"] == pytest.approx(torch.tensor(m[split]["loss"]).exp().item(), rel=1e-4)
+    assert value == pytest.approx(m["objective_value"]) and m["objective"] == "loss"
+    rows = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"validation", "test"}
+    assert {"prompt", "prediction", "extracted", "reference", "correct"} <= set(rows[0])
+    assert m["merge_max_abs_diff"] < 1e-4
+
+
+def test_merged_generates_what_the_adapted_model_generates(sft_run):
+    """merged/ is a plain model: AutoModelForCausalLM + its tokenizer, greedy, token for token the same as
+    the base model + adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from frod_cli.generation import encode_prompt, generate_ids
+    from frod_cli.training.builders import load_trained
+
+    run, _ = sft_run
+    plain = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    adapted, tok2, task, _, what, _ = load_trained(str(run), use_adapter=True, load_data=False)
+    assert "adapter" in what
+    prompts = [encode_prompt(tok, f"### Instruction:\n{p}\n\n### Response:\n") for p in PROMPTS]
+    assert prompts == [encode_prompt(tok2, f"### Instruction:\n{p}\n\n### Response:\n") for p in PROMPTS]
+    settings = dict(max_new_tokens=8, do_sample=False)
+    a = generate_ids(plain, tok, prompts, batch_size=3, **settings)
+    b = generate_ids(adapted.eval(), tok2, prompts, batch_size=3, **settings)
+    assert a == b and all(len(x) for x in a)
+    # ... and the comparison means something: training moved the model away from its base
+    from frod_cli.frod import disable_adapter
+
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        merged_logits, adapted_logits = plain(input_ids=ids).logits, adapted(input_ids=ids).logits
+        with disable_adapter(adapted):
+            base_logits = adapted(input_ids=ids).logits
+    assert (merged_logits - adapted_logits).abs().max() < 1e-4
+    assert (adapted_logits - base_logits).abs().max() > 1e-3
+
+
+def test_frod_generate_on_the_run(sft_run, capsys):
+    run, _ = sft_run
+    assert main(["generate", f"path={run}", "prompt=Hello", "max_new_tokens=4"]) == 0
+    out = capsys.readouterr().out
+    assert "Hello" in out and len(out.strip().splitlines()) >= 2
+
+
+def test_frod_generate_refuses_bad_input(sft_run, tmp_path, capsys):
+    run, _ = sft_run
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for args in ([f"path={tmp_path / 'nope'}", "prompt=Hi"], [f"path={run}", f"prompts={empty}"], [f"path={run}"]):
+        assert main(["generate", *args]) == 2, args
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(err) == 1 and "Traceback" not in err[0], err
+
+
+def test_test_split_from_another_data_set(tmp_path):
+    """task.test_dataset: train on one data set, score on another's split with its columns renamed (the
+    MetaMathQA -> GSM8K protocol, with local stand-ins in their schemas)."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.config import TaskConfig
+    from frod_cli.tasks import get_task
+
+    train = tmp_path / "metamath.jsonl"
+    train.write_text("".join(json.dumps({"query": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. The answer is: {i + 1}"})
+                             + "\n" for i in range(40)))
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples and gets 2. How many?",
+                                       "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
+    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), dict(
+        type="causal_lm", name="mm", source="local", data_files={"train": str(train)}, data_format="instruction",
+        instruction_field="query", input_field=None, output_field="response", validation_split=None,
+        test_split="test", test_dataset=str(gsm), test_dataset_split="test",
+        test_rename={"question": "query", "answer": "response"}, answer_pattern="last_number",
+        metrics=["exact_match"], objective="exact_match"))
+    data = get_task("causal_lm")(cfg, 0).load_data()
+    assert len(data["test"]) == 6 and data["test"][0]["query"].startswith("Tom has")
+    assert len(data["train"]) + len(data["validation"]) == 40
+    bad = OmegaConf.merge(cfg, {"test_rename": {"nope": "query"}})
+    with pytest.raises(ValueError, match="task.test_rename names 'nope'"):
+        get_task("causal_lm")(bad, 0).load_data()
