@@ -31,8 +31,8 @@ class ModelConfig:
 
 
 @dataclass
-class GenerationConfig:
-    """Greedy by default. Used by causal_lm evaluation (on `max_examples` examples of a split)."""
+class SamplingConfig:
+    """How text is generated: greedy by default (do_sample=false); the sampling knobs apply when sampling."""
 
     max_new_tokens: int = 32
     do_sample: bool = False
@@ -41,6 +41,12 @@ class GenerationConfig:
     top_k: int = 50
     num_beams: int = 1
     repetition_penalty: float = 1.0
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
+    """Generation in causal_lm evaluation (on `max_examples` examples of each evaluated split)."""
+
     max_examples: int = 64  # examples of each evaluated split that are generated and scored; 0 = all
     batch_size: int = 16
 
@@ -219,8 +225,8 @@ class EvalRunConfig:
 
 
 @dataclass
-class GenerateRunConfig:
-    """`frod generate path=<run dir | model dir> prompt="..." | prompts=<file>`."""
+class GenerateRunConfig(SamplingConfig):
+    """`frod generate path=<run dir | model dir> prompt="..." | prompts=<file>` (+ the sampling keys)."""
 
     path: str = MISSING
     prompt: Optional[str] = None
@@ -228,12 +234,6 @@ class GenerateRunConfig:
     chat: Optional[bool] = None  # apply the tokenizer's chat template; default: when it has one
     system_prompt: Optional[str] = None
     max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
     seed: int = 0
     batch_size: int = 8
     use_adapter: bool = False  # run dir: base model + adapter/ instead of merged/

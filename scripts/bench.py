@@ -438,66 +438,109 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_step(r: Runner, batches, loss_fn, device, record: bool, window_k: Optional[int] = None):
-    """One optimizer step: forward + loss and backward of each micro-batch in `batches` (loss / K when
-    K > 1), inside r.window's accumulate() when set (its exit, the projection, is timed as backward;
-    window_k, default len(batches), is the micro-batch count it is told), then opt.step() and zero_grad."""
+def step_segments(r: Runner, batches, loss_fn, device, window_k: Optional[int] = None):
+    """One optimizer step as a generator that yields after each micro-batch: forward + loss and backward
+    of each micro-batch in `batches` (loss / K when K > 1), inside r.window's accumulate() when set (told
+    window_k micro-batches, default len(batches); entered in the first forward, its exit, the projection,
+    is timed as backward), then opt.step() and zero_grad. Only its own segments are timed (wall and
+    process CPU time), so that steps of several methods can be interleaved micro-batch by micro-batch.
+    Returns the phase times."""
     K = len(batches)
-    fwd = bwd = exit_s = 0.0
+    t = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "window_exit": 0.0, "cpu": 0.0}
     losses = []
-    gc.disable()
+    window = r.window(r.model, window_k or K) if r.window is not None else None
+    w = None
     try:
-        sync(device)
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        window = r.window(r.model, window_k or K) if r.window is not None else None
-        if window is not None:
-            w = window.__enter__()
-        try:
-            for batch in batches:
-                ta = time.perf_counter()
-                out = r.model(**batch)
-                loss = loss_fn(out)
-                if K > 1:
-                    loss = loss / K
-                sync(device)
-                tb = time.perf_counter()
-                loss.backward()
-                sync(device)
-                tc = time.perf_counter()
-                fwd, bwd = fwd + (tb - ta), bwd + (tc - tb)
-                losses.append(loss.detach())
-                del out, loss
-            if window is not None:
-                r.extra["window"] = dict(w.memory_bytes(), layers=len(w.layers), of=len(w.parts), builds=w.builds)
-        except BaseException:
-            if window is not None:
-                window.__exit__(*sys.exc_info())
-            raise
-        if window is not None:
-            te = time.perf_counter()
-            window.__exit__(None, None, None)
+        for batch in batches:
             sync(device)
-            exit_s = time.perf_counter() - te
-            bwd += exit_s
-        t2 = time.perf_counter()
-        r.opt.step()
-        r.opt.zero_grad(set_to_none=True)
+            c0 = time.process_time()
+            ta = time.perf_counter()
+            if window is not None and w is None:
+                w = window.__enter__()
+            out = r.model(**batch)
+            loss = loss_fn(out)
+            if K > 1:
+                loss = loss / K
+            sync(device)
+            tb = time.perf_counter()
+            loss.backward()
+            sync(device)
+            tc = time.perf_counter()
+            t["forward"] += tb - ta
+            t["backward"] += tc - tb
+            t["cpu"] += time.process_time() - c0
+            losses.append(loss.detach())
+            del out, loss
+            yield
+        if w is not None:
+            r.extra["window"] = dict(w.memory_bytes(), layers=len(w.layers), of=len(w.parts), builds=w.builds)
+    except BaseException:  # also GeneratorExit: the window closes without projecting
+        if w is not None:
+            window.__exit__(*sys.exc_info())
+        raise
+    sync(device)
+    c0 = time.process_time()
+    te = time.perf_counter()
+    if w is not None:
+        window.__exit__(None, None, None)
         sync(device)
-        t3 = time.perf_counter()
-        c3 = time.process_time()
-    finally:
-        gc.enable()
+    t2 = time.perf_counter()
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    sync(device)
+    t3 = time.perf_counter()
+    t["cpu"] += time.process_time() - c0
+    t["window_exit"] = t2 - te
+    t["backward"] += t2 - te
+    t["optimizer"] = t3 - t2
+    t["total"] = t["forward"] + t["backward"] + t["optimizer"]
     total_loss = float(sum(float(x) for x in losses))
     if not math.isfinite(total_loss):
         raise RuntimeError(f"{r.name}: non-finite loss {total_loss}")
+    return t
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_steps(runners: List[Runner], batches, loss_fn, device, record: bool, interleave: bool = False,
+              window_k: Optional[int] = None) -> None:
+    """One optimizer step of every runner, one runner after the other, or with interleave micro-batch by
+    micro-batch (runner A's micro-batch 1, B's 1, ..., A's 2, ...), so that a change of machine load hits
+    all methods alike even when one step takes minutes."""
+    gc.disable()
+    try:
+        times = {}
+        if interleave:
+            pending = [(r, step_segments(r, batches, loss_fn, device, window_k)) for r in runners]
+            while pending:
+                for item in list(pending):
+                    try:
+                        next(item[1])
+                    except StopIteration as stop:
+                        times[item[0].name] = stop.value
+                        pending.remove(item)
+        else:
+            for r in runners:
+                times[r.name] = _drain(step_segments(r, batches, loss_fn, device, window_k))
+    finally:
+        gc.enable()
     if record:
-        for k, v in (("forward", fwd), ("backward", bwd), ("optimizer", t3 - t2), ("total", t3 - t0),
-                     ("cpu", c3 - c0), ("window_exit", exit_s)):
-            r.times[k].append(v)
+        for r in runners:
+            for k, v in times[r.name].items():
+                r.times[k].append(v)
 
 
-def memory_step(r: Runner, batches, loss_fn, device, record: bool = False):
+def train_step(r: Runner, batches, loss_fn, device, record: bool, window_k: Optional[int] = None):
+    run_steps([r], batches, loss_fn, device, record, window_k=window_k)
+
+
+def memory_step(r: Runner, batches, loss_fn, device, record: bool = False, window_k: Optional[int] = None):
     gc.collect()
     malloc_trim()
     if device.type == "cuda":
@@ -505,7 +548,7 @@ def memory_step(r: Runner, batches, loss_fn, device, record: bool = False):
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
     with PeakRSS() as pk:
-        train_step(r, batches, loss_fn, device, record=record)
+        train_step(r, batches, loss_fn, device, record=record, window_k=window_k)
     r.mem = {"rss_before": pk.before, "rss_peak": pk.peak, "step_peak_extra": pk.extra,
              "method": "VmHWM" if PeakRSS.use_hwm else "sampling"}
     if device.type == "cuda":
@@ -613,19 +656,22 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
     # warmup (also allocates optimizer state), then one memory-probe step, then timed steps, all round-robin
     # (--probe-timed: the memory-probe step is also the first timed step, one step less per method)
     probe_timed = bool(getattr(args, "probe_timed", False)) and args.steps > 0
+    # (--warmup-micro-batches / --probe-micro-batches: shorter warmup and memory-probe steps; the peak of
+    # a step does not grow with K beyond 2 micro-batches, every buffer exists from the first backward on)
     warm = batches[:getattr(args, "warmup_micro_batches", None) or K]
+    probe = batches[:getattr(args, "probe_micro_batches", None) or K]
+    probe_timed = probe_timed and len(probe) == K
+    interleave = bool(getattr(args, "interleave", False))
     for _ in range(args.warmup):
-        for r in runners:
-            train_step(r, warm, loss_fn, device, record=False, window_k=K)
+        run_steps(runners, warm, loss_fn, device, record=False, interleave=interleave, window_k=K)
     for r in runners:
         r.extra["optimizer_state_bytes"] = optimizer_state_bytes(r.opt)
-        memory_step(r, batches, loss_fn, device, record=probe_timed)
+        memory_step(r, probe, loss_fn, device, record=probe_timed, window_k=K)
     if probe_timed:
         log("  step 1 (memory probe): %s" % "  ".join(f"{r.name}={r.times['total'][-1]:.3f}s" for r in runners))
     for i in range(1 if probe_timed else 0, args.steps):
         order = runners if i % 2 == 0 or not args.reverse_alternate else runners[::-1]
-        for r in order:
-            train_step(r, batches, loss_fn, device, record=True)
+        run_steps(order, batches, loss_fn, device, record=True, interleave=interleave)
         log("  step %d: %s" % (i + 1, "  ".join(f"{r.name}={r.times['total'][-1]:.3f}s" for r in runners)))
 
     rows = []
@@ -678,7 +724,8 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
         "config": {"batch": batch_size, "seq": seq, "tokens_per_step": tokens, "hidden": hidden,
                    "layers": n_layers, "grad_accum": K, "tokens_per_micro_batch": tokens,
                    "tokens_per_optimizer_step": K * tokens, "probe_timed": probe_timed,
-                   "warmup_micro_batches": len(warm),
+                   "warmup_micro_batches": len(warm), "probe_micro_batches": len(probe),
+                   "interleave": interleave,
                    "dtype": args.dtype, "device": str(device), "threads": torch.get_num_threads(),
                    "targets": preset.targets, "sparse_rate": args.sparse_rate, "lora_r": args.lora_r,
                    "optimizer": f"AdamW(lr={args.lr}, weight_decay=0.01)", "warmup": args.warmup, "steps": args.steps,
@@ -802,6 +849,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-grad-accum", default=None, help="comma list of K: one run per value")
     ap.add_argument("--warmup-micro-batches", type=int, default=None,
                     help="micro-batches per warmup step (default: all K; the window still plans for K)")
+    ap.add_argument("--probe-micro-batches", type=int, default=None,
+                    help="micro-batches of the memory-probe step (default: all K; not timed when fewer)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the methods' steps micro-batch by micro-batch, A1 B1 C1 A2 B2 C2 ... (a shared machine)")
     ap.add_argument("--probe-timed", action="store_true",
                     help="count the memory-probe step as the first timed step (one step less per method)")
     ap.add_argument("--reverse-alternate", action="store_true", help="reverse the method order every other repetition")

@@ -99,7 +99,7 @@ def test_bench_grad_accum_window(tmp_path):
     if why:
         pytest.skip(why)
     methods = ["full", "frod:micro_batch", "frod:window", "frod:materialize+u:window"]
-    res = _run(tmp_path, ",".join(methods), extra=("--grad-accum", "3", "--probe-timed"))
+    res = _run(tmp_path, ",".join(methods), extra=("--grad-accum", "3", "--probe-timed", "--interleave"))
     rows = _check_common(res, methods)
     c = res["config"]
     assert c["grad_accum"] == 3 and c["tokens_per_optimizer_step"] == 3 * c["tokens_per_micro_batch"]

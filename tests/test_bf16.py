@@ -29,22 +29,25 @@ def checkpoint_tensors(run: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same debug=default run with float32 and with bfloat16 frozen weights."""
+    """The same debug=default run with float32 and with bfloat16 frozen weights; and bfloat16 with every
+    FRoD layer in project order (debug=default's micro-batches otherwise materialize dW everywhere)."""
     from conftest import DEBUG
 
     out = {}
-    for dtype in ("float32", "bfloat16"):
-        run = tmp_path_factory.mktemp(dtype) / "run"
+    for key, extra in (("float32", []), ("bfloat16", []), ("bfloat16_project", ["method.frod_mode=project"])):
+        run = tmp_path_factory.mktemp(key) / "run"
+        dtype = key.split("_")[0]
         code, _ = run_verb("train", [*DEBUG, *NO_DROPOUT, "train.cpu=true", "train.keep_checkpoints=true",
-                                     "train.log_every=1", f"model.dtype={dtype}", f"hydra.run.dir={run}"])
+                                     "train.log_every=1", f"model.dtype={dtype}", *extra, f"hydra.run.dir={run}"])
         assert code == 0
-        out[dtype] = run
+        out[key] = run
     return out
 
 
 @pytest.mark.slow
-def test_bf16_loss_tracks_float32(runs):
-    f32, b16 = losses(runs["float32"]), losses(runs["bfloat16"])
+@pytest.mark.parametrize("key", ["bfloat16", "bfloat16_project"])
+def test_bf16_loss_tracks_float32(runs, key):
+    f32, b16 = losses(runs["float32"]), losses(runs[key])
     assert sorted(f32) == sorted(b16) == [1, 2, 3, 4]
     for step in f32:
         assert b16[step] == pytest.approx(f32[step], rel=0.03), (step, f32[step], b16[step])

@@ -86,7 +86,10 @@ def assert_rows_close(a: list, b: list, tol: float) -> None:
 # ---------------------------------------------------------------------------------------------------
 # 1. Resume
 # ---------------------------------------------------------------------------------------------------
+# Two micro-batches per optimizer step with FRoD's accumulation window (dW built once per step): a resumed
+# run must continue at a window boundary and match the uninterrupted one.
 RESUME = ["train.max_steps=12", "train.eval_every=4", "train.checkpoint_every=1", "train.keep_checkpoints=true",
+          "train.grad_accum=2", "method.accumulate=window",
           # dropout stays on: the restored RNG state must reproduce its masks
           "+model.config_overrides.hidden_dropout_prob=0.1"]
 
@@ -351,10 +354,13 @@ def test_remote_code_needs_the_explicit_flag(tmp_path, data, capsys):
 # 6. Two processes (torchrun, gloo) == one process with the same global batch
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_processes_match_one(data, tmp_path):
+@pytest.mark.parametrize("accumulation", [[], ["train.grad_accum=2", "method.accumulate=window"]],
+                         ids=["one_micro_batch", "accumulation_window"])
+def test_two_processes_match_one(data, tmp_path, accumulation):
+    """DDP over gloo; with an accumulation window the FRoD gradients are all-reduced once per window."""
     args = tiny(data, "train.max_steps=6", "train.eval_every=3", "train.keep_checkpoints=true", "train.cpu=true",
                 "+model.config_overrides.hidden_dropout_prob=0.0",
-                "+model.config_overrides.attention_probs_dropout_prob=0.0")
+                "+model.config_overrides.attention_probs_dropout_prob=0.0", *accumulation)
     one = tmp_path / "one"
     code, _ = run_verb("train", [*[a for a in args if not a.startswith("train.batch_size")], "train.batch_size=8",
                                  f"hydra.run.dir={one}"])

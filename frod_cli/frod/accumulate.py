@@ -44,6 +44,9 @@ Rules of a window:
     backward). On an exception nothing is projected, the buffers are dropped, and the layers are back
     to their plain path. A backward through a window's forward after it closed raises.
   - Windows do not nest.
+  - Data parallel: the windowed layers' lambda.grad and S.grad appear at the window's exit, outside any
+    backward, so DDP/FSDP gradient hooks never see them; all-reduce them after the window (or run the
+    window only on a single process).
 """
 from __future__ import annotations
 

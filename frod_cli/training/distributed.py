@@ -36,6 +36,10 @@ weights are shards, so:
     adapted weights. Refused under FSDP; `auto` takes the per-micro-batch path (logged).
   - FrodLinear's evaluation cache keeps one m x n dW per layer across calls (an unsharded copy again):
     dropped after each forward of a sharded model (`drop_frod_caches`).
+Also: after a forward without gradients every unit is resharded, so that code run on rank 0 alone (PEFT's
+save_pretrained reads the state dict) cannot leave the ranks in different gather states
+(`reshard_after_no_grad_forward`); generation steps every rank until all finish (`after_sharding`); and
+train.mixed_precision autocasts the forward as Accelerate's DDP path does (`autocast_forward`).
 Methods that train every weight (method=full) would shard their trainables and optimizer state; their
 snapshots, checkpoints and adapter would then need gathering in the loop's evaluate/restore/resume
 code: refused for now.
@@ -43,6 +47,7 @@ code: refused for now.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any, Iterator, List, Optional, Sequence
@@ -145,6 +150,8 @@ def _accelerator_class():
                 # accelerate/state.py enters FSDP for GPU-like launches only; its FSDP2 path (prepare,
                 # no_sync, DTensor-aware clipping, state dicts) runs on CPU over gloo as it is.
                 self.state.distributed_type = DistributedType.FSDP
+                if self.state.mixed_precision != "no":  # as accelerate/state.py does for FSDP launches
+                    fsdp_plugin.set_mixed_precision(self.state.mixed_precision)
                 self.state.fsdp_plugin = fsdp_plugin
                 PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             if not self.is_fsdp2:
@@ -162,7 +169,7 @@ def _accelerator_class():
             result = super().prepare(*args, **kwargs)
             for obj in result if isinstance(result, (tuple, list)) else (result,):
                 if isinstance(obj, nn.Module):
-                    after_sharding(obj, self.is_main_process)
+                    after_sharding(obj, self)
             return result
 
         @contextlib.contextmanager
@@ -206,6 +213,11 @@ def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]
         log.warning("train.fsdp: the model names no layer class (_no_split_modules) and train.fsdp.wrap "
                     "is not set: the whole model is one FSDP unit, gathered for every forward")
     plugin.transformer_cls_names_to_wrap = names
+    mp = plugin.mixed_precision_policy
+    if mp is not None and getattr(mp, "output_dtype", None) is not None:
+        # the root's outputs as the autocast forward returns them (float32, as under DDP), not recast to
+        # bf16/fp16 after it (autocast_forward)
+        plugin.mixed_precision_policy = dataclasses.replace(mp, output_dtype=None)
     replicated = [p for p in model.parameters() if p.requires_grad]
     # Accelerate reads `ignored_modules` as modules and ignores their parameters: a ParameterList that
     # is not attached to the model names exactly the trainables (a FrodLinear also holds its frozen W).
@@ -218,13 +230,15 @@ def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]
     return replicated
 
 
-def after_sharding(model: nn.Module, main: bool) -> None:
+def after_sharding(model: nn.Module, acc: Any) -> None:
     """What the sharded model needs beyond Accelerate's prepare (see the functions called)."""
     # transformers' marker of an FSDP2 model: generate() then keeps every rank stepping until all have
     # finished (synced_gpus), as each step gathers weights from all ranks
     model._is_fsdp_managed_module = True
     reshard_after_no_grad_forward(model)
-    if main:
+    if acc.native_amp:
+        autocast_forward(model, acc)
+    if acc.is_main_process:
         local, full = shard_sizes(model)
         log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
                  100.0 * local / max(full, 1))
@@ -284,6 +298,22 @@ def average_gradients(params: Sequence[torch.Tensor], world: int) -> None:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def autocast_forward(model: nn.Module, acc: Any) -> None:
+    """train.mixed_precision under FSDP: Accelerate gives FSDP a MixedPrecisionPolicy (the sharded weights
+    gathered in bf16/fp16) but, unlike its DDP path, no autocast, so the float32 trainables that FSDP
+    leaves whole (a task head) would meet bf16 activations. The model's forward autocasts as under DDP
+    (outputs back in float32), so both paths compute alike."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    context = get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
+    forward = model.forward.__func__ if hasattr(model.forward, "__func__") else model.forward
+    model._original_forward = model.forward
+    wrapped = convert_outputs_to_fp32(context(forward))
+    model.forward = MethodType(wrapped, model) if hasattr(model._original_forward, "__func__") else wrapped
 
 
 def reshard_after_no_grad_forward(model: nn.Module) -> None:
