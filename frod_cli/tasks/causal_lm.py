@@ -461,6 +461,10 @@ class CausalLM(DataTask):
         world, rank = accelerator.num_processes, accelerator.process_index
         per = -(-len(idx) // world)
         mine = idx[rank * per : (rank + 1) * per]  # contiguous shards: gathering keeps the split's order
+        # Every rank generates the same number of batches (sharded weights: FSDP needs each rank in every
+        # forward), so a short share is padded with copies of the first example and those are dropped after.
+        real = len(mine)
+        mine = mine + [idx[0]] * (per - real) if world > 1 else mine
         g, tok = self.cfg.generation, self.tokenizer
         records: List[Dict[str, Any]] = []
         if mine:
@@ -476,6 +480,7 @@ class CausalLM(DataTask):
                 records.append({"index": int(i), "prompt": prompt, "prediction": prediction, "extracted": extracted,
                                 "reference": ref, "reference_answer": ref_answer,
                                 "correct": bool(normalize_answer(ref_answer)) and normalize_answer(extracted) == normalize_answer(ref_answer)})
+        records = records[:real]
         return list(gather_object(records)) if world > 1 else records
 
     def score(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
