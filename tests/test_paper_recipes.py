@@ -352,3 +352,29 @@ def test_commonsense_recipe_smoke_run_on_a_tiny_llama(name, tmp_path):
     assert code == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 2 and "accuracy" in m["test"] and m["task"] == name
+
+
+@pytest.mark.parametrize("method", ["frod", "lora", "full", "vera", "peft_frod"])
+def test_metamath_recipe_composes_offline(method):
+    """recipe=metamath_llama3b: PEFT's MetaMathQA -> GSM8K setup for every method, Hub ids kept."""
+    cfg = OmegaConf.merge(OmegaConf.structured(FrodRunConfig), _compose_plain("metamath_llama3b", f"method={method}"))
+    apply_per_method(cfg, [f"method={method}"])
+    t = cfg.task
+    assert (cfg.model.name_or_path, cfg.model.dtype) == ("meta-llama/Llama-3.2-3B", "bfloat16")
+    assert (t.type, t.dataset, t.test_dataset, t.answer_pattern, t.max_length) == (
+        "causal_lm", "meta-math/MetaMathQA", "openai/gsm8k", "last_number", 768)
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.optimizer.scheduler, cfg.optimizer.lr,
+            cfg.optimizer.weight_decay) == (5000, 4, "cosine", 1e-4, 0.1)
+    if method == "frod":
+        assert cfg.method.sparse_rate == 0.01 and list(cfg.model.target_modules) == ["q_proj", "v_proj"]
+    if method == "lora":
+        assert cfg.method.r == 32
+
+
+def _compose_plain(recipe: str, *overrides: str):
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_dir(config_dir=str(RECIPES), version_base="1.3")
+    return compose("config", overrides=[f"recipe={recipe}", *overrides])
