@@ -9,7 +9,8 @@
 # implementation in bfloat16 cannot take the other rows with it. Each run has its own time limit and the
 # whole script stops starting runs at its deadline (GPU_CHECK_SECONDS, default 470).
 #
-#   bash scripts/gpu_check.sh                # from the repository root, after `make install`
+#   bash scripts/gpu_check.sh   # needs a CUDA build of torch with transformers and peft: PY=/path/to/python
+#                               # picks the interpreter (default .venv/bin/python, else python3)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
