@@ -19,6 +19,7 @@ a model's own sampling defaults never leak into greedy decoding.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -77,6 +78,14 @@ def pad_id_of(tokenizer: Any) -> int:
 
 
 # ------------------------------------------------------------------------------------------ generating
+def sampling_settings(node: Any) -> Dict[str, Any]:
+    """The `generation_config` keywords from a config holding frod_cli.config.SamplingConfig's keys
+    (task.generation, or `frod generate`'s own)."""
+    from frod_cli.config import SamplingConfig
+
+    return {f.name: node[f.name] for f in dataclasses.fields(SamplingConfig)}  # generation_config casts them
+
+
 def generation_config(model: Any, tokenizer: Any, *, max_new_tokens: int = 32, do_sample: bool = False,
                       temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, num_beams: int = 1,
                       repetition_penalty: float = 1.0) -> Any:
@@ -209,14 +218,14 @@ def _causal_task_config() -> Any:
 
 def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
     """(model, tokenizer, the run's task config or None, what was loaded) for a GenerateRunConfig."""
-    from frod_cli.runs import load_run_config
+    from frod_cli.runs import is_run_dir, load_run_config
     from frod_cli.tasks import get_task
     from frod_cli.training.builders import load_trained
 
     path = os.path.abspath(os.path.expanduser(str(cfg.path)))
     if not os.path.exists(path):
         raise FrodCliError(f"no such run directory or model: {cfg.path}")
-    if not (Path(path) / ".hydra" / "config.yaml").is_file():
+    if not is_run_dir(path):
         if cfg.use_adapter:
             raise FrodCliError(f"use_adapter=true needs a run directory; {cfg.path} has no .hydra/config.yaml")
         _check_saved(path, cfg.path)
@@ -261,19 +270,16 @@ def run_generate(cfg: Any) -> List[Dict[str, str]]:
     else:
         ids = [encode_prompt(tok, p, False, system) for p in prompts]
     set_seed(int(cfg.seed))
-    new = generate_ids(model, tok, ids, batch_size=int(cfg.batch_size), max_new_tokens=int(cfg.max_new_tokens),
-                       do_sample=bool(cfg.do_sample), temperature=float(cfg.temperature), top_p=float(cfg.top_p),
-                       top_k=int(cfg.top_k), num_beams=int(cfg.num_beams), repetition_penalty=float(cfg.repetition_penalty))
+    new = generate_ids(model, tok, ids, batch_size=int(cfg.batch_size), **sampling_settings(cfg))
     records = [{"prompt": p, "answer": tok.decode(t, skip_special_tokens=True).strip()} for p, t in zip(prompts, new)]
     for r in records:
         print(f">>> {r['prompt']}")
         print(r["answer"])
         print()
     if cfg.output:
+        from frod_cli.runs import atomic_write_text
+
         out = Path(os.path.expanduser(str(cfg.output)))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        atomic_write_text(str(out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         print(f"wrote {out}")
     return records

@@ -119,9 +119,9 @@ class Method:
         """The plain transformers model (original architecture) with the adaptation merged in."""
         raise NotImplementedError
 
-    def accumulation(self, model: nn.Module, micro_batches: int, tokens: int) -> ContextManager:
-        """A context the loop opens around one accumulation window of `micro_batches` micro-batches
-        (`tokens` tokens in all, an estimate). Default: nothing."""
+    def accumulation(self, model: nn.Module, micro_batches: int) -> ContextManager:
+        """A context the loop opens around one accumulation window of `micro_batches` micro-batches.
+        Default: nothing."""
         return contextlib.nullcontext()
 
     def describe(self) -> Dict[str, Any]:

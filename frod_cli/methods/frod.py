@@ -83,7 +83,7 @@ class FrodMethod(Method):
         return merge_and_unload(model)
 
     # ---- accumulation windows (issue 12) ------------------------------------------------------------
-    def accumulation(self, model: nn.Module, micro_batches: int, tokens: int) -> ContextManager:
+    def accumulation(self, model: nn.Module, micro_batches: int) -> ContextManager:
         if self.window_choice is None:
             self.window_choice = self._choose_window(model, micro_batches)
         if self.window_choice != "window":

@@ -451,7 +451,7 @@ class CausalLM(DataTask):
     def generate_records(self, model: torch.nn.Module, dataset: Any, accelerator: Any) -> Optional[List[Dict[str, Any]]]:
         from accelerate.utils import gather_object
 
-        from frod_cli.generation import generate_ids
+        from frod_cli.generation import generate_ids, sampling_settings
 
         idx = self.generation_indices(dataset)
         if not idx:
@@ -471,9 +471,7 @@ class CausalLM(DataTask):
             rows = dataset.select(mine)
             prompts = [ids[:n] for ids, n in zip(rows["input_ids"], rows["prompt_len"])]
             new = generate_ids(accelerator.unwrap_model(model), tok, prompts, batch_size=int(g.batch_size),
-                               max_new_tokens=int(g.max_new_tokens), do_sample=bool(g.do_sample), temperature=float(g.temperature),
-                               top_p=float(g.top_p), top_k=int(g.top_k), num_beams=int(g.num_beams),
-                               repetition_penalty=float(g.repetition_penalty))
+                               **sampling_settings(g))
             for i, prompt, ref, ids in zip(mine, rows["prompt"], rows["reference"], new):
                 prediction = tok.decode(ids, skip_special_tokens=True).strip()
                 extracted, ref_answer = self.extract(prediction), self.extract(ref)

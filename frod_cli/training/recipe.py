@@ -156,13 +156,16 @@ class FinetuneRecipe:
 
     def _check_identical_ranks(self) -> None:
         """Every rank must hold the same adapter (FRoD: basis and pattern) and the same initial values."""
-        from accelerate.utils import gather_object
-
-        own = [B.state_fingerprint(self.model)]
-        self.fingerprints = gather_object(own) if self.acc.num_processes > 1 else own
+        self.fingerprints = self._rank_fingerprints(self.model)
         if len(set(self.fingerprints)) > 1:
             raise FrodCliError(f"the adapted model differs between processes ({len(set(self.fingerprints))} "
                                "variants): check that every rank loads the same base model and seed")
+
+    def _rank_fingerprints(self, model: torch.nn.Module) -> List[str]:
+        """state_fingerprint (buffers and trainables) of every rank."""
+        if self.acc.num_processes == 1:
+            return [B.state_fingerprint(model)]
+        return D.rank_fingerprints(self.acc, model)
 
     def _setup_optimizer(self) -> None:
         groups = self.method.param_groups(self.model)
@@ -357,10 +360,9 @@ class FinetuneRecipe:
     def train_step(self, window: List[Dict[str, Any]]) -> None:
         """One optimizer step over the micro-batches of one accumulation window."""
         acc, size = self.acc, len(window)
-        tokens = sum(int(b["input_ids"].numel()) for b in window if torch.is_tensor(b.get("input_ids")))
         bad = torch.zeros((), device=acc.device)
         bad_value = torch.zeros((), device=acc.device)
-        context = self.method.accumulation(self.unwrapped, size, tokens or None)
+        context = self.method.accumulation(self.unwrapped, size)
         # A method's window context hands its gradients over at the window's end, after the last backward:
         # the loop then syncs every gradient itself, once per window, instead of DDP's per-backward hooks.
         deferred = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
@@ -376,26 +378,14 @@ class FinetuneRecipe:
                     bad_value = torch.where(nonfinite, loss.detach().float(), bad_value).reshape(())
                     acc.backward(loss / size)
                 self.window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
-        if deferred:
-            self._all_reduce_gradients()
+        if deferred:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables too)
+            D.average_gradients(self.trainable_params, acc.num_processes)
         self._check_finite(bad, bad_value)
         if float(self.cfg.optimizer.max_grad_norm) > 0:
             acc.clip_grad_norm_(self.trainable_params, float(self.cfg.optimizer.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-
-    def _all_reduce_gradients(self) -> None:
-        """Mean of every trainable gradient over processes, in one flat all-reduce."""
-        grads = [p.grad for p in self.trainable_params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.acc.reduce(flat, reduction="mean")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _check_finite(self, bad: torch.Tensor, bad_value: torch.Tensor) -> None:
         if self.acc.num_processes > 1:
@@ -500,7 +490,7 @@ class FinetuneRecipe:
 
     def _check_identical_trainables(self) -> None:
         """After a sharded run: the whole tensors (trainables, FRoD basis and pattern) still agree on every rank."""
-        prints = D.rank_fingerprints(self.acc, self.unwrapped)
+        prints = self._rank_fingerprints(self.unwrapped)
         if len(set(prints)) > 1:
             raise FrodCliError(f"train.fsdp: the trainables differ between processes at the end of training "
                                f"({len(set(prints))} variants)")
