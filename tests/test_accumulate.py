@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from frod_cli.frod import FrodConfig, FrodError, FrodLinear, accumulate, apply_frod, frod_layers
+from frod_cli.frod import FrodConfig, FrodError, FrodLinear, accumulate, apply_frod, frod_layers, window_buffer_bytes
 from frod_cli.frod.layer import is_conv1d
 
 from tiny_models import FAMILIES, output_of
@@ -113,6 +113,7 @@ def test_dW_built_once_and_buffers_while_open(monkeypatch):
         held = w.memory_bytes()
         mn = sum(layer.out_features * layer.in_features for _, layer in frod_layers(model))
         assert held["weights"] == 4 * mn and held["grad_buffers"] == 4 * mn  # one W + dW and one G per layer
+        assert held["total"] == window_buffer_bytes(model)  # every layer windowed: the estimate is exact
         assert all(layer.frod_lambda.grad is None for _, layer in frod_layers(model))  # nothing projected yet
     assert len(calls) == layer_count(model) and len(set(map(id, calls))) == layer_count(model)
     # without a window: one build per layer per micro-batch

@@ -18,7 +18,7 @@ from .adapter import (
     summary,
     unmerge,
 )
-from .accumulate import accumulate
+from .accumulate import accumulate, window_buffer_bytes
 from .config import FrodConfig, FrodError
 from .targets import find_linear_targets, matches as target_matches
 from .layer import FrodCategory, FrodLinear
@@ -27,5 +27,5 @@ __all__ = [
     "FrodConfig", "FrodError", "FrodLinear", "FrodCategory", "apply_frod", "merge_and_unload", "merge", "unmerge",
     "save_adapter", "load_adapter", "read_adapter", "param_groups", "disable_adapter", "summary", "find_targets",
     "frod_layers", "find_linear_targets", "target_matches",
-    "accumulate",
+    "accumulate", "window_buffer_bytes",
 ]

@@ -144,6 +144,16 @@ class Window:
         return {"weights": w, "grad_buffers": g, "total": w + g}
 
 
+def window_buffer_bytes(model: nn.Module) -> int:
+    """What a window holds at most (every adapted layer windowed): per layer W_i + dW_i in the weights'
+    dtype and the float32 gradient sum G_i, both m x n. For deciding whether a window fits before it opens."""
+    total = 0
+    for _, layer in frod_layers(model):
+        W = weight_of(layer.base_layer)
+        total += W.numel() * (W.element_size() + 4)
+    return total
+
+
 @contextlib.contextmanager
 def accumulate(model: nn.Module, micro_batches: Optional[int] = None, enabled: bool = True) -> Iterator[Window]:
     """Gradient-accumulation window over `model`'s FRoD layers (module docstring).

@@ -93,15 +93,14 @@ class FrodMethod(Method):
         return accumulate(model, micro_batches=micro_batches)
 
     def _choose_window(self, model: nn.Module, micro_batches: int) -> str:
-        from frod_cli.frod import frod_layers
+        from frod_cli.frod import window_buffer_bytes
 
         mode = self.cfg.accumulate
         if mode != "auto":
             return mode
         if micro_batches <= 1:
             return "micro_batch"
-        # one float32 m x n gradient buffer per adapted layer while a window is open
-        need = sum(4 * layer.out_features * layer.in_features for _, layer in frod_layers(model))
+        need = window_buffer_bytes(model)  # W + dW and the float32 gradient sum per layer, at most
         free = _free_memory(model)
         choice = "window" if free is None or need < 0.5 * free else "micro_batch"
         log.info("method.accumulate=auto: %s (window buffers %.1f MiB, free memory %s)", choice, need / 2**20,
