@@ -294,6 +294,7 @@ def test_left_padded_batches_generate_like_single_prompts(tiny):
 
 def test_evaluate_loss_perplexity_exact_match_records(tmp_path, tiny):
     from accelerate import Accelerator
+    from torch.utils.data import DataLoader
 
     model, tok = tiny
     rows = [{"instruction": f"Is {n} even or odd? Answer with one word.", "output": "even" if n % 2 == 0 else "odd"}
@@ -303,7 +304,8 @@ def test_evaluate_loss_perplexity_exact_match_records(tmp_path, tiny):
     enc = task.encode(task.load_data(), tok)
     collate = task.collate(tok)
     acc = Accelerator(cpu=True)
-    metrics, records = task.evaluate(model, enc["validation"], collate, acc, 4)
+    loader = acc.prepare(DataLoader(enc["validation"], batch_size=4, shuffle=False, collate_fn=collate))
+    metrics, records = task.evaluate(model, enc["validation"], loader, acc)
     assert set(metrics) == {"loss", "perplexity", "token_accuracy", "exact_match", "accuracy"}
     with torch.no_grad():  # one batch holding the whole split: HF's loss is the same token-weighted mean
         whole = task.loss(model, collate([enc["validation"][i] for i in range(len(enc["validation"]))]))
@@ -313,7 +315,7 @@ def test_evaluate_loss_perplexity_exact_match_records(tmp_path, tiny):
     assert set(records[0]) >= {"prompt", "prediction", "extracted", "reference", "correct"}
     assert records[0]["reference"] == "odd" and records[0]["prompt"].startswith("### Instruction:\nIs 1 even")
     assert metrics["exact_match"] == sum(r["correct"] for r in records) / 6
-    again, records2 = task.evaluate(model, enc["validation"], collate, acc, 4)
+    again, records2 = task.evaluate(model, enc["validation"], loader, acc)
     assert again == metrics and records2 == records  # deterministic examples and greedy answers
 
     # scoring itself, on hand-made records
@@ -324,7 +326,8 @@ def test_evaluate_loss_perplexity_exact_match_records(tmp_path, tiny):
     # text data: no references, so loss and perplexity only
     text_task = local(tmp_path, [{"text": f"document number {i}"} for i in range(4)], name="t.jsonl")
     tenc = text_task.encode(text_task.load_data(), tok)
-    m, r = text_task.evaluate(model, tenc["validation"], text_task.collate(tok), acc, 2)
+    tloader = acc.prepare(DataLoader(tenc["validation"], batch_size=2, shuffle=False, collate_fn=text_task.collate(tok)))
+    m, r = text_task.evaluate(model, tenc["validation"], tloader, acc)
     assert r is None and set(m) == {"loss", "perplexity", "token_accuracy"}
 
 

@@ -64,10 +64,12 @@ class Task(ABC):
     def predict(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(predictions, references) for one batch, on the batch's device; called under no_grad."""
 
-    def evaluate(self, model: torch.nn.Module, dataset: Any, collate: Callable, accelerator: Any,
-                 batch_size: int) -> Optional[Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]]:
+    def evaluate(self, model: torch.nn.Module, dataset: Any, loader: Any,
+                 accelerator: Any) -> Optional[Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]]:
         """A task's own evaluation of one encoded split (e.g. loss plus generation), or None for the
-        default (batched `predict`, gathered over processes, then `compute_metrics`). Returns
+        default (batched `predict`, gathered over processes, then `compute_metrics`). `loader` is the
+        split's batches in order, prepared by Accelerate (sharded over processes); `dataset` the split
+        itself, for what is not batched (generation). Returns
         (metrics, prediction records or None); records are written to predictions.jsonl for the best
         checkpoint. Called under no_grad with the model in eval mode, on every process."""
         return None

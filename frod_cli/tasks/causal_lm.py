@@ -227,7 +227,6 @@ class CausalLM(DataTask):
         self.format: Optional[str] = None if cfg.data_format == "auto" else cfg.data_format
         self.stats: Dict[str, Dict[str, int]] = {}
         self.tokenizer: Any = None
-        self._loaders: List[Tuple[Any, int, Any, Any]] = []
 
     # ------------------------------------------------------------------------------------------- data
     def model_kwargs(self) -> Dict[str, Any]:
@@ -407,23 +406,13 @@ class CausalLM(DataTask):
         return {"token_accuracy": float(np.sum(predictions)) / total if total else 0.0}
 
     # ------------------------------------------------------------------------------------- evaluation
-    def _loader(self, dataset: Any, batch_size: int, collate: Callable, accelerator: Any) -> Any:
-        for ds, bs, fn, loader in self._loaders:  # prepare once per split: accelerate keeps every prepared loader
-            if ds is dataset and bs == batch_size and fn is collate:
-                return loader
-        from torch.utils.data import DataLoader
-
-        loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
-        self._loaders.append((dataset, batch_size, collate, loader))
-        return loader
-
-    def evaluate(self, model: torch.nn.Module, dataset: Any, collate: Callable, accelerator: Any,
-                 batch_size: int) -> Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]:
+    def evaluate(self, model: torch.nn.Module, dataset: Any, loader: Any,
+                 accelerator: Any) -> Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]:
         if len(dataset) == 0:
             raise FrodCliError("an evaluation split is empty")
         totals = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
-            for batch in self._loader(dataset, batch_size, collate, accelerator):
+            for batch in loader:
                 stats = self.token_stats(model, batch)
                 stats = accelerator.gather_for_metrics(tuple(s.contiguous() for s in stats))
                 totals += torch.stack([s.double().sum().cpu() for s in stats])

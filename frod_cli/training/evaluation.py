@@ -56,7 +56,7 @@ class Evaluator:
         model.eval()
         try:
             with torch.no_grad():
-                own = self.task.evaluate(model, self.encoded[split], self.collate, self.acc, self.batch_size)
+                own = self.task.evaluate(model, self.encoded[split], self.loader(split), self.acc)
                 if own is not None:
                     metrics, records = own
                     return SplitResult({k: float(v) for k, v in metrics.items()}, None, records)
