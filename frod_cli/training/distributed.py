@@ -356,11 +356,16 @@ def rank_fingerprints(acc: Any, model: nn.Module) -> List[str]:
     return list(gather_object([state_fingerprint(model)]))
 
 
-def shutdown() -> None:
-    """End the process group cleanly: every rank reaches the barrier before any destroys its group (a
-    rank tearing gloo down while another still talks to it aborts the process)."""
-    import torch.distributed as dist
+def shutdown(acc: Any) -> None:
+    """The end of a run, on every rank together: a barrier (a rank tearing gloo down while another still
+    talks to it aborts the process), Accelerate ends the trackers and destroys the process group, then
+    drops its references to the prepared objects and collects them. A sharded model's parameters keep
+    the process group alive through their device mesh even after it is destroyed: released here, it goes
+    while the interpreter is fully alive, not during interpreter exit, where tearing down gloo's work can
+    abort the process (pytorch/pytorch PR 179291). Callers drop their own references to the model first."""
+    import gc
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    acc.wait_for_everyone()
+    acc.end_training()
+    acc.free_memory()
+    gc.collect()  # free_memory collects before it clears its lists: the model goes in this collection

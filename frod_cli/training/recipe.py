@@ -482,10 +482,10 @@ class FinetuneRecipe:
         self.trackers.finish(final)
         if self.sharded:
             self._check_identical_trainables()
-        self.acc.wait_for_everyone()
-        self.acc.end_training()
-        if self.acc.num_processes > 1:
-            D.shutdown()  # barrier, then destroy (a no-op where end_training already destroyed the group)
+        # the recipe's references to the (sharded) model go before the shutdown collects it
+        self.model = self.unwrapped = self.optimizer = self.scheduler = self.evaluator = None
+        self.trainable_params = []
+        D.shutdown(self.acc)
         return float(st.best) if st.best is not None else float("nan")
 
     def _check_identical_trainables(self) -> None:
