@@ -304,6 +304,10 @@ class FrodLinear(_KeepOwnTensors):
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, weight, base.bias)
 
+    def drop_cache(self) -> None:
+        """Forget the dW kept for no-grad calls (an m x n tensor); the next such call rebuilds it."""
+        self._cache = None
+
     def _cached_delta(self) -> torch.Tensor:
         W = weight_of(self.base_layer)
         key = (self.frod_lambda._version, self.frod_s._version, W._version, W.data_ptr(), W.device, W.dtype)
@@ -326,7 +330,7 @@ class FrodLinear(_KeepOwnTensors):
         if self.choose_mode(tokens, training) == "materialize":
             dW = self.delta_weight().to(W.dtype) if training else self._cached_delta()
             return self._linear(x, dW)
-        self._cache = None
+        self.drop_cache()
         x2 = x.reshape(-1, self.in_features)
         out = self.project(x2)
         if self.frod_U_t is not None:
@@ -343,7 +347,7 @@ class FrodLinear(_KeepOwnTensors):
         self._unmerged_weight = self.base_layer.weight.detach().clone()
         W.add_(dW)  # W is a view of the stored weight (transposed for Conv1D)
         self.merged = True
-        self._cache = None
+        self.drop_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -352,7 +356,7 @@ class FrodLinear(_KeepOwnTensors):
         self.base_layer.weight.copy_(self._unmerged_weight)  # exact: the pre-merge weight was kept
         self._unmerged_weight = None
         self.merged = False
-        self._cache = None
+        self.drop_cache()
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, category={self.category.key!r}, "

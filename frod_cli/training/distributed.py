@@ -340,7 +340,7 @@ def drop_frod_caches(model: nn.Module) -> None:
     from frod_cli.frod.layer import FrodLinear
 
     def drop(module: nn.Module, args: Any, output: Any) -> None:
-        module._cache = None
+        module.drop_cache()
 
     for m in model.modules():
         if isinstance(m, FrodLinear):
