@@ -17,10 +17,22 @@ ACCUMULATE = ("auto", "window", "micro_batch")
 
 
 @dataclass
-class FrodMethodConfig(MethodConfig):
+class FrodKeys(MethodConfig):
+    """The keys both FRoD implementations read: ours (`frod`) and PEFT's (`peft_frod`)."""
+
     sparse_rate: float = 0.01  # fraction of the n^2 entries of S that train (a fixed, seeded pattern)
     regularization: float = 1e-3  # pi of the regularized HO-GSVD
     frod_seed: int = 0  # seeds the sparse pattern
+
+
+def check_frod_keys(cfg: Any) -> None:
+    """Refuse, before any work, what neither implementation can train."""
+    if not 0.0 < float(cfg.sparse_rate) < 1.0:
+        raise FrodCliError(f"method.sparse_rate must lie in (0, 1), got {cfg.sparse_rate}")
+
+
+@dataclass
+class FrodMethodConfig(FrodKeys):
     frod_mode: str = "auto"  # auto | materialize | project: how dW x is computed (frod_cli/frod/layer.py)
     store_u: bool = False  # keep U_i (one more copy of each adapted weight) instead of recomputing it
     basis_dtype: str = "float32"  # float32 | float64: precision of the decomposition
@@ -33,8 +45,7 @@ class FrodMethodConfig(MethodConfig):
 class FrodMethod(Method):
     def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
         super().__init__(cfg, task, model_cfg)
-        if not 0.0 < float(cfg.sparse_rate) < 1.0:
-            raise FrodCliError(f"method.sparse_rate must lie in (0, 1), got {cfg.sparse_rate}")
+        check_frod_keys(cfg)
         if cfg.accumulate not in ACCUMULATE:
             raise FrodCliError(f"method.accumulate must be one of {', '.join(ACCUMULATE)}, got {cfg.accumulate!r}")
         self.window_choice: Optional[str] = None

@@ -8,8 +8,8 @@ from typing import Dict, List
 
 from torch import nn
 
-from frod_cli import FrodCliError
 from frod_cli.methods.base import Method, MethodConfig, register_method
+from frod_cli.methods.frod import FrodKeys, check_frod_keys
 
 
 @dataclass
@@ -24,13 +24,6 @@ class VeraMethodConfig(MethodConfig):
     r: int = 256  # VeRA's shared random matrices are wide: its usual rank is far above LoRA's
     dropout: float = 0.0
     projection_seed: int = 0  # PRNG key of the shared random projections
-
-
-@dataclass
-class PeftFrodMethodConfig(MethodConfig):
-    sparse_rate: float = 0.01
-    regularization: float = 1e-3
-    frod_seed: int = 0
 
 
 class PeftMethod(Method):
@@ -163,12 +156,11 @@ class VeraMethod(PeftMethod):
         )
 
 
-@register_method("peft_frod", config=PeftFrodMethodConfig)
+@register_method("peft_frod", config=FrodKeys)
 class PeftFrodMethod(PeftMethod):
     def __init__(self, cfg, task=None, model_cfg=None):
         super().__init__(cfg, task, model_cfg)
-        if not 0.0 < float(cfg.sparse_rate) < 1.0:
-            raise FrodCliError(f"method.sparse_rate must lie in (0, 1), got {cfg.sparse_rate}")
+        check_frod_keys(cfg)
 
     def peft_config(self, targets):
         from peft import FrodConfig
