@@ -69,8 +69,7 @@ def _train(cfg: Any) -> float:
     from frod_cli.training import recipe_main
 
     hc = HydraConfig.get()
-    out = cfg.resume or cfg.output_dir or hc.runtime.output_dir
-    return recipe_main(cfg, out, list(hc.overrides.task))
+    return recipe_main(cfg, hc.runtime.output_dir, list(hc.overrides.task))
 
 
 def _eval(cfg: Any) -> Dict[str, Any]:

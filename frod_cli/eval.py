@@ -16,8 +16,8 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     from accelerate import Accelerator
 
     B.quiet_libraries()
-    model, pre, task, data, what, _ = B.load_trained(cfg.path, use_adapter=bool(cfg.use_adapter), task_cfg=cfg.task,
-                                                     seed=cfg.seed)
+    t = B.load_trained(cfg.path, use_adapter=bool(cfg.use_adapter), task_cfg=cfg.task, seed=cfg.seed)
+    model, pre, task, data, what = t.model, t.preprocessor, t.task, t.data, t.what
     acc = Accelerator(cpu=bool(cfg.cpu))
     encoded = B.encode_data(task, data, pre)
     model = acc.prepare(model)

@@ -229,8 +229,8 @@ def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
         if cfg.use_adapter:
             raise FrodCliError(f"use_adapter=true needs a run directory; {cfg.path} has no .hydra/config.yaml")
         _check_saved(path, cfg.path)
-        model, tok, _, _, _, _ = load_trained(path, task_cfg=_causal_task_config(), load_data=False)
-        return model, tok, None, cfg.path
+        t = load_trained(path, task_cfg=_causal_task_config(), load_data=False)
+        return t.model, t.preprocessor, None, cfg.path
 
     run = load_run_config(path)
     task_cls = get_task(run.task.type)
@@ -238,8 +238,8 @@ def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
         raise FrodCliError(f"{cfg.path} was trained for task type {run.task.type!r} ({task_cls.auto_class}); "
                            "frod generate needs a causal LM run")
     # merged/ (or base + adapter/ with use_adapter=true, or when merged/ is missing), as `frod eval` loads it
-    model, tok, _, _, what, _ = load_trained(path, use_adapter=bool(cfg.use_adapter), load_data=False)
-    return model, tok, run.task, f"{cfg.path} ({what})"
+    t = load_trained(path, use_adapter=bool(cfg.use_adapter), load_data=False)
+    return t.model, t.preprocessor, run.task, f"{cfg.path} ({t.what})"
 
 
 def _layout_for(run_task: Optional[Any]) -> bool:
@@ -270,8 +270,8 @@ def run_generate(cfg: Any) -> List[Dict[str, str]]:
     else:
         ids = [encode_prompt(tok, p, False, system) for p in prompts]
     set_seed(int(cfg.seed))
-    new = generate_ids(model, tok, ids, batch_size=int(cfg.batch_size), **sampling_settings(cfg))
-    records = [{"prompt": p, "answer": tok.decode(t, skip_special_tokens=True).strip()} for p, t in zip(prompts, new)]
+    answers = generate_texts(model, tok, ids, batch_size=int(cfg.batch_size), **sampling_settings(cfg))
+    records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     for r in records:
         print(f">>> {r['prompt']}")
         print(r["answer"])

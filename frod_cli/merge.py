@@ -20,8 +20,8 @@ def run_merge(cfg: Any) -> Dict[str, Any]:
         raise FrodCliError(f"{cfg.run} is not a run directory (no .hydra/config.yaml)")
     if not RunPaths.of(run_dir).adapter.is_dir():
         raise FrodCliError(f"{cfg.run} has no adapter/ to merge")
-    model, pre, task, data, _, run = B.load_trained(run_dir, use_adapter=True)
-    method = B.build_method(run.method, task, run.model)
+    t = B.load_trained(run_dir, use_adapter=True)
+    model, pre, task, data, run, method = t.model, t.preprocessor, t.task, t.data, t.run, t.method
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model.to(device)
     split = "validation" if "validation" in data else next(iter(data))

@@ -323,9 +323,14 @@ def frod_available() -> Optional[str]:
     return None
 
 
+def is_our_frod(name: str) -> bool:
+    """Our FRoD (frod, frod:<mode>[...]), as opposed to PEFT's peft_frod and the other baselines."""
+    return name == "frod" or name.startswith("frod:")
+
+
 def frod_accumulation(name: str) -> Optional[str]:
     """"window" or "micro_batch" for our FRoD methods (micro_batch unless the name ends in :window), else None."""
-    if not (name == "frod" or name.startswith("frod:")):
+    if not is_our_frod(name):
         return None
     return "window" if name.split(":")[-1] == "window" else "micro_batch"
 
@@ -361,7 +366,7 @@ def apply_method(name: str, model: torch.nn.Module, args, preset: Preset) -> tor
         cfg = PeftFrodConfig(target_modules=targets, sparse_rate=args.sparse_rate, progressbar=False,
                              projection_prng_key=args.seed, runtime_offload_base_weight=offload)
         return get_peft_model(model, cfg)
-    if name == "frod" or name.startswith("frod:"):
+    if is_our_frod(name):
         from frod_cli.frod import FrodConfig, apply_frod
 
         kw = parse_frod_method(name)
@@ -637,7 +642,7 @@ def run_bench(args, preset: Preset, methods: List[str], log=print) -> Dict[str, 
             from frod_cli.frod import accumulate
 
             r.window = lambda model, k: accumulate(model, micro_batches=k)
-        if name == "frod" or name.startswith("frod:"):
+        if is_our_frod(name):
             try:
                 from frod_cli.frod import summary
 
@@ -869,15 +874,15 @@ def main(argv=None) -> int:
         args.methods = DEFAULT_METHODS_ACCUM if accum else DEFAULT_METHODS
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m == "frod" or m.startswith("frod:"):
+        if is_our_frod(m):
             parse_frod_method(m)  # refuse a bad name before anything is built
-    if any(m == "frod" or m.startswith("frod:") for m in methods):
+    if any(is_our_frod(m) for m in methods):
         why = frod_available()
         if why:
             if not args.allow_missing:
                 raise SystemExit(why + " (use --allow-missing to drop the frod methods)")
             print(f"# {why}: dropping the frod methods", file=sys.stderr)
-            methods = [m for m in methods if not (m == "frod" or m.startswith("frod:"))]
+            methods = [m for m in methods if not is_our_frod(m)]
     preset = PRESETS[args.preset]
     log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     env = environment(args)

@@ -46,7 +46,8 @@ def test_merged_generates_what_the_adapted_model_generates(sft_run):
     run, _ = sft_run
     plain = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     tok = AutoTokenizer.from_pretrained(run / "merged")
-    adapted, tok2, task, _, what, _ = load_trained(str(run), use_adapter=True, load_data=False)
+    trained = load_trained(str(run), use_adapter=True, load_data=False)
+    adapted, tok2, what = trained.model, trained.preprocessor, trained.what
     assert "adapter" in what
     prompts = [encode_prompt(tok, f"### Instruction:\n{p}\n\n### Response:\n") for p in PROMPTS]
     assert prompts == [encode_prompt(tok2, f"### Instruction:\n{p}\n\n### Response:\n") for p in PROMPTS]

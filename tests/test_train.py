@@ -175,7 +175,8 @@ def test_target_modules_suffix_with_a_dot_trains_exactly_those_layers(tmp_path):
                                  "train.save_merged=false", f"hydra.run.dir={run}"])
     assert code == 0
     m = json.loads((run / "metrics.json").read_text())
-    model, _, _, _, _, cfg = load_trained(str(run), use_adapter=True, load_data=True)
+    trained = load_trained(str(run), use_adapter=True, load_data=True)
+    model, cfg = trained.model, trained.run
     layers = dict(frod_layers(model))
     assert layers and all(n.endswith(".attention.output.dense") for n in layers), sorted(layers)
     assert len(layers) == model.config.num_hidden_layers

@@ -47,8 +47,10 @@ examples of the split that have a reference (0 = all), with left padding. The an
 tokens with `task.answer_pattern` (frod_cli.tasks.answers; the same rule on the reference) and scored with
 `exact_match` on the normalised strings, plus `accuracy` over task.labels when they are set (an answer that
 is not a label is wrong). Records {index, prompt, prediction, extracted, reference, reference_answer,
-correct} are gathered to every process. Generation runs on the unwrapped model, shards of the examples
-per process (DDP or one process; FSDP/DeepSpeed-3 sharded generation is not supported).
+correct} are gathered to every process. Generation runs on the unwrapped model, a contiguous share of
+the examples per process; every process runs as many batches as the largest share (a short share is padded
+and the padding dropped), so an FSDP model, whose every forward gathers weights from all ranks, generates
+too (train.fsdp).
 The default `predict`/`compute_metrics` path gives `token_accuracy` only. `task.metrics` is not read:
 `task.objective` must be one of loss, perplexity (objective_mode=min), token_accuracy, exact_match, or
 accuracy (with task.labels); anything else is refused when the task is built.
@@ -408,8 +410,6 @@ class CausalLM(DataTask):
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module, dataset: Any, loader: Any,
                  accelerator: Any) -> Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]:
-        if len(dataset) == 0:
-            raise FrodCliError("an evaluation split is empty")
         totals = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for batch in loader:
@@ -440,7 +440,7 @@ class CausalLM(DataTask):
     def generate_records(self, model: torch.nn.Module, dataset: Any, accelerator: Any) -> Optional[List[Dict[str, Any]]]:
         from accelerate.utils import gather_object
 
-        from frod_cli.generation import generate_ids, sampling_settings
+        from frod_cli.generation import generate_texts, sampling_settings
 
         idx = self.generation_indices(dataset)
         if not idx:
@@ -459,10 +459,9 @@ class CausalLM(DataTask):
         if mine:
             rows = dataset.select(mine)
             prompts = [ids[:n] for ids, n in zip(rows["input_ids"], rows["prompt_len"])]
-            new = generate_ids(accelerator.unwrap_model(model), tok, prompts, batch_size=int(g.batch_size),
-                               **sampling_settings(g))
-            for i, prompt, ref, ids in zip(mine, rows["prompt"], rows["reference"], new):
-                prediction = tok.decode(ids, skip_special_tokens=True).strip()
+            texts = generate_texts(accelerator.unwrap_model(model), tok, prompts, batch_size=int(g.batch_size),
+                                   **sampling_settings(g))
+            for i, prompt, ref, prediction in zip(mine, rows["prompt"], rows["reference"], texts):
                 extracted, ref_answer = self.extract(prediction), self.extract(ref)
                 records.append({"index": int(i), "prompt": prompt, "prediction": prediction, "extracted": extracted,
                                 "reference": ref, "reference_answer": ref_answer,

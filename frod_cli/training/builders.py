@@ -7,12 +7,12 @@ import hashlib
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from frod_cli import FrodCliError
-from frod_cli.training.preflight import SCHEDULERS
 
 log = logging.getLogger("frod.build")
 
@@ -130,11 +130,9 @@ def build_optimizer(opt_cfg: Any, groups: Dict[str, List[torch.nn.Parameter]]):
 
 
 def build_scheduler(optimizer, opt_cfg: Any, total_steps: int):
-    """(scheduler, warmup steps)."""
+    """(scheduler, warmup steps); optimizer.scheduler was checked by preflight.validate."""
     from transformers import get_scheduler
 
-    if opt_cfg.scheduler not in SCHEDULERS:
-        raise FrodCliError(f"unknown optimizer.scheduler {opt_cfg.scheduler!r}; available: {', '.join(SCHEDULERS)}")
     warmup = int(opt_cfg.warmup_steps) or int(math.ceil(float(opt_cfg.warmup_ratio) * total_steps))
     name = "constant_with_warmup" if opt_cfg.scheduler == "constant" else opt_cfg.scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps), warmup
@@ -162,10 +160,39 @@ def memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+def load_base(model_cfg: Any, task: Any, seed: int):
+    """(model, preprocessor) as `frod train` loads the base: the seed is set first, so a model built from a
+    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run."""
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+    return load_model(model_cfg, task)
+
+
+def load_adapted(model_cfg: Any, method_cfg: Any, task: Any, seed: int, adapter_dir: str):
+    """(adapted model, preprocessor, method): the base as `load_base` gives it, with a saved adapter."""
+    base, pre = load_base(model_cfg, task, seed)
+    method = build_method(method_cfg, task, model_cfg)
+    return method.load_adapter(base, str(adapter_dir)), pre, method
+
+
+@dataclass
+class Trained:
+    """A trained model back from a run or model directory (`load_trained`)."""
+
+    model: Any
+    preprocessor: Any
+    task: Any
+    data: Any  # the task's raw splits, or None (load_data=False)
+    what: str  # what was loaded, for messages: "merged/", "<base> + <method> adapter", a path
+    run: Any = None  # the run's config (load_run_config), None for a model directory
+    method: Any = None  # the method that loaded adapter/ (None for merged/ and model directories)
+
+
 def load_trained(path: str, *, use_adapter: bool = False, task_cfg: Any = None, seed: Optional[int] = None,
-                 dtype: Optional[str] = None, load_data: bool = True) -> Tuple[Any, Any, Any, Any, str, Any]:
+                 dtype: Optional[str] = None, load_data: bool = True) -> Trained:
     """A trained model back from a run directory (its merged/, or base model + adapter/) or from a saved
-    model directory. Returns (model, preprocessor, task, data or None, description, run config or None)."""
+    model directory."""
     from omegaconf import OmegaConf
 
     from frod_cli.config import ModelConfig
@@ -181,7 +208,7 @@ def load_trained(path: str, *, use_adapter: bool = False, task_cfg: Any = None, 
         data = load_task_data(task, required=()) if load_data else None
         mcfg = OmegaConf.structured(ModelConfig(name_or_path=path, dtype=dtype or "float32"))
         model, pre = load_model(mcfg, task)
-        return model, pre, task, data, path, None
+        return Trained(model, pre, task, data, path)
     run, paths = load_run_config(path), RunPaths.of(path)
     for d in (paths.adapter, paths.merged):
         recover_atomic_dir(str(d))
@@ -191,13 +218,8 @@ def load_trained(path: str, *, use_adapter: bool = False, task_cfg: Any = None, 
     if not use_adapter and paths.merged.is_dir():
         mcfg = OmegaConf.structured(ModelConfig(name_or_path=str(paths.merged), dtype=dtype or run.model.dtype))
         model, pre = load_model(mcfg, task)
-        return model, pre, task, data, "merged/", run
+        return Trained(model, pre, task, data, "merged/", run)
     if not paths.adapter.is_dir():
         raise FrodCliError(f"{path} has neither merged/ nor adapter/")
-    from accelerate.utils import set_seed
-
-    set_seed(seed)  # models built from a config (tiny:*) get the same init as in training
-    base, pre = load_model(run.model, task)
-    method = build_method(run.method, task, run.model)
-    model = method.load_adapter(base, str(paths.adapter))
-    return model, pre, task, data, f"{run.model.name_or_path} + {run.method.name} adapter", run
+    model, pre, method = load_adapted(run.model, run.method, task, seed, str(paths.adapter))
+    return Trained(model, pre, task, data, f"{run.model.name_or_path} + {run.method.name} adapter", run, method)

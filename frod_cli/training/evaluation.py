@@ -27,8 +27,6 @@ def _predict_split(model, loader, task, accelerator) -> Tuple[Dict[str, float], 
         p, r = accelerator.gather_for_metrics((p.contiguous(), r.contiguous()))
         preds.append(p.detach().float().cpu() if p.is_floating_point() else p.detach().cpu())
         refs.append(r.detach().float().cpu() if r.is_floating_point() else r.detach().cpu())
-    if not preds:
-        raise FrodCliError("an evaluation split is empty")
     P, R = torch.cat(preds).numpy(), torch.cat(refs).numpy()
     return {k: float(v) for k, v in task.compute_metrics(P, R).items()}, R
 
@@ -52,6 +50,8 @@ class Evaluator:
         return self._loaders[split]
 
     def split(self, model: torch.nn.Module, split: str) -> SplitResult:
+        if len(self.encoded[split]) == 0:
+            raise FrodCliError(f"the {split!r} split is empty: nothing to evaluate")
         was_training = model.training
         model.eval()
         try:

@@ -81,6 +81,11 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
                  ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
+def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:
+    """The run directory: the one `resume` continues, else output_dir, else `default` (Hydra's run dir)."""
+    return cfg.resume or cfg.output_dir or default
+
+
 def check_output_dir(path: str) -> None:
     """An output directory that cannot be written is refused before anything else happens."""
     try:

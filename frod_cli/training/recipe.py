@@ -55,6 +55,7 @@ class FinetuneRecipe:
     """One `frod train` run. `recipe_main` shows the order of the calls."""
 
     def __init__(self, cfg: Any, output_dir: Optional[str], user_overrides: Sequence[str] = ()):
+        """output_dir: where the run goes unless cfg.resume or cfg.output_dir names it (Hydra's run dir)."""
         self.t_start = time.time()
         preflight.apply_per_method(cfg, user_overrides)
         preflight.validate(cfg)
@@ -81,7 +82,7 @@ class FinetuneRecipe:
         self._setup_optimizer()
         self._setup_data()
         self._setup_schedule()
-        self.trackers = Trackers(self.acc, self.cfg, self.paths.root)
+        self.trackers = Trackers(self.acc, self.cfg)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -94,7 +95,7 @@ class FinetuneRecipe:
         # Gradient accumulation is the loop's own (train_step), so resuming never depends on Accelerate's
         # counters; trackers are Accelerate's (train.log_with).
         kwargs = dict(mixed_precision=self.mixed, cpu=bool(tc.cpu),
-                      **Trackers.accelerator_kwargs(self.cfg, self.requested_output))
+                      **Trackers.accelerator_kwargs(self.cfg, preflight.run_dir(self.cfg, self.requested_output)))
         # train.fsdp: Accelerate's FSDP2 plugin, on CPU launches too (training/distributed.py)
         self.sharded = D.check_fsdp_config(self.cfg)
         self.acc = D.make_accelerator(tc.fsdp, **kwargs) if self.sharded else Accelerator(**kwargs)
@@ -105,7 +106,7 @@ class FinetuneRecipe:
         from accelerate.utils import broadcast_object_list
 
         cfg = self.cfg
-        out = [cfg.resume or self.requested_output or cfg.output_dir]
+        out = [preflight.run_dir(cfg, self.requested_output)]
         if self.acc.num_processes > 1:  # one output directory for all processes: the main process's
             broadcast_object_list(out)
         if out[0] is None:
@@ -129,11 +130,8 @@ class FinetuneRecipe:
         self.data = B.load_task_data(self.task)
 
     def _setup_model(self) -> None:
-        from accelerate.utils import set_seed
-
         cfg = self.cfg
-        set_seed(int(self.tc.seed))  # models built from a config (tiny:*) get the same init in eval/merge
-        model, self.preprocessor = B.load_model(cfg.model, self.task)
+        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed))
         self.method = B.build_method(cfg.method, self.task, cfg.model)
         t0 = time.time()
         model = self.method.adapt(model)
@@ -521,12 +519,13 @@ class FinetuneRecipe:
             atomic_write_text(str(self.paths.predictions), "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
     def _write_merged(self) -> Optional[float]:
-        if self.sharded:
-            return self._write_merged_sharded()
-        if not self.main:
-            return None
+        """merged/ and the merge check's largest |merged - unmerged| output on the first validation examples."""
         batch = check_batch(self.encoded["validation"], self.collate, min(8, int(self.tc.eval_batch_size)),
                             self.acc.device)
+        if self.sharded:
+            return self._write_merged_sharded(batch)
+        if not self.main:
+            return None
         plain = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
         merged, diff = merge_and_check(self.method, plain, batch, self.task)
         save_merged(merged, self.preprocessor, str(self.paths.merged), dtype=self._model_dtype())
@@ -536,14 +535,12 @@ class FinetuneRecipe:
         """model.dtype: merged/ is written in it (trained heads included, which train in float32)."""
         return getattr(torch, str(self.cfg.model.dtype))
 
-    def _write_merged_sharded(self) -> Optional[float]:
+    def _write_merged_sharded(self, batch: Dict[str, Any]) -> Optional[float]:
         """merged/ of a sharded run. The weights exist only as shards, so rank 0 rebuilds the model on CPU:
         the base as loaded at the start (frozen since) plus the adapter of the current values (basis and
         pattern read back, not recomputed; FRoD checks the base's fingerprint), merges and writes that.
         The merge check compares the merged model with the sharded model's own outputs (every rank runs
         that forward: it gathers the weights)."""
-        batch = check_batch(self.encoded["validation"], self.collate, min(8, int(self.tc.eval_batch_size)),
-                            self.acc.device)
         self.model.eval()
         with torch.no_grad():
             trained = model_outputs(self.model, batch, self.task).cpu()
@@ -567,16 +564,11 @@ class FinetuneRecipe:
         """The trained model, unsharded, on CPU: the base loaded as in setup + an adapter of the current values."""
         import tempfile
 
-        from accelerate.utils import set_seed
-
         cfg = self.cfg
-        set_seed(int(self.tc.seed))  # as in _setup_model: models built from a config get the same init
-        base, _ = B.load_model(cfg.model, self.task)
-        method = B.build_method(cfg.method, self.task, cfg.model)
         with tempfile.TemporaryDirectory(prefix="frod-merge-") as d:
             adapter = os.path.join(d, "adapter")
             self.method.save_adapter(self.unwrapped, adapter)  # trainables are whole under FSDP
-            model = method.load_adapter(base, adapter)
+            model, _, _ = B.load_adapted(cfg.model, cfg.method, self.task, int(self.tc.seed), adapter)
         return model.eval()
 
     def _final_metrics(self, results: Dict[str, Any], test_majority: Optional[float],
@@ -597,8 +589,8 @@ class FinetuneRecipe:
 
 
 def recipe_main(cfg: Any, output_dir: Optional[str] = None, user_overrides: Sequence[str] = ()) -> float:
-    """`frod train`: set up, train, finalize; returns the validation objective of the best checkpoint
-    (what the Optuna sweeper optimizes)."""
+    """`frod train`: set up, train, finalize; returns the validation objective of the best checkpoint (what
+    the Optuna sweeper optimizes). output_dir: the default run directory (Hydra's run dir)."""
     recipe = FinetuneRecipe(cfg, output_dir, user_overrides)
     recipe.setup()
     recipe.train()

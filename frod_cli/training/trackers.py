@@ -56,7 +56,7 @@ def flat_hparams(node: Any, prefix: str = "") -> Dict[str, Any]:
 class Trackers:
     """The run's trackers (none unless train.log_with names some); every call is a no-op without them."""
 
-    def __init__(self, accelerator: Any, cfg: Any, run_dir: Path):
+    def __init__(self, accelerator: Any, cfg: Any):
         from omegaconf import OmegaConf
 
         self.acc = accelerator
@@ -66,12 +66,11 @@ class Trackers:
             accelerator.init_trackers(str(cfg.recipe_name), config=config)
 
     @staticmethod
-    def accelerator_kwargs(cfg: Any, output_dir: Any) -> Dict[str, Any]:
+    def accelerator_kwargs(cfg: Any, run_dir: Any) -> Dict[str, Any]:
         """What Accelerator() needs for the trackers: their names and the directory of file-based ones."""
         names = requested(cfg)
         if not names:
             return {}
-        run_dir = cfg.resume or output_dir or cfg.output_dir
         kwargs: Dict[str, Any] = {"log_with": names}
         if run_dir:
             kwargs["project_dir"] = str(Path(run_dir) / TRACKER_DIR)
