@@ -2,6 +2,8 @@
 same loss and trainable gradients) and experiment trackers (TensorBoard event files under the run)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -65,14 +67,20 @@ def test_tensorboard_tracker_with_gradient_checkpointing(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
+    # selected on exact match, which a few steps leave at 0.0: the final objective logged must be 0.0, not NaN
     assert main(["train", "recipe=sft_smoke", "train.gradient_checkpointing=true", "train.log_with=[tensorboard]",
+                 "task.objective=exact_match", "task.objective_mode=max",
                  "train.progress=false", f"hydra.run.dir={run}"]) == 0
     events = sorted((run / "trackers").rglob("events.out.tfevents.*"))
     assert events, list(run.rglob("*"))
-    tags = set()
+    tags, scalars = set(), {}
     for f in events:
         acc = EventAccumulator(str(f))
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
+        scalars.update({t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]})
     assert {"train/loss", "validation/loss", "validation/exact_match"} <= tags, tags
     assert any(t.startswith("train/lr/") for t in tags)
+    # the final objective as metrics.json has it
+    final = json.loads((run / "metrics.json").read_text())
+    assert scalars["final/objective_value"] == [pytest.approx(final["objective_value"])]

@@ -90,5 +90,6 @@ class Trackers:
 
     def finish(self, final: Dict[str, Any]) -> None:
         if self.names:
-            self.acc.log({"final/objective_value": final.get("objective_value") or float("nan"),
+            value = final.get("objective_value")  # None when nothing was evaluated; 0.0 is a value
+            self.acc.log({"final/objective_value": float("nan") if value is None else value,
                           "final/trainable_percent": final["trainable_percent"]}, step=int(final["steps"]))
