@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 USAGE = """\
 usage: frod <verb> [group=option ...] [key=value ...] [hydra flags]
@@ -21,13 +21,7 @@ usage: frod <verb> [group=option ...] [key=value ...] [hydra flags]
 Fine-tune Hugging Face models with FRoD (AAAI 2026) or a baseline, from composable recipes.
 
 verbs:
-  train     train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps
-  eval      metrics of a run directory or merged checkpoint:  frod eval path=<dir> [task=<name>]
-  merge     adapter + base model -> merged/:                  frod merge run=<run dir>
-  generate  answers of a causal-LM run or model:    frod generate path=<run dir> prompt="..." | prompts=<file>
-  compare   run every method of a recipe's `compare` block, then a report:
-                                       frod compare recipe=compare/text_minilm [compare.stage=search]
-            or report on existing runs:  frod compare <sweep dir>
+{verbs}
   recipes   list the recipes and the options of every config group
 
 examples:
@@ -39,6 +33,18 @@ examples:
 
 Methods: frod, full, lora, dora, pissa, vera, peft_frod.  Docs: README.md, docs/ARCHITECTURE.md.
 """
+
+
+def verbs() -> Dict[str, Any]:
+    """The registered verbs (frod_cli/commands/, one module each)."""
+    from frod_cli.commands import discover
+
+    return discover()
+
+
+def usage() -> str:
+    return USAGE.format(verbs="\n".join(f"  {name:<9} {v.summary}" for name, v in verbs().items()))
+
 
 GROUPS = ("recipe", "model", "task", "method", "optimizer", "debug", "hparams_search")
 
@@ -60,54 +66,6 @@ def recipes_dir() -> str:
     raise FileNotFoundError("the recipes/ directory is missing from the installation")
 
 
-# ---------------------------------------------------------------------------------------------
-# Verbs (task functions of the Hydra apps)
-# ---------------------------------------------------------------------------------------------
-def _train(cfg: Any) -> float:
-    from hydra.core.hydra_config import HydraConfig
-
-    from frod_cli.training import recipe_main
-
-    hc = HydraConfig.get()
-    return recipe_main(cfg, hc.runtime.output_dir, list(hc.overrides.task))
-
-
-def _eval(cfg: Any) -> Dict[str, Any]:
-    from frod_cli.eval import run_eval
-
-    return run_eval(cfg)
-
-
-def _compare(cfg: Any) -> Dict[str, Any]:
-    from hydra.core.hydra_config import HydraConfig
-
-    from frod_cli.compare import run_compare
-
-    hc = HydraConfig.get()
-    return run_compare(cfg, hc.runtime.output_dir, list(hc.overrides.task))
-
-
-def _merge(cfg: Any) -> Dict[str, Any]:
-    from frod_cli.merge import run_merge
-
-    return run_merge(cfg)
-
-
-def _generate(cfg: Any) -> Any:
-    from frod_cli.generation import run_generate
-    from frod_cli.training.builders import quiet_libraries
-
-    quiet_libraries()
-    return run_generate(cfg)
-
-
-VERBS: Dict[str, Tuple[str, Callable[[Any], Any]]] = {
-    "train": ("config", _train),
-    "eval": ("eval", _eval),
-    "merge": ("merge", _merge),
-    "compare": ("config", _compare),
-    "generate": ("generate", _generate),
-}
 USER_ERROR_EXIT = 2
 BUG_EXIT = 1
 
@@ -252,7 +210,7 @@ def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=recipes_dir(), version_base="1.3"):
-            cfg = compose(config_name=VERBS[verb][0], overrides=overrides, return_hydra_config=True)
+            cfg = compose(config_name=verbs()[verb].config, overrides=overrides, return_hydra_config=True)
             tree = OmegaConf.to_container(cfg, resolve=False)
     except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
         return
@@ -262,58 +220,6 @@ def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
         if not target.startswith(ALLOWED_TARGET_PREFIXES):
             raise FrodCliError(f"refused {where}={target!r}: recipes may only instantiate the project's own "
                                "classes (registries: method.name, task.type)")
-
-
-def _distributed_rank() -> int:
-    for var in ("RANK", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _train_args(args: Sequence[str]) -> Tuple[List[str], Optional[str]]:
-    """Hydra overrides added for `frod train`: resume=<dir> continues in <dir> (and leaves its .hydra/
-    alone); a non-main rank of a multi-process launch writes no run directory of its own (the run
-    directory is the main process's, broadcast in train()). Returns (args, temp dir to delete)."""
-    import tempfile
-
-    args = list(args)
-    names = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    resume = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "resume"), None)
-    tmp = None
-    if resume and not multirun and resume not in ("null", "None", ""):
-        if not os.path.isdir(resume):  # before Hydra creates it as the run directory
-            from frod_cli import FrodCliError
-
-            raise FrodCliError(f"resume: no such run directory: {resume}")
-        if "hydra.run.dir" not in names:
-            args.append(f"hydra.run.dir={resume}")
-        if "hydra.output_subdir" not in names:
-            args.append("hydra.output_subdir=null")
-    run_dir = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "hydra.run.dir"), None)
-    if (not multirun and run_dir and "hydra.output_subdir" not in names
-            and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-            and not os.path.exists(os.path.join(run_dir, "metrics.json"))):
-        # an incomplete run: train() resumes it (same config) or refuses it; its .hydra/ stays as it is
-        args.append("hydra.output_subdir=null")
-    if _distributed_rank() > 0 and not multirun:
-        tmp = tempfile.mkdtemp(prefix="frod-rank-")
-        args = [a for a in args if a.split("=", 1)[0] not in ("hydra.run.dir", "hydra.output_subdir")]
-        args += [f"hydra.run.dir={tmp}", "hydra.output_subdir=null", "hydra/job_logging=disabled"]
-    return args, tmp
-
-
-def _compare_args(args: Sequence[str]) -> List[str]:
-    """`frod compare` runs its own sweep: no -m; its directory defaults to runs/<recipe>/compare_<time>."""
-    from frod_cli import FrodCliError
-
-    if any(a in ("-m", "--multirun") for a in args):
-        raise FrodCliError("frod compare runs its own sweep: drop -m (methods and seeds come from compare.*)")
-    args = list(args)
-    if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
-        args.insert(0, "hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
-    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +233,8 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
     from frod_cli.config import register_configs
 
     register_configs()
-    config_name, fn = VERBS[verb]
+    spec = verbs()[verb]
+    config_name, fn = spec.config, spec.run
     result: Dict[str, Any] = {}
 
     user_errors = _user_error_types()
@@ -351,14 +258,11 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
     task_fn.__module__ = __name__
     old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
-    rank_tmp = None
+    cleanup = None
     sys.argv = [f"frod {verb}", *args]
     try:
-        if verb == "train":
-            args, rank_tmp = _train_args(args)
-            sys.argv = [f"frod {verb}", *args]
-        if verb == "compare":
-            args = _compare_args(args)
+        if spec.prepare is not None:
+            args, cleanup = spec.prepare(args)
             sys.argv = [f"frod {verb}", *args]
         if not any(a in ("--help", "-h", "--info", "--cfg", "-c", "--hydra-help") for a in args):
             refuse_foreign_targets(verb, args)
@@ -387,10 +291,8 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
         return BUG_EXIT, None
     finally:
         sys.argv = old_argv
-        if rank_tmp is not None:
-            import shutil
-
-            shutil.rmtree(rank_tmp, ignore_errors=True)
+        if cleanup is not None:
+            cleanup()
         if old_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
@@ -424,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(usage(), end="")
         return 0
     if argv[0] in ("-V", "--version"):
         from frod_cli import __version__
@@ -435,15 +337,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if verb == "recipes":
         print(list_recipes())
         return 0
-    if verb == "compare" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
-        from frod_cli.compare import main as report_main  # a directory of finished runs: report only
-
-        return report_main(rest)
-    if verb not in VERBS:
-        close = difflib.get_close_matches(verb, [*VERBS, "recipes"], n=1)
+    known = verbs()
+    if verb not in known:
+        close = difflib.get_close_matches(verb, [*known, "recipes"], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"frod: error: unknown verb {verb!r} ({', '.join(VERBS)}, recipes){hint}", file=sys.stderr)
+        print(f"frod: error: unknown verb {verb!r} ({', '.join(known)}, recipes){hint}", file=sys.stderr)
         return USER_ERROR_EXIT
+    if known[verb].direct is not None:
+        code = known[verb].direct(rest)
+        if code is not None:
+            return code
     code, _ = run_verb(verb, rest)
     return code
 

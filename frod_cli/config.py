@@ -9,7 +9,7 @@ travels one line: recipe YAML -> `FrodMethodConfig` -> `FrodMethod.frod_config` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -249,6 +249,35 @@ class MergeRunConfig:
     output: Optional[str] = None  # default: <run>/merged
     check_batch_size: int = 8  # validation examples used to measure the merged/unmerged difference
     cpu: bool = False
+
+
+def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
+    """A recipe's `per_method.<name>` settings apply to that method only, below the command line: a recipe
+    can tune FRoD (`per_method.frod.sparse_rate`) and still run `method=lora` unchanged."""
+    import logging
+
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import ConfigKeyError
+
+    from frod_cli import FrodCliError
+
+    settings = (cfg.get("per_method") or {}).get(cfg.method.name) or {}
+    given = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    applied = {}
+    for key, value in OmegaConf.to_container(OmegaConf.create(dict(settings))).items():
+        if f"method.{key}" in given:
+            continue
+        applied[key] = value
+        try:
+            with open_dict(cfg):
+                cfg.method[key] = value
+        except ConfigKeyError:
+            keys = ", ".join(cfg.method.keys())
+            raise FrodCliError(f"per_method.{cfg.method.name}.{key}: method {cfg.method.name} has no key {key!r} "
+                               f"(its keys: {keys})") from None
+    if applied:
+        logging.getLogger("frod.config").info("the recipe's per_method.%s settings: %s", cfg.method.name,
+                 ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
 def register_configs() -> None:

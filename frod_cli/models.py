@@ -6,6 +6,8 @@
   offline:smollm2-135m       LLaMA (SmolLM2-135M-Instruct) converted by scripts/prepare_smollm2.py
   tiny:bert|vit|llama|gpt2   small random models (hidden 32, 2 layers), seeded by the task's seed; text
                              ones share MiniLM's tokenizer (full 30522 vocabulary: no id clamping)
+  tiny:llama-chat            tiny:llama whose tokenizer has a ChatML chat template (frod_cli/chat_templates.py;
+                             <|im_start|>/<|im_end|> added as special tokens, <|im_end|> the EOS): chat data offline
 `model.config_overrides` updates the model config (an unknown key is refused, not silently set).
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ OFFLINE_MODELS: Dict[str, Callable[[], str]] = {"all-minilm-l6-v2": _minilm_path
 
 
 # ------------------------------------------------------------------------------------------- tiny models
-def _tiny_text_tokenizer(causal: bool) -> Any:
+def _tiny_text_tokenizer(causal: bool, chat: bool = False) -> Any:
     tok = transformers.AutoTokenizer.from_pretrained(_minilm_path())
     if causal:
         from tokenizers.processors import TemplateProcessing
@@ -52,6 +54,10 @@ def _tiny_text_tokenizer(causal: bool) -> Any:
             single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", tok.cls_token_id)]
         )
         tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+    if chat:
+        from frod_cli.chat_templates import install_chat_template
+
+        install_chat_template(tok, "chatml")
     return tok
 
 
@@ -60,17 +66,18 @@ def _tiny_config(family: str, task: Any, tok: Any) -> Any:
     positions = max(512, int(getattr(task.cfg, "max_length", 0) or 0))
     if family == "vit":
         return transformers.ViTConfig(image_size=getattr(task.cfg, "image_size", None) or 32, patch_size=4, num_channels=3, **small)
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+               eos_token_id=tok.eos_token_id if family == "llama-chat" else tok.sep_token_id)
     if family == "bert":
         return transformers.BertConfig(max_position_embeddings=positions, **ids, **small)
-    if family == "llama":
+    if family in ("llama", "llama-chat"):
         return transformers.LlamaConfig(max_position_embeddings=positions, num_key_value_heads=1, tie_word_embeddings=False, **ids, **small)
     if family == "gpt2":
         return transformers.GPT2Config(n_positions=positions, n_embd=32, n_layer=2, n_head=2, n_inner=64, **ids)
     raise ValueError(f"unknown tiny model {family!r}; known: tiny:{', tiny:'.join(TINY_FAMILIES)}")
 
 
-TINY_FAMILIES = ("bert", "vit", "llama", "gpt2")
+TINY_FAMILIES = ("bert", "vit", "llama", "llama-chat", "gpt2")
 
 
 def _vit_processor(image_size: int) -> Any:
@@ -157,7 +164,7 @@ def load_preprocessor(path_or_cfg: Any, task: Any) -> Any:
             return _vit_processor(overrides.get("image_size") or getattr(task.cfg, "image_size", None) or 32)
         if family not in TINY_FAMILIES:
             raise ValueError(f"unknown tiny model {name!r}; known: tiny:{', tiny:'.join(TINY_FAMILIES)}")
-        tok = _tiny_text_tokenizer(causal=task.auto_class == "AutoModelForCausalLM")
+        tok = _tiny_text_tokenizer(causal=task.auto_class == "AutoModelForCausalLM", chat=family == "llama-chat")
     else:
         path = _resolve(name)
         if os.path.isdir(path):

@@ -16,12 +16,8 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.config import GenerateRunConfig, ModelConfig, TaskConfig
-from frod_cli.generation import (
-    encode_prompt,
-    generate_ids,
-    generate_texts,
-    run_generate,
-)
+from frod_cli.commands.generate import run as run_generate
+from frod_cli.decoding import encode_prompt, generate_ids, generate_texts
 from frod_cli.models import load_model
 from frod_cli.tasks import get_task
 from frod_cli.tasks.answers import extract_answer, normalize_answer

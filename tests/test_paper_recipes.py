@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from frod_cli.cli import recipes_dir, run_verb
 from frod_cli.config import FrodRunConfig, register_configs
-from frod_cli.training.preflight import apply_per_method
+from frod_cli.config import apply_per_method
 
 RECIPES = Path(recipes_dir())
 PAPER = sorted(p.stem for p in (RECIPES / "recipe" / "paper").glob("*.yaml"))

@@ -40,7 +40,7 @@ def test_merged_generates_what_the_adapted_model_generates(sft_run):
     the base model + adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from frod_cli.generation import encode_prompt, generate_ids
+    from frod_cli.decoding import encode_prompt, generate_ids
     from frod_cli.training.builders import load_trained
 
     run, _ = sft_run

@@ -136,7 +136,7 @@ def load_run_config(run_dir: PathLike) -> Any:
     schema = OmegaConf.structured(FrodRunConfig)
     schema.method = OmegaConf.structured(cls.config_class(name=method["name"]))
     cfg = OmegaConf.merge(schema, raw)
-    from frod_cli.training.preflight import apply_per_method
+    from frod_cli.config import apply_per_method
 
     apply_per_method(cfg, read_overrides(run_dir))  # .hydra/ holds the config as composed, before them
     return cfg

@@ -299,7 +299,7 @@ class CausalLM(DataTask):
 
     # ----------------------------------------------------------------------------------------- encode
     def encode(self, data: datasets.DatasetDict, preprocessor: Any) -> datasets.DatasetDict:
-        from frod_cli.generation import has_chat_template, leading_special_ids
+        from frod_cli.decoding import has_chat_template, leading_special_ids
 
         tok = self.tokenizer = preprocessor
         first = next(iter(data.values()))
@@ -356,7 +356,7 @@ class CausalLM(DataTask):
 
     # ---------------------------------------------------------------------------------------- batches
     def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
-        from frod_cli.generation import pad_id_of
+        from frod_cli.decoding import pad_id_of
 
         self.tokenizer = preprocessor
         pad_id = pad_id_of(preprocessor)
@@ -440,7 +440,7 @@ class CausalLM(DataTask):
     def generate_records(self, model: torch.nn.Module, dataset: Any, accelerator: Any) -> Optional[List[Dict[str, Any]]]:
         from accelerate.utils import gather_object
 
-        from frod_cli.generation import generate_texts, sampling_settings
+        from frod_cli.decoding import generate_texts, sampling_settings
 
         idx = self.generation_indices(dataset)
         if not idx:

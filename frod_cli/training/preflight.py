@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 from frod_cli import FrodCliError
 
@@ -54,31 +54,6 @@ def validate(cfg: Any) -> None:
     tm = cfg.method.target_modules
     if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) for t in tm):
         raise FrodCliError(f"method.target_modules must be a list of module-path suffixes or one regex string, got {tm!r}")
-
-
-def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
-    """A recipe's `per_method.<name>` settings apply to that method only, below the command line: a recipe
-    can tune FRoD (`per_method.frod.sparse_rate`) and still run `method=lora` unchanged."""
-    from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import ConfigKeyError
-
-    settings = (cfg.get("per_method") or {}).get(cfg.method.name) or {}
-    given = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
-    applied = {}
-    for key, value in OmegaConf.to_container(OmegaConf.create(dict(settings))).items():
-        if f"method.{key}" in given:
-            continue
-        applied[key] = value
-        try:
-            with open_dict(cfg):
-                cfg.method[key] = value
-        except ConfigKeyError:
-            keys = ", ".join(cfg.method.keys())
-            raise FrodCliError(f"per_method.{cfg.method.name}.{key}: method {cfg.method.name} has no key {key!r} "
-                               f"(its keys: {keys})") from None
-    if applied:
-        log.info("the recipe's per_method.%s settings: %s", cfg.method.name,
-                 ", ".join(f"{k}={v}" for k, v in applied.items()))
 
 
 def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:

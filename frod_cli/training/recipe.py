@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from frod_cli import FrodCliError
+from frod_cli.config import apply_per_method
 from frod_cli.console import fmt_metrics, print_final, progress_bar
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
 from frod_cli.runs.plots import plot_loss_curve
@@ -57,7 +58,7 @@ class FinetuneRecipe:
     def __init__(self, cfg: Any, output_dir: Optional[str], user_overrides: Sequence[str] = ()):
         """output_dir: where the run goes unless cfg.resume or cfg.output_dir names it (Hydra's run dir)."""
         self.t_start = time.time()
-        preflight.apply_per_method(cfg, user_overrides)
+        apply_per_method(cfg, user_overrides)
         preflight.validate(cfg)
         from omegaconf import OmegaConf
 

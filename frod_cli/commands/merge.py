@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-import torch
-
 from frod_cli import FrodCliError
-from frod_cli.runs import RunPaths, atomic_write_json, is_run_dir
-from frod_cli.training import builders as B
-from frod_cli.training.evaluation import check_batch, merge_and_check, save_merged
+from frod_cli.commands import register_verb
 
 
-def run_merge(cfg: Any) -> Dict[str, Any]:
+@register_verb("merge", config="merge", summary="adapter + base model -> merged/:  frod merge run=<run dir>")
+def run(cfg: Any) -> Dict[str, Any]:
+    import torch
+
+    from frod_cli.runs import RunPaths, atomic_write_json, is_run_dir
+    from frod_cli.training import builders as B
+    from frod_cli.training.evaluation import check_batch, merge_and_check, save_merged
+
     B.quiet_libraries()
     run_dir = os.path.abspath(cfg.run)
     if not is_run_dir(run_dir):

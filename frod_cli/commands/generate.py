@@ -1,12 +1,6 @@
-"""Batched generation with a causal LM, shared by the causal_lm task's evaluation and `frod generate`.
-
-`generate_ids` / `generate_texts` take prompts as token ids (the task passes the exact prompt tokens it
-trained with) or strings (tokenized by `encode_prompt`), left-pad each batch, run `model.generate` and
-return only the new tokens. Greedy unless `do_sample`; sampling knobs are passed only when sampling, so
-a model's own sampling defaults never leak into greedy decoding.
-
-`run_generate(cfg)` is the verb `frod generate path=<run dir | model dir> prompt="..." | prompts=<file>`
-(cfg: `frod_cli.config.GenerateRunConfig`):
+"""`frod generate path=<run dir | model dir> prompt="..." | prompts=<file>` (+ the sampling keys of
+frod_cli.config.GenerateRunConfig): answers of a causal LM, through the decoding helpers (frod_cli/decoding.py)
+that the causal_lm task's evaluation uses too.
   - a run directory (`.hydra/config.yaml`) of a causal-LM task loads `merged/` (AutoModelForCausalLM and
     its tokenizer); `use_adapter=true`, or a run without merged/, loads the run's base model + `adapter/`
     through its method: both via `frod_cli.training.builders.load_trained`, as `frod eval` does;
@@ -18,142 +12,18 @@ a model's own sampling defaults never leak into greedy decoding.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
-
-import torch
+from typing import Any, Dict, List, Optional, Tuple
 
 from frod_cli import FrodCliError
+from frod_cli.commands import register_verb
 
 log = logging.getLogger("frod.generate")
 
-Prompt = Union[str, Sequence[int]]
 
-
-# ------------------------------------------------------------------------------------------ tokenizing
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def leading_special_ids(tokenizer: Any) -> List[int]:
-    """The ids a tokenizer puts before the text with add_special_tokens=True (e.g. LLaMA's BOS). Trailing
-    specials (BERT's [SEP], an EOS some tokenizers append) are left out: a prompt must not end a sequence."""
-    with_ = list(tokenizer("a")["input_ids"])
-    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    if not without:
-        return []
-    for k in range(len(with_) - len(without) + 1):
-        if with_[k : k + len(without)] == without:
-            return with_[:k]
-    return []
-
-
-def chat_messages(text: str, system_prompt: Optional[str] = None) -> List[Dict[str, str]]:
-    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
-
-
-def encode_prompt(tokenizer: Any, text: str, chat: bool = False, system_prompt: Optional[str] = None) -> List[int]:
-    """Token ids of one prompt: through the chat template (with the generation prompt) when `chat`, else the
-    tokenizer's leading specials + the text."""
-    if chat:
-        if not has_chat_template(tokenizer):
-            raise FrodCliError("chat=true but the tokenizer has no chat template (set chat=false)")
-        rendered = tokenizer.apply_chat_template(chat_messages(text, system_prompt), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    if system_prompt:
-        text = f"{system_prompt.strip()}\n\n{text}"
-    return leading_special_ids(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ generating
-def sampling_settings(node: Any) -> Dict[str, Any]:
-    """The `generation_config` keywords from a config holding frod_cli.config.SamplingConfig's keys
-    (task.generation, or `frod generate`'s own)."""
-    from frod_cli.config import SamplingConfig
-
-    return {f.name: node[f.name] for f in dataclasses.fields(SamplingConfig)}  # generation_config casts them
-
-
-def generation_config(model: Any, tokenizer: Any, *, max_new_tokens: int = 32, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, num_beams: int = 1,
-                      repetition_penalty: float = 1.0) -> Any:
-    """The model's generation config with our settings; sampling knobs only when sampling."""
-    import transformers
-
-    base = getattr(model, "generation_config", None)
-    gc = copy.deepcopy(base) if base is not None else transformers.GenerationConfig()
-    gc.max_new_tokens = int(max_new_tokens)
-    gc.max_length = None
-    gc.num_beams = int(num_beams)
-    gc.num_return_sequences = 1
-    gc.repetition_penalty = float(repetition_penalty)
-    gc.do_sample = bool(do_sample)
-    if do_sample:
-        gc.temperature, gc.top_p, gc.top_k = float(temperature), float(top_p), int(top_k)
-    else:
-        gc.temperature, gc.top_p, gc.top_k = None, None, None
-    gc.pad_token_id = pad_id_of(tokenizer)
-    if gc.eos_token_id is None and tokenizer.eos_token_id is not None:
-        gc.eos_token_id = tokenizer.eos_token_id
-    return gc
-
-
-def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16,
-                 **settings: Any) -> List[List[int]]:
-    """The new token ids for each prompt (token ids), generated `batch_size` prompts at a time with left
-    padding; settings as in `generation_config`. Stops at EOS; the EOS and anything after it are dropped."""
-    if batch_size < 1:
-        raise FrodCliError(f"generation batch_size must be positive, got {batch_size}")
-    gc = generation_config(model, tokenizer, **settings)
-    eos = gc.eos_token_id
-    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    pad = gc.pad_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: List[List[int]] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                chunk = [list(map(int, p)) for p in prompts[start : start + batch_size]]
-                if any(not p for p in chunk):
-                    raise FrodCliError("an empty prompt cannot be generated from")
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                    ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    mask[i, width - len(p) :] = 1
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
-                for row in gen[:, width:].tolist():
-                    cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
-                    out.append(row[:cut])
-    finally:
-        if was_training:
-            model.train()
-    return out
-
-
-def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch_size: int = 16, chat: bool = False,
-                   system_prompt: Optional[str] = None, **settings: Any) -> List[str]:
-    """Decoded new text for each prompt (a string, encoded by `encode_prompt`, or token ids)."""
-    ids = [encode_prompt(tokenizer, p, chat, system_prompt) if isinstance(p, str) else list(p) for p in prompts]
-    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in generate_ids(model, tokenizer, ids, batch_size, **settings)]
-
-
-# ---------------------------------------------------------------------------------------------- the verb
 def read_prompts(cfg: Any) -> List[str]:
     """cfg.prompt and/or the prompts in cfg.prompts (text: one per line; .jsonl: a "prompt" field per line)."""
     prompts: List[str] = []
@@ -249,9 +119,17 @@ def _layout_for(run_task: Optional[Any]) -> bool:
     return run_task.data_format == "instruction" or (run_task.data_format == "auto" and not run_task.prompt_template)
 
 
-def run_generate(cfg: Any) -> List[Dict[str, str]]:
+@register_verb("generate", config="generate",
+               summary='answers of a causal-LM run or model:  frod generate path=<run dir> prompt="..." | prompts=<file>')
+def run(cfg: Any) -> List[Dict[str, str]]:
     """`frod generate`: print (and optionally write) an answer for every prompt; returns the records."""
+    import torch
     from transformers import set_seed
+
+    from frod_cli.decoding import encode_prompt, generate_texts, has_chat_template, sampling_settings
+    from frod_cli.training.builders import quiet_libraries
+
+    quiet_libraries()
 
     prompts = read_prompts(cfg)  # bad input is refused before a model is loaded
     model, tok, run_task, what = load_generation_model(cfg)

@@ -6,14 +6,17 @@ import os
 from typing import Any, Dict
 
 from frod_cli import FrodCliError
-from frod_cli.console import fmt_metrics
-from frod_cli.runs import atomic_write_json
-from frod_cli.training import builders as B
-from frod_cli.training.evaluation import Evaluator, majority_accuracy
+from frod_cli.commands import register_verb
 
 
-def run_eval(cfg: Any) -> Dict[str, Any]:
+@register_verb("eval", config="eval", summary="metrics of a run directory or model:  frod eval path=<dir> [task=<name>]")
+def run(cfg: Any) -> Dict[str, Any]:
     from accelerate import Accelerator
+
+    from frod_cli.console import fmt_metrics
+    from frod_cli.runs import atomic_write_json
+    from frod_cli.training import builders as B
+    from frod_cli.training.evaluation import Evaluator, majority_accuracy
 
     B.quiet_libraries()
     t = B.load_trained(cfg.path, use_adapter=bool(cfg.use_adapter), task_cfg=cfg.task, seed=cfg.seed)

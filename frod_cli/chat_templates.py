@@ -1,0 +1,64 @@
+"""Chat templates frod can give a tokenizer that has none (`task.chat_template`, the offline `tiny:llama-chat`).
+
+A built-in is named; anything else given as a template is taken as a Jinja string, as transformers'
+`apply_chat_template` reads it. Installing ChatML adds its turn markers as special tokens when the vocabulary
+lacks them and makes the end-of-turn marker the EOS token, the way TRL's `setup_chat_format` and axolotl's
+`chat_template: chatml` do: generation then stops at the end of the assistant's turn. A model trained with such a
+tokenizer needs its embeddings resized to `len(tokenizer)` (`resize_embeddings`).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+# ChatML: every turn is <|im_start|>{role}\n{content}<|im_end|>\n; the generation prompt opens an assistant turn.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+BUILTIN: Dict[str, Dict[str, Any]] = {
+    "chatml": {"template": CHATML, "special_tokens": list(CHATML_TOKENS), "eos": "<|im_end|>"},
+}
+
+
+def is_jinja(value: str) -> bool:
+    return "{%" in value or "{{" in value
+
+
+def install_chat_template(tokenizer: Any, template: Optional[str]) -> bool:
+    """Give `tokenizer` the chat template `template`: None keeps its own, a built-in name (`chatml`) or a Jinja
+    string. Returns True when tokens were added to the vocabulary (the model's embeddings must grow)."""
+    if template is None:
+        return False
+    name = str(template)
+    if name in BUILTIN:
+        spec = BUILTIN[name]
+        vocab = tokenizer.get_vocab()
+        missing: List[str] = [t for t in spec["special_tokens"] if t not in vocab]
+        added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
+        tokenizer.chat_template = spec["template"]
+        if spec.get("eos"):
+            tokenizer.eos_token = spec["eos"]
+        return bool(added)
+    if not is_jinja(name):
+        raise ValueError(f"task.chat_template {name!r} is neither a built-in ({', '.join(BUILTIN)}) nor a Jinja "
+                         "template (one holds '{%' or '{{')")
+    tokenizer.chat_template = name
+    return False
+
+
+def resize_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow the model's token embeddings (and tied or untied output layer) to the tokenizer's vocabulary, and
+    point its config at the tokenizer's EOS / pad ids."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    for key in ("eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            setattr(model.config, key, value)
+            gc = getattr(model, "generation_config", None)
+            if gc is not None:
+                setattr(gc, key, value)
