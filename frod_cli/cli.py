@@ -322,9 +322,18 @@ def list_recipes() -> str:
     return "\n".join(out)
 
 
+# Library loggers that warn on every run about something the user cannot act on: bitsandbytes' CPU backend (imported
+# by PEFT whenever bitsandbytes is installed) looks for an optional kernel on the Hub, offline never there.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import logging
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), end="")
         return 0

@@ -21,6 +21,9 @@ class ModelConfig:
     name_or_path: str = MISSING
     revision: Optional[str] = None
     dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen weights' dtype
+    # none | nf4 | fp4: the frozen weights in 4 bits (bitsandbytes, double quantization), computed in `dtype`;
+    # the LM head and the task head stay in `dtype` (frod_cli/models.py)
+    quantization: str = "none"
     trust_remote_code: bool = False  # remote code from the Hub only when asked for explicitly
     # Overrides applied to the model config (e.g. hidden_size for tiny:* models, dropout rates).
     config_overrides: Dict[str, Any] = field(default_factory=dict)
@@ -41,6 +44,32 @@ class SamplingConfig:
     top_k: int = 50
     num_beams: int = 1
     repetition_penalty: float = 1.0
+
+
+def check_sampling(node: Any, prefix: str = "") -> None:
+    """Refuse, before any model loads, settings generation cannot run with (transformers would raise deep inside
+    `generate`, or quietly ignore them)."""
+    from frod_cli import FrodCliError
+
+    def bad(key: str, rule: str) -> None:
+        raise FrodCliError(f"{prefix}{key} must be {rule}, got {node[key]!r}")
+
+    if int(node.max_new_tokens) < 1:
+        bad("max_new_tokens", "at least 1")
+    if int(node.num_beams) < 1:
+        bad("num_beams", "at least 1")
+    if not float(node.repetition_penalty) > 0:
+        bad("repetition_penalty", "> 0")
+    if node.do_sample:
+        if not float(node.temperature) > 0:
+            bad("temperature", "> 0 when sampling (do_sample=true; greedy decoding is do_sample=false)")
+        if not 0 < float(node.top_p) <= 1:
+            bad("top_p", "in (0, 1]")
+        if int(node.top_k) < 0:
+            bad("top_k", ">= 0 (0 turns top-k filtering off)")
+    for key, low in (("batch_size", 1), ("max_examples", 0)):
+        if key in node and int(node[key]) < low:
+            bad(key, f"at least {low}")
 
 
 @dataclass
@@ -93,18 +122,39 @@ class TaskConfig:
     # e.g. prompt_template="Question: {question}\nAnswer:", response_template=" {answer}"
     prompt_template: Optional[str] = None
     response_template: Optional[str] = None
-    # causal_lm: data_format auto | instruction | chat | text | template
+    # causal_lm: data_format auto | instruction | chat | sharegpt | prompt_completion | text | template
+    # (frod_cli/tasks/layouts.py: the one reader of these layouts)
     data_format: str = "auto"
     instruction_field: str = "instruction"
     input_field: Optional[str] = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
+    # sharegpt `from` -> role, over the defaults human->user, gpt->assistant, system->system (user, assistant kept)
+    role_map: Dict[str, str] = field(default_factory=dict)
+    completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
+    # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
+    chat_template: Optional[str] = None
+    skip_malformed: bool = False  # drop rows that cannot be read (counted) instead of refusing the split
+    # Weighted mixture: a list of sources, each {name, weight, source, dataset, data_files, data_format, ...}
+    # (the keys of one source; the rest inherited from this task); trained on with probabilities weight / sum
+    mixture: List[Any] = field(default_factory=list)
+    mixture_stop: str = "first_exhausted"  # first_exhausted | all_exhausted: when the mixture's epoch ends
+    streaming: bool = False  # read and tokenize the training split while training (needs train.max_steps)
+    shuffle_buffer: int = 1000  # streaming: rows in the shuffle buffer (0: the stream's own order)
     system_prompt: Optional[str] = None
     train_on_prompt: bool = False  # false: loss on the response tokens only
     packing: bool = False  # pack examples into blocks of max_length (training split only)
     # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
     answer_pattern: str = "full"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # preference (frod_cli/tasks/preference.py): a prompt and a chosen and a rejected answer per row
+    prompt_field: str = "prompt"  # TRL's prompt column (a string or a list of turns)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: Optional[float] = None  # None: 0.1 for dpo and ipo (IPO's tau), 2.0 for simpo
+    gamma: Optional[float] = None  # simpo's target reward margin; None: beta / 2
     # Metrics: evaluate modules shipped in frod_cli/metrics; objective picks the best checkpoint
     metrics: List[str] = field(default_factory=lambda: ["accuracy"])
     objective: str = "accuracy"
@@ -161,6 +211,9 @@ class TrainConfig:
     save_merged: bool = True
     save_adapter: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at evaluations (checkpoints/step-N/, for resume=<run dir>)
+    # A directory holding a finished run is refused; true replaces that run once the new one has finished
+    # (frod_cli/runs/directory.py): until then the old run stays whole.
+    overwrite: bool = False
     keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
     progress: bool = True  # rich progress bar (main process only)
     eval_test: bool = True  # evaluate the best checkpoint on the test split at the end
@@ -221,6 +274,7 @@ class EvalRunConfig:
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
     use_adapter: bool = False  # run dir: evaluate base model + adapter/ instead of merged/
     output: Optional[str] = None  # default: <run dir>/eval.json, or <checkpoint>/eval.json
+    overwrite: bool = False  # replace an existing output (refused otherwise)
     cpu: bool = False
 
 
@@ -238,6 +292,7 @@ class GenerateRunConfig(SamplingConfig):
     batch_size: int = 8
     use_adapter: bool = False  # run dir: base model + adapter/ instead of merged/
     output: Optional[str] = None  # also write prompt/answer records as JSONL here
+    overwrite: bool = False  # replace an existing output file (refused otherwise)
     cpu: bool = False
 
 
@@ -246,9 +301,38 @@ class MergeRunConfig:
     """`frod merge run=<run dir>`: adapter/ + base model -> merged/."""
 
     run: str = MISSING
-    output: Optional[str] = None  # default: <run>/merged
+    output: Optional[str] = None  # default: <run>/merged (the report goes to <run>/merge.json, else into output)
+    overwrite: bool = False  # replace an existing output directory (refused otherwise)
     check_batch_size: int = 8  # validation examples used to measure the merged/unmerged difference
     cpu: bool = False
+    # Fold the trained update into this model (a directory, Hub id or tiny:/offline: name, loaded unquantized in
+    # the run's model.dtype) instead of the run's own base: the unquantized original of a 4-bit base
+    base: Optional[str] = None
+
+
+@dataclass
+class ExportRunConfig:
+    """`frod export path=<run dir> format=peft|lora|merged [output=<dir>]`: the trained model for serving."""
+
+    path: str = MISSING  # a run directory, or its adapter/ or merged/
+    format: str = MISSING  # peft | lora | merged
+    output: Optional[str] = None  # default: <run dir>/export-<format>
+    overwrite: bool = False  # replace an existing output directory (refused otherwise)
+    rank: Optional[int] = None  # format=lora: every layer's rank (at most min(out, in))
+    energy: Optional[float] = None  # format=lora: per layer, the smallest rank keeping this share of dW's sum sigma^2
+    dtype: Optional[str] = None  # format=merged: float32 | bfloat16 | float16 (default: the run's model.dtype)
+    tolerance: Optional[float] = None  # format=peft: largest relative difference of PEFT's reload (default 1e-3)
+    check_batch_size: int = 8  # validation examples the exported model's outputs are compared on
+    cpu: bool = False
+
+
+@dataclass
+class CacheRunConfig:
+    """`frod cache [list|clear] [base=<name>]`: the FRoD basis cache (frod_cli/frod/cache.py)."""
+
+    action: str = "list"  # list | clear
+    base: Optional[str] = None  # only the entries of this base model (as `frod cache list` names it)
+    dir: Optional[str] = None  # default: $FROD_CACHE_DIR, else ~/.cache/frod/basis
 
 
 def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
@@ -289,6 +373,8 @@ def register_configs() -> None:
     cs.store(name="frod_eval_schema", node=EvalRunConfig)
     cs.store(name="frod_merge_schema", node=MergeRunConfig)
     cs.store(name="frod_generate_schema", node=GenerateRunConfig)
+    cs.store(name="frod_export_schema", node=ExportRunConfig)
+    cs.store(name="frod_cache_schema", node=CacheRunConfig)
     from frod_cli.methods import register_schemas
 
     register_schemas()

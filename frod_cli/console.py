@@ -1,7 +1,50 @@
-"""What a person sees: the rich progress bar of a run and its closing summary (main process only)."""
+"""What a person sees: console logging, the rich progress bar of a run and its closing summary (main process
+only). Logging and the bar share one rich Console, so in a terminal a log line is printed above the bar, never
+on the bar's line; outside a terminal log lines are plain and whole."""
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any, Dict, Optional
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+_CONSOLE = None
+
+
+def console() -> Any:
+    """The one rich Console of this process (stdout, looked up at each write: pytest and redirections work)."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console(soft_wrap=True)  # long lines stay whole (the terminal, or the file, wraps them)
+    return _CONSOLE
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Plain log lines to whatever sys.stdout is at the time of the record."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: D401 - logging's attribute
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_handler() -> logging.Handler:
+    """The console handler of the logging config (recipes/hydra/job_logging/frod.yaml)."""
+    if console().is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=console(), show_path=False, markup=False, rich_tracebacks=False)
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
 
 
 def fmt_metrics(metrics: Dict[str, Any]) -> str:
@@ -19,14 +62,12 @@ def progress_bar(enabled: bool) -> Optional[Any]:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
         TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        transient=False,
+        transient=False, console=console(),
     )
 
 
 def print_final(final: Dict[str, Any], output_dir: str) -> None:
-    from rich.console import Console
-
-    c = Console()
+    c = console()
     c.print(f"[bold]run[/bold] {output_dir}")
     for split in ("validation", "test"):
         if split in final:

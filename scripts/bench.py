@@ -827,7 +827,628 @@ def sweep_table(points, key) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- --build
+# Time to a ready FRoD adapter on LLaMA-shaped stacks of target layers (issue 17): the cold decomposition per
+# category, the cache hit (hashing included), and the categories split over processes.
+BUILD_SHAPES = {  # hidden, intermediate, k/v rows (GQA); the real layer shapes of each model
+    "llama7b": (4096, 11008, 4096),
+    "llama70b": (8192, 28672, 1024),
+    "tiny": (64, 160, 32),
+}
+PAPER_7B_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"  # the paper's commonsense recipe
+
+
+def build_layer_shapes(shape: str) -> Dict[str, tuple]:
+    h, inter, kv = BUILD_SHAPES[shape]
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+
+
+def llama_stack(shape: str, blocks: int, targets: List[str], seed: int) -> torch.nn.Module:
+    """`layers.<i>.self_attn.<q,k,v,o>_proj` / `layers.<i>.mlp.<gate,up,down>_proj` as bias-free nn.Linear of
+    the model's real shapes, random N(0, 0.02) float32 (seeded: every process builds the same weights); only
+    the targeted roles are built (the decomposition needs nothing else)."""
+    shapes = build_layer_shapes(shape)
+    g = torch.Generator().manual_seed(seed)
+    root = torch.nn.Module()
+    root.layers = torch.nn.ModuleList()
+    for _ in range(blocks):
+        block = torch.nn.Module()
+        block.self_attn, block.mlp = torch.nn.Module(), torch.nn.Module()
+        for role in targets:
+            out_f, in_f = shapes[role]
+            layer = torch.nn.Linear(in_f, out_f, bias=False, device="meta")
+            layer.weight = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g).mul_(0.02), requires_grad=False)
+            setattr(block.mlp if role in ("gate_proj", "up_proj", "down_proj") else block.self_attn, role, layer)
+        root.layers.append(block)
+    return root
+
+
+def build_config(args):
+    from frod_cli.frod import FrodConfig
+
+    return FrodConfig(target_modules=[t.strip() for t in args.targets.split(",")], sparse_rate=args.sparse_rate,
+                      seed=args.seed, basis_dtype=args.basis_dtype)
+
+
+def timed_apply(model, args, **kw):
+    from frod_cli.frod import apply_frod, basis_report
+
+    t0 = time.perf_counter()
+    adapted = apply_frod(model, build_config(args), **kw)
+    return adapted, time.perf_counter() - t0, basis_report(adapted)
+
+
+def build_cold_and_hit(args, blocks: int, cache_dir: str, log) -> Dict[str, Any]:
+    """One process at --threads: apply_frod through an empty cache (cold: decomposition, hashing, writing),
+    then on an identical copy of the base (hit: hashing and reading). Per category and in total."""
+    from frod_cli.frod.cache import clear_cache
+
+    clear_cache(cache_dir)
+    base = llama_stack(args.build_shape, blocks, build_config(args).target_modules, args.seed)
+    twin = copy.deepcopy(base)
+    with PeakRSS() as mem:
+        cold, cold_wall, cold_rep = timed_apply(base, args, cache_dir=cache_dir, device=args.device)
+    hit, hit_wall, hit_rep = timed_apply(twin, args, cache_dir=cache_dir, device=args.device)
+    same = all(torch.equal(a, b) for a, b in zip(cold.state_dict().values(), hit.state_dict().values()))
+    rows = []
+    for c, h in zip(cold_rep, hit_rep):
+        hit_s = h["hash_s"] + h["load_s"]
+        rows.append({"category": c["category"], "layers": c["layers"], "n": c["n"], "cold_s": c["seconds"],
+                     "cold_cpu_s": c["cpu_s"], "cold_hash_s": c["hash_s"], "cold_store_s": c["store_s"],
+                     "hit_s": hit_s, "hit_cpu_s": h["cache_cpu_s"], "hit_hash_s": h["hash_s"],
+                     "hit_load_s": h["load_s"],
+                     "hit_vs_cold": hit_s / c["seconds"], "hit_vs_cold_cpu": h["cache_cpu_s"] / max(c["cpu_s"], 1e-9),
+                     "hit_source": h["source"], "device_peak_bytes": c["device_peak_bytes"]})
+        log(f"# {blocks} blocks {c['category']}: cold {c['seconds']:.2f} s ({c['cpu_s']:.2f} CPU s), "
+            f"hit {hit_s:.3f} s ({h['cache_cpu_s']:.3f} CPU s)")
+    cold_s, hit_s = sum(r["cold_s"] for r in rows), sum(r["hit_s"] for r in rows)
+    cold_cpu, hit_cpu = sum(r["cold_cpu_s"] for r in rows), sum(r["hit_cpu_s"] for r in rows)
+    return {"blocks": blocks, "rows": rows, "cold_decomposition_s": cold_s, "hit_s": hit_s,
+            "hit_vs_cold": hit_s / cold_s, "cold_decomposition_cpu_s": cold_cpu, "hit_cpu_s": hit_cpu,
+            "hit_vs_cold_cpu": hit_cpu / max(cold_cpu, 1e-9),
+            "cold_wall_s": cold_wall, "hit_wall_s": hit_wall, "hit_equals_cold": same,
+            "peak_rss_bytes_cold": mem.peak, "cache_bytes": sum(os.path.getsize(os.path.join(cache_dir, f))
+                                                                for f in os.listdir(cache_dir))}
+
+
+def build_ranks(args, blocks: int, work: Path, log) -> Dict[str, Any]:
+    """Wall time to a ready adapter (no cache), one process at 1 thread against --ranks processes at 1 thread
+    each over gloo (torchrun), each building the same base; with the adapters' fingerprints compared."""
+    import subprocess
+
+    results = {}
+    for procs in (1, args.ranks):
+        out = work / f"ranks-{procs}"
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               str(Path(__file__).resolve()), "--build-worker", "--build-shape", args.build_shape, "--blocks",
+               str(blocks), "--targets", args.targets, "--sparse-rate", str(args.sparse_rate), "--seed",
+               str(args.seed), "--basis-dtype", args.basis_dtype, "--threads", "1", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"--build ranks={procs} failed:\n{r.stderr[-3000:]}")
+        results[procs] = [json.loads((out / f"rank-{i}.json").read_text()) for i in range(procs)]
+        log(f"# {procs} process(es): ready in " + ", ".join(f"{x['ready_s']:.1f} s" for x in results[procs]))
+    one, many = results[1][0], results[args.ranks]
+    return {"blocks": blocks, "processes": args.ranks, "one_process_s": one["ready_s"],
+            "per_rank_s": [x["ready_s"] for x in many], "ratio": max(x["ready_s"] for x in many) / one["ready_s"],
+            "one_process_cpu_s": one["cpu_s"], "per_rank_cpu_s": [x["cpu_s"] for x in many],
+            "ratio_cpu": max(x["cpu_s"] for x in many) / one["cpu_s"],
+            "bit_identical": len({x["fingerprint"] for x in many} | {one["fingerprint"]}) == 1,
+            "owners": many[0]["owners"], "peak_rss_bytes": {"one": one["peak_rss_bytes"],
+                                                            "per_rank": [x["peak_rss_bytes"] for x in many]},
+            "rss_after_load_bytes": [x["rss_after_load_bytes"] for x in many]}
+
+
+def build_worker(args) -> int:
+    """One rank of build_ranks (started by torchrun): build the base, apply FRoD, write rank-<r>.json."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    base = llama_stack(args.build_shape, args.blocks_list[0], build_config(args).target_modules, args.seed)
+    loaded = rss_bytes()
+    if world > 1:
+        dist.barrier()  # every rank starts the clock together
+    cpu0 = time.process_time()
+    with PeakRSS() as mem:
+        model, ready, report = timed_apply(base, args, cache_dir=None)
+    cpu = time.process_time() - cpu0  # this rank's work (its share, the broadcasts), not its waiting
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    Path(args.out, f"rank-{rank}.json").write_text(json.dumps({
+        "rank": rank, "ready_s": ready, "cpu_s": cpu, "fingerprint": h.hexdigest(), "rss_after_load_bytes": loaded,
+        "peak_rss_bytes": mem.peak, "owners": {r["category"]: r["rank"] for r in report}}))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def fit_blocks(points: List[Dict[str, Any]], blocks: int, field: str = "cold_s") -> Dict[str, float]:
+    """Per category, `field` (cold_s, cold_cpu_s) at `blocks` from the measured points: the line through the two
+    largest block counts (the cost is a fixed part, eigh and the n x n factors, plus a part linear in the
+    layers), or proportional to the blocks from one point (an upper bound)."""
+    pts = sorted(points, key=lambda p: p["blocks"])[-2:]
+    out = {}
+    for i, row in enumerate(pts[-1]["rows"]):
+        if len(pts) == 1:
+            out[row["category"]] = row[field] * blocks / pts[-1]["blocks"]
+        else:
+            (b0, t0), (b1, t1) = [(p["blocks"], p["rows"][i][field]) for p in pts]
+            out[row["category"]] = t1 + (t1 - t0) / (b1 - b0) * (blocks - b1)
+    return out
+
+
+def build_table(result: Dict[str, Any]) -> str:
+    if "points" not in result:
+        return ranks_line(result.get("ranks"))
+    last = result["points"][-1]
+    lines = ["| category | layers | cold s (CPU s) | hit s (hash + read; CPU s) | hit / cold, wall (CPU) "
+             "| cold at 32 blocks, s (CPU s) | at 80 blocks |", "|---|---|---|---|---|---|---|"]
+    e32, e80 = result["extrapolated"]["32"], result["extrapolated"]["80"]
+    c32, c80 = result["extrapolated_cpu"]["32"], result["extrapolated_cpu"]["80"]
+    for r in last["rows"]:
+        k = r["category"]
+        lines.append(f"| {k} | {r['layers']} | {r['cold_s']:.2f} ({r['cold_cpu_s']:.2f}) | {r['hit_s']:.3f} "
+                     f"({r['hit_hash_s']:.3f} + {r['hit_load_s']:.3f}; {r['hit_cpu_s']:.3f}) | {r['hit_vs_cold']:.4f} "
+                     f"({r['hit_vs_cold_cpu']:.4f}) | {e32[k]:.0f} ({c32[k]:.0f}) | {e80[k]:.0f} ({c80[k]:.0f}) |")
+    lines.append(f"| all | | {last['cold_decomposition_s']:.2f} ({last['cold_decomposition_cpu_s']:.2f}) | "
+                 f"{last['hit_s']:.3f} ({last['hit_cpu_s']:.3f}) | {last['hit_vs_cold']:.4f} "
+                 f"({last['hit_vs_cold_cpu']:.4f}) | {sum(e32.values()):.0f} ({sum(c32.values()):.0f}) | "
+                 f"{sum(e80.values()):.0f} ({sum(c80.values()):.0f}) |")
+    text = "\n".join(lines) + (f"\n# apply_frod wall: cold {last['cold_wall_s']:.1f} s, hit "
+                               f"{last['hit_wall_s']:.1f} s; hit adapter equals cold: {last['hit_equals_cold']}")
+    return text + ("\n" + ranks_line(result["ranks"]) if result.get("ranks") else "")
+
+
+def ranks_line(rk: Optional[Dict[str, Any]]) -> str:
+    text = ""
+    if rk:
+        ready = ", ".join(f"{s:.1f}" for s in rk["per_rank_s"])
+        text += (f"# {rk['processes']} processes x 1 thread: ready in {ready} s "
+                 f"vs 1 process x 1 thread {rk['one_process_s']:.1f} s: {rk['ratio']:.3f}x (CPU seconds "
+                 f"{', '.join(f'{s:.1f}' for s in rk['per_rank_cpu_s'])} vs {rk['one_process_cpu_s']:.1f}: "
+                 f"{rk['ratio_cpu']:.3f}x); bit identical: {rk['bit_identical']}")
+    return text
+
+
+def build_main(args, log) -> int:
+    import shutil
+    import tempfile
+
+    args.blocks_list = [int(b) for b in str(args.blocks).split(",")]
+    if args.build_worker:
+        return build_worker(args)
+    torch.set_num_threads(args.threads)
+    env = environment(args)
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="frod-build-bench-"))
+    cache_dir = args.cache_dir or str(work / "cache")
+    parts = {p.strip() for p in args.parts.split(",")}
+    try:
+        result = {"build_shape": args.build_shape, "layer_shapes": build_layer_shapes(args.build_shape),
+                  "targets": args.targets, "threads": args.threads, "device": args.device}
+        if "cache" in parts:
+            points = [build_cold_and_hit(args, b, cache_dir, log) for b in args.blocks_list]
+            result.update(points=points, extrapolated={str(b): fit_blocks(points, b) for b in (32, 80)},
+                          extrapolated_cpu={str(b): fit_blocks(points, b, "cold_cpu_s") for b in (32, 80)})
+        if args.ranks > 1 and "ranks" in parts:
+            result["ranks"] = build_ranks(args, args.blocks_list[-1], work, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result.update(environment=env, wall_s=time.perf_counter() - t0)
+    out = Path(args.out or f"bench_out/build-{args.build_shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(build_table(result))
+    print(f"# wrote {out} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+def add_build_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("--build: time to a ready FRoD adapter (basis on the device, cache, ranks)")
+    g.add_argument("--build", action="store_true", help="run the basis-build benchmark instead of train steps")
+    g.add_argument("--build-shape", default="llama7b", choices=sorted(BUILD_SHAPES),
+                   help="real layer shapes of LLaMA-2-7B / 70B (tiny: tests)")
+    g.add_argument("--blocks", default="2", help="transformer blocks (comma list: one point each, for the fit)")
+    g.add_argument("--targets", default=PAPER_7B_TARGETS, help="roles to adapt (comma list)")
+    g.add_argument("--ranks", type=int, default=2, help="processes of the split measurement (0: skip it)")
+    g.add_argument("--parts", default="cache,ranks", help="what to measure: cache (cold and hit), ranks (split)")
+    g.add_argument("--basis-dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--cache-dir", default=None, help="basis cache to use (default: a temporary one, removed)")
+    g.add_argument("--build-worker", action="store_true", help=argparse.SUPPRESS)
+
+
+# ------------------------------------------------------------------------------------------- --quantized
+# FRoD on a 4-bit (NF4) base next to QLoRA (issue 21; docs/PERFORMANCE.md "4-bit bases"):
+#   --quantized memory      LLaMA-7B-shaped causal LMs (hidden 4096, MLP 11008, 32 heads; --q-blocks blocks, a
+#                           small vocabulary so the blocks dominate), base bf16 or NF4 (computed in bf16), adapted
+#                           by frod or lora on the paper's targets q k v o gate up: parameter+buffer bytes (the
+#                           blocks; the whole model with FRoD's shared bases), the resident peak and the time of a
+#                           training step (AdamW), and the peak of one evaluation forward without gradients, per
+#                           call and with every W + dW held (frod_cli.frod.evaluation_cache).
+#   --quantized generation  the llama preset (SmolLM2-shaped, 30 layers) as a causal LM in float32, bf16 and NF4:
+#                           greedy decoding of --q-gen-batch prompts x --q-new-tokens tokens, with the adapter
+#                           unmerged (W + dW held: evaluation_cache open over the timing, as within one
+#                           evaluation, its one-time build timed apart; and per call) against the merged model
+#                           (for NF4: merged/ as frod writes it, dequantized base + dW in bf16), and the NF4
+#                           base alone.
+# On the 7B shape the FRoD rows use a shape-only basis (V = V^-T = I, sigma_i = column norms of W_i, so
+# U_i = W_i diag(1/sigma_i)): the same tensors, sizes and operations as the HO-GSVD basis, whose decomposition
+# takes 2-4 min per category on 2 CPU cores and changes neither memory nor step time. The generation rows use
+# the real basis (apply_frod).
+QUANT_SHAPES = {"llama7b": dict(hidden=4096, intermediate=11008, heads=32, vocab=1024),
+                "tiny": dict(hidden=64, intermediate=160, heads=2, vocab=256)}
+QUANT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+
+
+def quant_bnb_config(quantization: str, dtype: torch.dtype):
+    """frod's own BitsAndBytesConfig for model.quantization (double quantization, computed in `dtype`)."""
+    from types import SimpleNamespace
+
+    from frod_cli.models import quantization_config
+
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    return quantization_config(SimpleNamespace(quantization=quantization, dtype=name), SimpleNamespace())
+
+
+def quant_causal_lm(config, dtype: torch.dtype, quantization: str, seed: int, device) -> torch.nn.Module:
+    """A seeded random LlamaForCausalLM from `config` in `dtype` on `device`, or in 4 bits through frod's loader."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from frod_cli.models import keep_one_4bit_format, quantize_built
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    if quantization != "none":
+        model = quantize_built(model, AutoModelForCausalLM, quant_bnb_config(quantization, dtype), dtype, device)
+        keep_one_4bit_format(model)
+    else:
+        model = model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def quant_llama7b_config(shape: str, blocks: int):
+    from transformers import LlamaConfig
+
+    s = QUANT_SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                      num_hidden_layers=blocks, num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def frod_shape_basis(model: torch.nn.Module, targets: List[str], sparse_rate: float, seed: int) -> torch.nn.Module:
+    """FrodLinear on every target with the shape-only basis (module comment): per category V = V^-T = I and the
+    seeded sparse pattern, per layer sigma_i = the column norms of W_i; the categories hang on the model (their
+    buffers count, model.to() moves them). Everything else frozen, lambda and S trainable."""
+    from frod_cli.frod import FrodCategory, FrodLinear
+    from frod_cli.frod.basis import sparse_pattern
+    from frod_cli.frod.layer import weight_of, weight_shape
+    from frod_cli.frod.targets import find_linear_targets, role_of
+
+    categories: Dict[str, Any] = {}
+    for name, module in find_linear_targets(model, targets):
+        n = weight_shape(module)[1]
+        key = f"{role_of(name)}|in={n}"
+        if key not in categories:
+            rows, cols = sparse_pattern(n, sparse_rate, seed, key)
+            # V and V^-T as two tensors, as a real basis holds them
+            categories[key] = FrodCategory(key, torch.eye(n), torch.eye(n), rows, cols).to(module.weight.device)
+        sigma = torch.linalg.vector_norm(weight_of(module).float(), dim=0)
+        model.set_submodule(name, FrodLinear(module, categories[key], sigma))
+    model.frod_categories = torch.nn.ModuleList(categories.values())
+    return model
+
+
+def quant_adapt(model, method: str, args, targets: List[str] = QUANT_TARGETS) -> torch.nn.Module:
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.0,
+                                                target_modules=targets))
+    if method == "frod:hogsvd":
+        from frod_cli.frod import FrodConfig, apply_frod
+
+        return apply_frod(model, FrodConfig(target_modules=targets, sparse_rate=args.sparse_rate, seed=args.seed))
+    return frod_shape_basis(model, targets, args.sparse_rate, args.seed)
+
+
+def quant_state_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers plus the 4-bit layers' quantization state (absmax, nested absmax, code tables),
+    which bitsandbytes keeps outside both."""
+    from frod_cli.frod.layer import is_4bit
+
+    extra = [v for m in model.modules() if is_4bit(m)
+             for v in m.weight.quant_state.as_dict(packed=True).values() if torch.is_tensor(v)]
+    return params_buffers_bytes(model) + storage_bytes(extra)
+
+
+def quant_step(model, opt, ids) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def quant_memory_row(args, blocks: int, base: str, method: str, log) -> Dict[str, Any]:
+    """One (blocks, base, method) point of --quantized memory (module comment)."""
+    gc.collect()
+    malloc_trim()
+    dtype, device = torch.bfloat16, torch.device(args.device)
+    model = quant_causal_lm(quant_llama7b_config(args.q_shape, blocks), dtype, "nf4" if base == "nf4" else "none",
+                            args.seed, device)
+    model = quant_adapt(model, method, args)
+    if args.q_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for n, m in model.named_modules() if n.endswith("model.layers")][0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (args.q_batch, args.q_seq),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    model.train()
+    quant_step(model, opt, ids)  # optimizer state allocated, kernels warm
+    gc.collect()
+    malloc_trim()
+    with QuantPeak(device) as mem:
+        first = quant_step(model, opt, ids)
+    times = [first] + [quant_step(model, opt, ids) for _ in range(args.q_steps - 1)]
+    model.eval()
+    evals = {}
+    for held in (False, True):
+        gc.collect()
+        malloc_trim()
+        with QuantPeak(device) as ev, torch.no_grad(), _quant_eval(model, held):
+            model(input_ids=ids)
+        evals["eval_held" if held else "eval"] = {"peak": ev.peak, "extra": ev.extra}
+    row = {"blocks": blocks, "base": base, "method": method, "device": device.type, "blocks_bytes": quant_state_bytes(layers),
+           "model_bytes": quant_state_bytes(model), "trainable": sum(p.numel() for p in trainable),
+           "optimizer_bytes": optimizer_state_bytes(opt), "step_peak": mem.peak, "step_extra": mem.extra,
+           "rss_before_step": mem.before, "step_s": summarize(times), **evals}
+    log(f"# {blocks} blocks {base} {method}: blocks {fmt_bytes(row['blocks_bytes'])} MiB, step peak "
+        f"{fmt_bytes(quant_peak(row))} MiB, step {row['step_s']['median']:.2f} s")
+    del model, opt, layers, trainable
+    return row
+
+
+class QuantPeak:
+    """The memory peak over a block: the CUDA allocator's on a GPU (peak, extra over the block's start), the
+    resident set's (PeakRSS) on the CPU."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.rss.__exit__(*exc)
+            self.before, self.peak = self.rss.before, self.rss.peak
+        self.extra = self.peak - self.before
+        return False
+
+
+def _quant_eval(model, held: bool):
+    import contextlib
+
+    from frod_cli.frod import evaluation_cache
+
+    return evaluation_cache(model) if held else contextlib.nullcontext()
+
+
+def quant_peak(r: Dict[str, Any], what: str = "step") -> int:
+    """The peak of a step (or an evaluation: what="eval" / "eval_held"): the CUDA allocator's peak on a GPU; on
+    the CPU the live state (parameters, buffers, 4-bit state, optimizer state) plus the block's resident-set
+    growth, as the rest of this benchmark reports it (the resident set itself also holds what loading left:
+    allocator arenas, the mapped checkpoint the 4-bit model was quantized from)."""
+    if r.get("device") == "cuda":
+        return r["step_peak"] if what == "step" else r[what]["peak"]
+    extra = r["step_extra"] if what == "step" else r[what]["extra"]
+    return r["model_bytes"] + (r["optimizer_bytes"] if what == "step" else 0) + extra
+
+
+def quant_memory_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| blocks | base | method | params+buffers, blocks (MiB) | whole model (MiB) | trainable | optimizer (MiB) | "
+             "step extra (MiB) | step peak (MiB) | step s (median) | eval peak, per call / W+dW held (MiB) |",
+             "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['blocks']} | {r['base']} | {r['method']} | {fmt_bytes(r['blocks_bytes'])} | "
+                     f"{fmt_bytes(r['model_bytes'])} | {r['trainable']:,} | {fmt_bytes(r['optimizer_bytes'])} | "
+                     f"{fmt_bytes(r['step_extra'])} | {fmt_bytes(quant_peak(r))} | {r['step_s']['median']:.2f} | "
+                     f"{fmt_bytes(quant_peak(r, 'eval'))} / {fmt_bytes(quant_peak(r, 'eval_held'))} |")
+    return "\n".join(lines) + "\n" + "\n".join(quant_ratios(rows))
+
+
+def quant_ratios(rows: List[Dict[str, Any]]) -> List[str]:
+    """The issue's targets from one run: NF4 / bf16 adapted blocks, (NF4 frod - NF4 lora) peak at the largest vs
+    the smallest block count, step-time ratios."""
+    at = {(r["blocks"], r["base"], r["method"]): r for r in rows}
+    out, blocks = [], sorted({r["blocks"] for r in rows})
+    frod = next((r["method"] for r in rows if r["method"].startswith("frod")), "frod")
+    for b in blocks:
+        q, f = at.get((b, "nf4", frod)), at.get((b, "bf16", frod))
+        ql = at.get((b, "nf4", "lora"))
+        if q and f:
+            out.append(f"- {b} blocks: NF4 / bf16 frod params+buffers of the blocks {ratio(q['blocks_bytes'], f['blocks_bytes']):.3f}, "
+                       f"whole model {ratio(q['model_bytes'], f['model_bytes']):.3f}; step time NF4 / bf16 frod "
+                       f"{ratio(q['step_s']['median'], f['step_s']['median']):.2f}")
+        if q and ql:
+            out.append(f"- {b} blocks: NF4 frod - NF4 lora step peak {fmt_bytes(quant_peak(q) - quant_peak(ql))} MiB; "
+                       f"step time NF4 frod / NF4 lora {ratio(q['step_s']['median'], ql['step_s']['median']):.2f}")
+    lo, hi = blocks[0], blocks[-1]
+    d = {b: quant_peak(at[(b, "nf4", frod)]) - quant_peak(at[(b, "nf4", "lora")])
+         for b in (lo, hi) if (b, "nf4", frod) in at and (b, "nf4", "lora") in at}
+    if len(d) == 2 and lo != hi:
+        out.append(f"- NF4 frod - NF4 lora step peak, {hi} blocks / {lo} blocks: {ratio(d[hi], d[lo]):.3f}")
+    return out
+
+
+def quant_generation(args, log) -> List[Dict[str, Any]]:
+    """--quantized generation (module comment): one row per base dtype; the variants of a row are timed
+    round-robin (A B C A B C ...) so that the load of a shared machine hits them alike."""
+    import contextlib
+
+    from frod_cli.decoding import generate_ids
+    from frod_cli.frod import evaluation_cache, merge_and_unload
+    from frod_cli.models import dequantize_model
+
+    cfg = _llama(args).config
+    cfg.tie_word_embeddings = False  # frod keeps lm_head out of the 4-bit base (a tied head would be quantized too)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (args.q_prompt_len,), generator=g).tolist() for _ in range(args.q_gen_batch)]
+    settings = dict(max_new_tokens=args.q_new_tokens, do_sample=False, batch_size=args.q_gen_batch)
+    tok, rows = _QuantTokens(), []
+    for base in args.q_gen_bases.split(","):
+        dtype = torch.float32 if base == "float32" else torch.bfloat16
+        model = quant_causal_lm(cfg, dtype, "nf4" if base == "nf4" else "none", args.seed, torch.device(args.device))
+        variants = {"base_4bit": (copy.deepcopy(model), contextlib.nullcontext)} if base == "nf4" else {}
+        model = quant_adapt(model, "frod:hogsvd", args, PRESETS["llama"].targets)  # the preset's: every block linear
+        _perturb_frod(model)
+        per_call = copy.deepcopy(model)
+        merged = dequantize_model(merge_and_unload(copy.deepcopy(model)))
+        build_s = _time_build(per_call, len(prompts))
+        with evaluation_cache(model):  # open for the whole timing: the cache warm, as within one evaluation
+            variants.update({"adapter_held": (model, contextlib.nullcontext),
+                             "adapter_per_call": (per_call, contextlib.nullcontext),
+                             "merged": (merged, contextlib.nullcontext)})
+            timings = _time_generations(variants, tok, prompts, settings, args.q_repeats)
+            same = generate_ids(model, tok, prompts, **settings) == generate_ids(merged, tok, prompts, **settings)
+        row = {"base": base, **timings, "build_s": build_s, "same_tokens": same,
+               "held_vs_merged": ratio(timings["adapter_held"], timings["merged"]),
+               "per_call_vs_merged": ratio(timings["adapter_per_call"], timings["merged"])}
+        log(f"# generation {base}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})}")
+        rows.append(row)
+        del model, merged, variants, per_call
+        gc.collect()
+    return rows
+
+
+def _time_build(model, batch: int) -> float:
+    """What opening evaluation_cache costs once per evaluation: a one-token forward that builds every W + dW,
+    minus the same forward with them built."""
+    from frod_cli.frod import evaluation_cache
+
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad(), evaluation_cache(model):
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        return cold - (time.perf_counter() - t0)
+
+
+class _QuantTokens:
+    """The little of a tokenizer that frod_cli.decoding.generate_ids reads (ids only: no text)."""
+
+    pad_token_id, eos_token_id, unk_token_id = 0, None, None
+
+
+def _perturb_frod(model) -> None:
+    from frod_cli.frod import frod_layers
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in frod_layers(model):
+            layer.frod_lambda.mul_(1 + 0.05 * torch.randn(layer.frod_lambda.shape, generator=g))
+            layer.frod_s.add_(0.01 * torch.randn(layer.frod_s.shape, generator=g))
+
+
+def _time_generations(variants, tok, prompts, settings, repeats: int) -> Dict[str, float]:
+    """name -> the fastest of `repeats` greedy generations (seconds) of (model, context) after one untimed
+    warm-up each, the variants taken in turn."""
+    from frod_cli.decoding import generate_ids
+
+    best = {name: math.inf for name in variants}
+    for name, (model, context) in variants.items():
+        with context():
+            generate_ids(model, tok, prompts, **{**settings, "max_new_tokens": 2})
+    for _ in range(repeats):
+        for name, (model, context) in variants.items():
+            with context():
+                t0 = time.perf_counter()
+                generate_ids(model, tok, prompts, **settings)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def quant_generation_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["| base | adapter, W+dW held (s) | adapter, per call (s) | merged (s) | held / merged | per call / merged "
+             "| building W+dW, once per evaluation (s) | NF4 base alone (s) | same tokens |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['base']} | {r['adapter_held']:.2f} | {r['adapter_per_call']:.2f} | {r['merged']:.2f} | "
+                     f"{r['held_vs_merged']:.2f} | {r['per_call_vs_merged']:.2f} | {r['build_s']:.2f} | "
+                     f"{r.get('base_4bit', float('nan')):.2f} | {r['same_tokens']} |")
+    return "\n".join(lines)
+
+
+def quant_main(args, log) -> int:
+    torch.set_num_threads(args.threads)
+    env, t0 = environment(args), time.perf_counter()
+    if args.quantized == "memory":
+        rows = [quant_memory_row(args, b, base, m, log) for b in (int(x) for x in args.q_blocks.split(","))
+                for base in ("bf16", "nf4") for m in args.q_methods.split(",")]
+        text = quant_memory_table(rows)
+    else:
+        rows = quant_generation(args, log)
+        text = quant_generation_table(rows)
+    result = {"environment": env, "mode": args.quantized, "rows": rows, "wall_s": time.perf_counter() - t0}
+    out = Path(args.out or f"bench_out/quantized-{args.quantized}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(text)
+    print(f"# wrote {out} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+def add_quant_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("--quantized: FRoD on a 4-bit (NF4) base next to QLoRA (docs/PERFORMANCE.md)")
+    g.add_argument("--quantized", choices=["memory", "generation"], default=None)
+    g.add_argument("--q-shape", default="llama7b", choices=sorted(QUANT_SHAPES))
+    g.add_argument("--q-blocks", default="2,4", help="block counts of the memory measurement")
+    g.add_argument("--q-methods", default="frod,lora", help="frod (shape-only basis), frod:hogsvd (apply_frod), lora")
+    g.add_argument("--q-batch", type=int, default=2)
+    g.add_argument("--q-seq", type=int, default=32)
+    g.add_argument("--q-steps", type=int, default=2, help="timed training steps (the first also measures the peak)")
+    g.add_argument("--q-gradient-checkpointing", action="store_true")
+    g.add_argument("--q-gen-bases", default="float32,bfloat16,nf4")
+    g.add_argument("--q-gen-batch", type=int, default=4)
+    g.add_argument("--q-new-tokens", type=int, default=48)
+    g.add_argument("--q-prompt-len", type=int, default=16)
+    g.add_argument("--q-repeats", type=int, default=2)
+
+
 def main(argv=None) -> int:
+    import logging
+
+    from frod_cli.cli import QUIET_LOGGERS
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bert768", choices=sorted(PRESETS))
     ap.add_argument("--methods", default=None,
@@ -864,7 +1485,13 @@ def main(argv=None) -> int:
     ap.add_argument("--allow-missing", action="store_true", help="drop frod methods when frod_cli.frod is not importable")
     ap.add_argument("--out", default=None, help="JSON path (default bench_out/<preset>[-sweep].json)")
     ap.add_argument("--quiet", action="store_true")
+    add_build_args(ap)
+    add_quant_args(ap)
     args = ap.parse_args(argv)
+    if args.quantized:
+        return quant_main(args, (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True)))
+    if args.build or args.build_worker:
+        return build_main(args, (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True)))
 
     torch.set_num_threads(args.threads)
     if args.grad_accum < 1:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for one GPU (sized for an H200, at most 8 minutes in all):
-#   1. the CUDA-marked tests (pytest -m cuda), skipped when there are none;
+#   1. the CUDA-marked tests (pytest -m cuda), skipped when there are none; then the FRoD basis build of
+#      LLaMA-2-7B's 32-block q_proj category on the GPU (scripts/bench.py --build, about 30 s);
 #   2. scripts/bench.py in bfloat16 on cuda, bert768 (batch 16 x 128) and llama (batch 4 x 256), for
 #      full, lora, peft_frod and frod at K = 1 and K = 8 micro-batches per optimizer step
-#      (K = 8: frod:micro_batch and frod:window).
+#      (K = 8: frod:micro_batch and frod:window);
+#   3. 4-bit bases: scripts/bench.py --quantized memory and generation (NF4 vs bf16, frod vs lora).
 # Every bench writes its JSON and log into $OUT (or bench_out/gpu); summary.txt lists the exit codes.
 # peft_frod runs in its own invocation (next to full, for its ratios), so that a failure of the upstream
 # implementation in bfloat16 cannot take the other rows with it. Each run has its own time limit and the
@@ -58,6 +60,12 @@ case $? in
     *) note "pytest_cuda: collection failed, see pytest_cuda_collect.log" ;;
 esac
 
+# 1b. the FRoD basis on the GPU (issue 17): LLaMA-2-7B's q_proj category, 32 blocks of 4096 x 4096, decomposed
+#     on cuda (cold: hashing, decomposition, cache write), then the cache hit; the peak device memory per category
+#     is in the JSON (one category's stack and factors, at most 13.4 GB expected)
+run build_q32 90 "$PY" scripts/bench.py --build --build-shape llama7b --blocks 32 --targets q_proj --ranks 0 \
+    --device cuda --threads 16 --quiet --out "$DEST/build_q32.json"
+
 # 2. benchmarks, bfloat16 on the GPU
 COMMON=(--device cuda --dtype bfloat16 --threads 16 --quiet)
 bench() {  # bench NAME LIMIT_S ARGS...
@@ -79,6 +87,15 @@ bench bert768_k1_peft 60 "${BERT[@]}" "${K1[@]}" --methods full,peft_frod
 bench llama_k1_peft 60 "${LLAMA[@]}" "${K1[@]}" --methods full,peft_frod
 bench bert768_k8_peft 50 "${BERT[@]}" "${K8[@]}" --methods full,peft_frod
 bench llama_k8_peft 50 "${LLAMA[@]}" "${K8[@]}" --methods full,peft_frod
+
+# 3. 4-bit bases (issue 21), bfloat16 compute: LLaMA-7B-shaped blocks (2 and 4) bf16 vs NF4, frod and lora, batch
+#    4 x 512 with gradient checkpointing: parameter+buffer bytes, CUDA peak and time of a step, evaluation peak;
+#    then greedy generation on the llama preset (batch 4, 48 new tokens): adapter unmerged vs merged, bf16 and NF4.
+#    The whole script then needs GPU_CHECK_SECONDS=700 or so.
+run quantized_memory 150 "$PY" scripts/bench.py --quantized memory --q-blocks 2,4 --q-batch 4 --q-seq 512 \
+    --q-gradient-checkpointing --q-steps 3 --device cuda --threads 16 --quiet --out "$DEST/quantized_memory.json"
+run quantized_generation 100 "$PY" scripts/bench.py --quantized generation --q-gen-bases bfloat16,nf4 --q-repeats 3 \
+    --device cuda --threads 16 --quiet --out "$DEST/quantized_generation.json"
 
 note "# done in $SECONDS s"
 exit 0

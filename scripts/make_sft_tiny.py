@@ -95,6 +95,15 @@ def rows(n: int, rng: random.Random) -> list:
     return out
 
 
+def write_jsonl(name: str, items: list) -> None:
+    """One packaged set under frod_cli/tasks/data/ (the other make_*.py scripts write theirs with it too)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / name, "w", encoding="utf-8", newline="\n") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    print(f"wrote {OUT / name} ({len(items)} rows)")
+
+
 def user_text(r: dict) -> str:
     return r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
 
@@ -111,12 +120,8 @@ def main() -> None:
             i += 1
             msgs += [{"role": "user", "content": user_text(r)}, {"role": "assistant", "content": r["output"]}]
         chats.append({"messages": msgs})
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, items in (("sft_tiny.jsonl", data), ("sft_tiny_chat.jsonl", chats)):
-        with open(OUT / name, "w", encoding="utf-8", newline="\n") as f:
-            for item in items:
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
-        print(f"wrote {OUT / name} ({len(items)} rows)")
+    write_jsonl("sft_tiny.jsonl", data)
+    write_jsonl("sft_tiny_chat.jsonl", chats)
 
 
 if __name__ == "__main__":

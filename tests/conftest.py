@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs a worker per core: one thread each, no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -27,6 +29,38 @@ def compose_train(overrides):
             return compose(config_name="config", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def basis_cache_session(tmp_path_factory):
+    """The FRoD basis cache (method.basis_cache, on by default) never writes the user's ~/.cache from
+    a test: session fixtures that train use this directory (subprocesses inherit it)..."""
+    before = os.environ.get("FROD_CACHE_DIR")
+    os.environ["FROD_CACHE_DIR"] = str(tmp_path_factory.mktemp("frod-basis-cache-session"))
+    yield
+    if before is None:
+        os.environ.pop("FROD_CACHE_DIR", None)
+    else:
+        os.environ["FROD_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def basis_cache(tmp_path_factory, monkeypatch):
+    """...and every test starts with an empty cache of its own (no test depends on another's entries);
+    the directory, for tests that look into it."""
+    path = tmp_path_factory.mktemp("frod-basis-cache")
+    monkeypatch.setenv("FROD_CACHE_DIR", str(path))
+    return path
+
+
+def train_run(tmp_path_factory, name: str, args) -> tuple:
+    """A finished `frod train <args>` run in a fresh temp directory (for module fixtures): (run dir, objective)."""
+    from frod_cli.cli import run_verb
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    code, value = run_verb("train", [*args, f"hydra.run.dir={run}"])
+    assert code == 0, f"frod train {' '.join(map(str, args))} exited {code}"
+    return run, value
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Bad input: each case is refused with one line on stderr, a non-zero exit, no traceback, and nothing
-already written is changed (docs/RELIABILITY.md lists the cases and their messages)."""
+"""Bad input: each case is refused with one line on stderr, exit code 2, no traceback, and nothing already
+written is changed: every case runs next to (or into) finished run directories whose every file is hashed
+before and after, train.log and .hydra/ included (docs/RELIABILITY.md lists the cases and their messages)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from frod_cli.cli import main, run_verb
+from frod_cli.cli import main
 
+from conftest import train_run  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_reliability import tiny, write_csv  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
@@ -21,8 +23,9 @@ def one_error_line(capsys) -> str:
 
 
 def digest(d: Path) -> dict:
+    """Every file under d (train.log and .hydra/ included) -> its sha256."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "train.log"}
+            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _write(path: Path, text: str) -> Path:
@@ -33,17 +36,46 @@ def _write(path: Path, text: str) -> Path:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
+    (d / "a_directory").mkdir()
+    (d / "empty_model").mkdir()
     return {
         "good": write_csv(d / "good.csv"),
         "columns": write_csv(d / "columns.csv", header=("sentence", "target")),
         "labels": write_csv(d / "labels.csv", labels=("neg", "pos", "meh")),
+        "one_class": write_csv(d / "one_class.csv", labels=("pos",)),
         "empty": write_csv(d / "empty.csv", n=0),
+        "empty_jsonl": _write(d / "empty.jsonl", ""),
+        "bad_json": _write(d / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"\n'),
+        "no_output": _write(d / "no_output.jsonl", '{"instruction": "a", "response": "b"}\n' * 20),
         "txt": _write(d / "data.txt", "good day\tpos\n"),
+        "prompts_empty": _write(d / "prompts.txt", "\n\n"),
+        "existing": _write(d / "existing.json", "{}"),
         "dir": d,
     }
 
 
-# (id, extra overrides, expected text in the one error line)
+@pytest.fixture(scope="module")
+def finished(files, tmp_path_factory):
+    """A finished classifier run (tiny BERT): every case must leave it byte for byte as it is."""
+    return train_run(tmp_path_factory, "finished", [*tiny(files["good"]), "train.max_steps=2", "train.eval_every=2",
+                                                    "train.keep_checkpoints=true"])[0]
+
+
+@pytest.fixture(scope="module")
+def finished_lm(tmp_path_factory):
+    """A finished causal-LM run (tiny LLaMA, packaged instruction set), for generate and eval."""
+    run, _ = train_run(tmp_path_factory, "finished_lm", ["recipe=sft_smoke", "train.max_steps=2", "train.eval_every=2",
+                                                         "train.progress=false", "task.max_eval_samples=8",
+                                                         "task.generation.max_examples=4"])
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# The battery: (id, verb, arguments given (files, classifier run, LM run, tmp), text of the one error line).
+# `frod train` cases that get as far as the output directory go INTO the finished run with train.overwrite=true:
+# the refusal must come before the replacement run is even started.
+# ---------------------------------------------------------------------------------------------------
+INTO = lambda f, run: [*tiny(f["good"]), f"hydra.run.dir={run}", "train.overwrite=true"]  # noqa: E731
 CONFIG_CASES = [
     ("unknown_recipe", ["recipe=nope"], "recipe/nope"),
     ("unknown_model", ["model=nope"], "model/nope"),
@@ -72,15 +104,24 @@ CONFIG_CASES = [
     ("key_of_another_method", ["method=lora", "method.sparse_rate=0.5"], "method dora/lora/pissa has no key 'sparse_rate'"),
     ("unknown_tracker", ["train.log_with=[nope]"], "unknown tracker 'nope'"),
     ("target_modules_not_strings", ["method.target_modules=[1,2]"], "method.target_modules must be"),
+    ("objective_not_a_metric", ["task.objective=f1"], "task.objective 'f1' is not among the metrics"),
+    ("unknown_metric", ["task.metrics=[nope]"], "unknown metric 'nope'"),
+    ("generation_max_new_tokens", ["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens must be at least 1"),
+    ("generation_top_p", ["task.generation.do_sample=true", "task.generation.top_p=2"], "task.generation.top_p must be in (0, 1]"),
+    ("fsdp_version_1", ["train.fsdp.enabled=true", "train.fsdp.version=1"], "only FSDP2"),
+    ("fsdp_state_dict_type", ["train.fsdp.enabled=true", "train.fsdp.state_dict_type=nope"], "state_dict_type must be one of"),
+    ("resume_and_overwrite", ["resume=/tmp"], "drop one of the two"),
 ]
 
 
 @pytest.mark.parametrize("case,extra,expected", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config(case, extra, expected, files, tmp_path, capsys):
-    assert main(["train", *tiny(files["good"]), *extra, f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+def test_bad_config(case, extra, expected, files, finished, capsys):
+    before = digest(finished)
+    assert main(["train", *INTO(files, finished), *extra]) == 2
     line = one_error_line(capsys)
     assert expected in line, line
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert digest(finished) == before
+    assert not Path(str(finished.parent / f".{finished.name}.frod-overwrite")).exists()
 
 
 DATA_CASES = [
@@ -90,28 +131,131 @@ DATA_CASES = [
      "not one of task.labels"),
     ("empty_dataset", lambda f: [f"task.data_files.train={f['empty']}"], "empty"),
     ("unknown_file_format", lambda f: [f"task.data_files.train={f['txt']}"], "cannot tell the format"),
+    ("one_class_labels", lambda f: [f"task.data_files.train={f['one_class']}"], "holds 1 class ('pos')"),
+    ("empty_jsonl", lambda f: [f"task.data_files.train={f['empty_jsonl']}"], "is empty"),
+    ("malformed_json_line", lambda f: [f"task.data_files.train={f['bad_json']}"], "bad.jsonl line 2"),
+    ("directory_as_file", lambda f: [f"task.data_files.train={f['dir'] / 'a_directory'}", "task.format=csv"],
+     "is a directory"),
+    ("data_file_of_unknown_split", lambda f: [f"+task.data_files.dev={f['good']}"], "task.data_files.dev: not a split"),
+    ("no_training_rows_left", lambda f: ["task.validation_fraction=1.0", "task.test_fraction=0"], "cannot take 80"),
 ]
 
 
 @pytest.mark.parametrize("case,extra,expected", DATA_CASES, ids=[c[0] for c in DATA_CASES])
-def test_bad_data(case, extra, expected, files, tmp_path, capsys):
-    assert main(["train", *tiny(files["good"]), *extra(files), f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+def test_bad_data(case, extra, expected, files, finished, capsys):
+    before = digest(finished)
+    args = [a for a in INTO(files, finished) if not a.startswith("task.data_files.train=")]
+    if not any(a.lstrip("+~").startswith("task.data_files.train") for a in extra(files)):
+        args.append(f"task.data_files.train={files['good']}")
+    assert main(["train", *args, *extra(files)]) == 2
     line = one_error_line(capsys)
     assert expected in line, line
+    assert digest(finished) == before
+
+
+def test_causal_lm_data_refused_on_the_lm_recipe(files, finished_lm, capsys):
+    """The user's file on the LM recipe: its rows lack the recipe's output column: refused in one line."""
+    before = digest(finished_lm)
+    assert main(["train", "recipe=sft_smoke", f"task.data_files.train={files['no_output']}",
+                 f"hydra.run.dir={finished_lm}", "train.overwrite=true"]) == 2
+    assert "output" in one_error_line(capsys)
+    assert digest(finished_lm) == before
+
+
+# verb, arguments (files f, classifier run c, LM run m, tmp t), expected text
+VERB_CASES = [
+    # train: the directory it is pointed at
+    ("train_into_finished_run", "train", lambda f, c, m, t: [*tiny(f["good"]), f"hydra.run.dir={c}"],
+     "holds a finished run"),
+    ("train_another_recipe_into_finished_run", "train", lambda f, c, m, t: ["recipe=sft_smoke", f"hydra.run.dir={c}"],
+     "holds a finished run"),
+    ("train_into_foreign_directory", "train", lambda f, c, m, t: [*tiny(f["good"]), f"hydra.run.dir={f['dir']}"],
+     "holds files that are not a frod run"),
+    ("train_validation_file_without_train", "train",
+     lambda f, c, m, t: ["recipe=sft_smoke", f"task.data_files.validation={f['good']}", f"hydra.run.dir={m}",
+                         "train.overwrite=true"], "but no 'train' file"),
+    ("train_output_dir_under_a_file", "train", lambda f, c, m, t: [*tiny(f["good"]), f"output_dir={f['good']}/run"],
+     "is not writable"),
+    # eval
+    ("eval_missing_path", "eval", lambda f, c, m, t: [f"path={t / 'nope'}"], "no such run directory"),
+    ("eval_zero_batch_size", "eval", lambda f, c, m, t: [f"path={c}", "batch_size=0"], "batch_size must be at least 1"),
+    ("eval_unknown_split", "eval", lambda f, c, m, t: [f"path={c}", "splits=[dev]"], "unknown split 'dev'"),
+    ("eval_no_split", "eval", lambda f, c, m, t: [f"path={c}", "splits=[]"], "splits is empty"),
+    ("eval_existing_output", "eval", lambda f, c, m, t: [f"path={c}", f"output={f['existing']}"], "the file exists"),
+    ("eval_adapter_of_a_model_dir", "eval", lambda f, c, m, t: [f"path={m / 'merged'}", "use_adapter=true",
+                                                                 "task=sft_tiny", f"output={t / 'e.json'}"],
+     "use_adapter"),
+    ("eval_model_dir_without_task", "eval", lambda f, c, m, t: [f"path={m / 'merged'}", f"output={t / 'e.json'}"],
+     "name its task"),
+    ("eval_empty_model_dir", "eval", lambda f, c, m, t: [f"path={f['dir'] / 'empty_model'}", "task=local_text",
+                                                          f"task.data_files.train={f['good']}", f"output={t / 'e.json'}"],
+     "holds no saved model"),
+    # merge
+    ("merge_not_a_run", "merge", lambda f, c, m, t: [f"run={f['dir']}"], "not a run directory"),
+    ("merge_existing_merged", "merge", lambda f, c, m, t: [f"run={m}"], "overwrite=true replaces it"),
+    ("merge_zero_check_batch", "merge", lambda f, c, m, t: [f"run={c}", "check_batch_size=0", f"output={t / 'm'}"],
+     "check_batch_size must be at least 1"),
+    # generate: sampling settings refused before any model loads
+    ("generate_negative_max_new_tokens", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "max_new_tokens=-3"],
+     "max_new_tokens must be at least 1"),
+    ("generate_zero_temperature", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "do_sample=true",
+                                                                  "temperature=0"], "temperature must be > 0"),
+    ("generate_top_p_above_one", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "do_sample=true", "top_p=1.5"],
+     "top_p must be in (0, 1]"),
+    ("generate_negative_top_k", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "do_sample=true", "top_k=-1"],
+     "top_k must be >= 0"),
+    ("generate_zero_beams", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "num_beams=0"],
+     "num_beams must be at least 1"),
+    ("generate_zero_batch", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", "batch_size=0"],
+     "batch_size must be at least 1"),
+    ("generate_empty_prompt", "generate", lambda f, c, m, t: [f"path={m}", "prompt=' '"], "prompt is empty"),
+    ("generate_missing_prompts_file", "generate", lambda f, c, m, t: [f"path={m}", f"prompts={t / 'nope.txt'}"],
+     "prompts file not found"),
+    ("generate_empty_prompts_file", "generate", lambda f, c, m, t: [f"path={m}", f"prompts={f['prompts_empty']}"],
+     "holds no prompts"),
+    ("generate_existing_output", "generate", lambda f, c, m, t: [f"path={m}", "prompt=hi", f"output={f['existing']}"],
+     "the file exists"),
+    ("generate_nothing", "generate", lambda f, c, m, t: [f"path={m}"], "nothing to generate from"),
+    ("generate_missing_path", "generate", lambda f, c, m, t: [f"path={t / 'nope'}", "prompt=hi"], "no such run"),
+    ("generate_classifier_run", "generate", lambda f, c, m, t: [f"path={c}", "prompt=hi"], "needs a causal LM run"),
+    ("generate_empty_model_dir", "generate", lambda f, c, m, t: [f"path={f['dir'] / 'empty_model'}", "prompt=hi"],
+     "no config.json"),
+    # compare
+    ("compare_with_multirun", "compare", lambda f, c, m, t: ["-m", *tiny(f["good"])], "drop -m"),
+    ("compare_unknown_stage", "compare", lambda f, c, m, t: [*tiny(f["good"]), "compare.stage=nope",
+                                                             f"hydra.run.dir={t / 'cmp'}"], "compare.stage must be"),
+    ("compare_zero_jobs", "compare", lambda f, c, m, t: [*tiny(f["good"]), "compare.jobs=0", f"hydra.run.dir={t / 'cmp'}"],
+     "compare.jobs must be >= 1"),
+    ("compare_report_of_nothing", "compare", lambda f, c, m, t: [str(t / "nope")], "no run directory"),
+]
+
+
+@pytest.mark.parametrize("case,verb,args,expected", VERB_CASES, ids=[c[0] for c in VERB_CASES])
+def test_bad_input_of_every_verb(case, verb, args, expected, files, finished, finished_lm, tmp_path, capsys):
+    before, before_lm = digest(finished), digest(finished_lm)
+    assert main([verb, *args(files, finished, finished_lm, tmp_path)]) == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+    assert digest(finished) == before and digest(finished_lm) == before_lm
+
+
+def test_the_battery_covers_every_verb_with_forty_cases():
+    verbs = {v for _, v, _, _ in VERB_CASES}
+    assert {"train", "eval", "merge", "generate", "compare"} <= verbs
+    assert len(CONFIG_CASES) + len(DATA_CASES) + len(VERB_CASES) >= 40
+
+
+def test_a_refused_run_leaves_no_directory_behind(files, tmp_path, capsys):
+    """Hydra creates the run directory before frod sees the command; a refused run removes it again."""
+    run = tmp_path / "new_run"
+    assert main(["train", *tiny(files["good"]), "task.objective=f1", f"hydra.run.dir={run}"]) == 2
+    one_error_line(capsys)
+    assert not run.exists()
 
 
 # ---------------------------------------------------------------------------------------------------
 # Against an existing run: refused, and the run is left as it was
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def finished(files, tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    code, _ = run_verb("train", [*tiny(files["good"]), "train.max_steps=2", "train.eval_every=2",
-                                 "train.keep_checkpoints=true", f"hydra.run.dir={run}"])
-    assert code == 0
-    return run
-
-
 @pytest.fixture
 def run_copy(finished, tmp_path):
     run = tmp_path / "copy"
@@ -204,11 +348,11 @@ def test_resume_a_finished_run(run_copy, files, capsys):
 
 
 def test_merge_with_corrupt_adapter_leaves_merged(run_copy, tmp_path, capsys):
-    (run_copy / "merged").mkdir()
+    (run_copy / "merged").mkdir(exist_ok=True)
     (run_copy / "merged" / "keep").write_text("previous")
     f = run_copy / "adapter" / "adapter.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    assert main(["merge", f"run={run_copy}"]) == 2
+    assert main(["merge", f"run={run_copy}", "overwrite=true"]) == 2
     assert "truncated or corrupt" in one_error_line(capsys)
     assert (run_copy / "merged" / "keep").read_text() == "previous"
 

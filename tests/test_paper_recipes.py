@@ -250,7 +250,8 @@ def test_smoke_vision_tiny_clip(tmp_path):
 @pytest.mark.slow
 def test_smoke_glue_mnli_tiny_roberta(tmp_path):
     """RoBERTa (a tiny RobertaForMaskedLM checkpoint, like roberta-large's) on MNLI's schema and split names:
-    validation_matched selects, validation_mismatched is the reported test, hidden test_* splits unused."""
+    validation_matched selects, validation_mismatched is the reported test; a file for a split the recipe does not
+    read (the hidden test_matched) is refused in one line, never silently unused."""
     import datasets
     import transformers as T
 
@@ -273,8 +274,11 @@ def test_smoke_glue_mnli_tiny_roberta(tmp_path):
              "label": [-1 if hidden else i % 3 for i in range(n)], "idx": list(range(n))}
         datasets.Dataset.from_dict(d, features=feats).to_parquet(str(tmp_path / f"{split}.parquet"))
         files[split] = tmp_path / f"{split}.parquet"
-    m = _train(tmp_path, "glue_mnli", f"model.name_or_path={ckpt}", "train.mixed_precision=no", "task.max_length=32",
-               *[f"+task.data_files.{s}={p}" for s, p in files.items()])
+    common = [f"model.name_or_path={ckpt}", "train.mixed_precision=no", "task.max_length=32"]
+    hidden = f"+task.data_files.test_matched={files.pop('test_matched')}"
+    code, _ = run_verb("train", ["recipe=paper/glue_mnli", *SMOKE, *common, hidden, f"hydra.run.dir={tmp_path / 'no'}"])
+    assert code == 2 and not (tmp_path / "no").exists()
+    m = _train(tmp_path, "glue_mnli", *common, *[f"+task.data_files.{s}={p}" for s, p in files.items()])
     assert set(m["validation"]) == {"accuracy"} and set(m["test"]) == {"accuracy"}
     assert T.AutoConfig.from_pretrained(tmp_path / "run" / "merged").model_type == "roberta"
 

@@ -108,6 +108,21 @@ def kill_seed() -> int:
     return int(os.environ.get("FROD_TEST_SEED") or time.time_ns() % 1_000_003)
 
 
+def kill_when(p: subprocess.Popen, log: Path, step: int, timeout: float = 240) -> None:
+    """SIGKILL the run `p` once its metrics.jsonl `log` has logged `step`."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and p.poll() is None:
+            rows = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
+            if any(r.get("step", 0) >= step for r in rows):
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(reference, data, tmp_path):
     run = tmp_path / "killed"
@@ -117,17 +132,7 @@ def test_sigkill_then_resume_matches_uninterrupted(reference, data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *tiny(data, *RESUME), f"hydra.run.dir={run}"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and p.poll() is None:
-            rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
-            if any(r.get("step", 0) >= kill_at for r in rows):
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, "the run finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-    finally:
-        p.wait()
+    kill_when(p, run / "metrics.jsonl", kill_at)
     assert not (run / "metrics.json").exists()
     assert ck.latest_checkpoint(str(run)) is not None
     code, _ = run_verb("train", [*tiny(data, *RESUME), f"resume={run}"])
@@ -159,6 +164,33 @@ def test_incomplete_run_in_same_directory_resumes_automatically(reference, data,
     assert json.loads((run / "metrics.json").read_text())["resumed_from"].endswith("step-00000011")
     assert len((run / "metrics.jsonl").read_text().splitlines()) == len(lines)
     assert_rows_close(jsonl_rows(run), jsonl_rows(reference), 1e-6)
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_finished_run_only_when_the_new_one_finishes(reference, data, tmp_path):
+    """train.overwrite=true: killed midway, the old run is whole (every byte); the same command again finishes
+    the new run and swaps it in, and nothing of the old run (its eval.json) survives beside it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "eval.json").write_text("{}")
+    before = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    args = [*tiny(data, *RESUME), "train.seed=7", "train.overwrite=true", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    staging = tmp_path / ".run.frod-overwrite"
+    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *args], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    kill_when(p, staging / "metrics.jsonl", 3)
+    after = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    code, _ = run_verb("train", args)
+    assert code == 0
+    assert not staging.exists() and not (run / "eval.json").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["resumed_from"] and m["steps"] == 12
+    assert "train.seed=7" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")]
 
 
 # ---------------------------------------------------------------------------------------------------

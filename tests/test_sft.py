@@ -105,8 +105,41 @@ def test_test_split_from_another_data_set(tmp_path):
         test_rename={"question": "query", "answer": "response"}, answer_pattern="last_number",
         metrics=["exact_match"], objective="exact_match"))
     data = get_task("causal_lm")(cfg, 0).load_data()
-    assert len(data["test"]) == 6 and data["test"][0]["query"].startswith("Tom has")
+    assert len(data["test"]) == 6 and data["test"][0]["messages"][0]["content"].startswith("Tom has")
+    assert data["test"][0]["reference"] == "0 + 2 = 2\n#### 2"  # the renamed answer column is the reference
     assert len(data["train"]) + len(data["validation"]) == 40
     bad = OmegaConf.merge(cfg, {"test_rename": {"nope": "query"}})
     with pytest.raises(ValueError, match="task.test_rename names 'nope'"):
         get_task("causal_lm")(bad, 0).load_data()
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+    for a in range(6) for b in range(5)
+]
+
+
+def test_chat_data_on_the_offline_chat_model_trains_evaluates_merges_generates(tmp_path, capsys):
+    """The user's own chat file (messages) on tiny:llama-chat (a ChatML template, offline): frod train, eval,
+    merge and generate all run, and merged/ keeps the template."""
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    run = tmp_path / "run"
+    code, _ = run_verb("train", ["recipe=sft_smoke", "model=tiny_llama_chat", "task.data_format=chat",
+                                 f"task.data_files.train={data}", "train.max_steps=2", "train.eval_every=2",
+                                 "train.progress=false", f"hydra.run.dir={run}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"task.data_files.train: 30 rows from {data}" in out  # the user's file, not the packaged set
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["data"] == "chat.jsonl" and {"loss", "exact_match"} <= set(m["test"])
+    assert AutoTokenizer.from_pretrained(str(run / "merged")).chat_template
+    assert main(["eval", f"path={run}", "use_adapter=true", f"output={tmp_path / 'eval.json'}"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["loss"] == pytest.approx(m["test"]["loss"], rel=1e-4)
+    assert main(["merge", f"run={run}", f"output={tmp_path / 'merged'}"]) == 0
+    assert (tmp_path / "merged" / "merge.json").is_file() and not (run / "merge.json").exists()
+    assert main(["generate", f"path={tmp_path / 'merged'}", "prompt=What is 2 plus 3?", "max_new_tokens=4",
+                 f"output={tmp_path / 'answers.jsonl'}"]) == 0
+    assert json.loads((tmp_path / "answers.jsonl").read_text())["prompt"] == "What is 2 plus 3?"

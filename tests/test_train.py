@@ -13,7 +13,7 @@ from frod_cli.cli import main, run_verb
 
 pytestmark = pytest.mark.slow
 
-from conftest import DEBUG  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import DEBUG, train_run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 TINY_TEXT = DEBUG
 RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "metrics.json", "adapter",
@@ -22,10 +22,7 @@ RUN_FILES = [".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "me
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "frod"
-    code, value = run_verb("train", [*TINY_TEXT, f"hydra.run.dir={run}"])
-    assert code == 0
-    return run, value
+    return train_run(tmp_path_factory, "run", TINY_TEXT)
 
 
 def test_run_directory(text_run):
@@ -95,8 +92,8 @@ def test_merge_rebuilds_merged(text_run, tmp_path, capsys):
     assert main(["merge", f"run={run}", f"output={out}"]) == 0
     assert "largest" in capsys.readouterr().out
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
-    report = json.loads((run / "merge.json").read_text())
-    assert report["max_abs_diff"] < 1e-5
+    report = json.loads((out / "merge.json").read_text())  # the report goes with the output it describes
+    assert report["max_abs_diff"] < 1e-5 and not (run / "merge.json").exists()
 
 
 def test_two_job_sweep_summary(tmp_path):
@@ -184,3 +181,15 @@ def test_target_modules_suffix_with_a_dot_trains_exactly_those_layers(tmp_path):
     head = sum(p.numel() for p in model.classifier.parameters())
     expected = sum(l.in_features + math.floor(rate * l.in_features ** 2) for l in layers.values()) + head
     assert m["trainable_params"] == expected
+
+
+def test_a_batch_larger_than_the_data_is_clamped_and_throughput_counts_real_examples(tmp_path, capsys):
+    """debug=default trains on 64 examples: train.batch_size=1000 becomes 64 with a warning, and samples/s
+    counts the 64 examples of each step (not 1000)."""
+    run = tmp_path / "run"
+    code, _ = run_verb("train", [*TINY_TEXT, "train.batch_size=1000", "train.max_steps=3", "train.eval_every=3",
+                                 "train.save_merged=false", f"hydra.run.dir={run}"])
+    assert code == 0
+    assert "train.batch_size=1000 is larger than the training split (64 examples): batches of 64" in capsys.readouterr().out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["samples_per_s"] * m["train_time_s"] == pytest.approx(3 * 64, rel=1e-6)

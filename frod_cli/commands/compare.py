@@ -12,7 +12,9 @@ def prepare(args: Sequence[str]) -> Prepared:
     """`frod compare` runs its own sweep: no -m; its directory defaults to runs/<recipe>/compare_<time>."""
     if any(a in ("-m", "--multirun") for a in args):
         raise FrodCliError("frod compare runs its own sweep: drop -m (methods and seeds come from compare.*)")
-    args = list(args)
+    from frod_cli.commands.train import user_data_args
+
+    args = user_data_args(args)
     if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
         args.insert(0, "hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args, None

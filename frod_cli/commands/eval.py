@@ -3,28 +3,68 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 from frod_cli import FrodCliError
-from frod_cli.commands import register_verb
+from frod_cli.commands import Prepared, register_verb
 
 
-@register_verb("eval", config="eval", summary="metrics of a run directory or model:  frod eval path=<dir> [task=<name>]")
+SPLITS = ("train", "validation", "test")
+
+
+def prepare(args: Sequence[str]) -> Prepared:
+    """`task.data_files.<split>=<file>` with or without `+` (as for frod train)."""
+    from frod_cli.commands.train import user_data_args
+
+    return user_data_args(args), None
+
+
+def check(cfg: Any) -> str:
+    """Refuse what cannot be evaluated before any model loads; returns the output file."""
+    from frod_cli.runs.directory import check_output
+
+    from frod_cli.runs import is_run_dir
+
+    if not os.path.exists(os.path.expanduser(str(cfg.path))):
+        raise FrodCliError(f"no such run directory or model directory: {cfg.path}")
+    if cfg.use_adapter and not is_run_dir(os.path.expanduser(str(cfg.path))):
+        raise FrodCliError(f"use_adapter=true needs a run directory (its base model + adapter/); {cfg.path} is not one")
+    if int(cfg.batch_size) < 1:
+        raise FrodCliError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if not cfg.splits:
+        raise FrodCliError("splits is empty: name at least one of train, validation, test")
+    unknown = [s for s in cfg.splits if s not in SPLITS]
+    if unknown:
+        raise FrodCliError(f"splits: unknown split {unknown[0]!r}; use {', '.join(SPLITS)}")
+    out = os.path.abspath(os.path.expanduser(str(cfg.output or os.path.join(str(cfg.path), "eval.json"))))
+    check_output(out, bool(cfg.overwrite))
+    return out
+
+
+@register_verb("eval", config="eval", prepare=prepare,
+               summary="metrics of a run directory or model:  frod eval path=<dir> [task=<name>]")
 def run(cfg: Any) -> Dict[str, Any]:
     from accelerate import Accelerator
+    from hydra.core.hydra_config import HydraConfig
 
     from frod_cli.console import fmt_metrics
     from frod_cli.runs import atomic_write_json
     from frod_cli.training import builders as B
     from frod_cli.training.evaluation import Evaluator, majority_accuracy
+    from frod_cli.training.preflight import apply_user_data
 
+    out = check(cfg)
+    if cfg.task is not None:
+        apply_user_data(cfg.task, list(HydraConfig.get().overrides.task))
     B.quiet_libraries()
     t = B.load_trained(cfg.path, use_adapter=bool(cfg.use_adapter), task_cfg=cfg.task, seed=cfg.seed)
     model, pre, task, data, what = t.model, t.preprocessor, t.task, t.data, t.what
     acc = Accelerator(cpu=bool(cfg.cpu))
     encoded = B.encode_data(task, data, pre)
+    if t.run is not None:  # what training stored for the task (preference: the reference log-probabilities)
+        task.prepare_evaluation(encoded, os.path.abspath(os.path.expanduser(str(cfg.path))))
     model = acc.prepare(model)
-    evaluator = Evaluator(task, acc, encoded, task.collate(pre), int(cfg.batch_size))
+    evaluator = Evaluator(task, acc, encoded, task.collate(pre), int(cfg.batch_size), method=t.method)
     results: Dict[str, Any] = {"path": os.path.abspath(cfg.path), "model": what, "task": task.cfg.name}
     for split in cfg.splits:
         if not evaluator.has(split):
@@ -34,7 +74,6 @@ def run(cfg: Any) -> Dict[str, Any]:
         maj = majority_accuracy(res.references)
         if maj is not None:
             results[f"{split}_majority_class_accuracy"] = maj
-    out = cfg.output or os.path.join(os.path.abspath(cfg.path), "eval.json")
     if acc.is_main_process:
         atomic_write_json(out, results)
         for split in cfg.splits:

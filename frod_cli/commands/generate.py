@@ -12,13 +12,14 @@ that the causal_lm task's evaluation uses too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from frod_cli import FrodCliError
+from frod_cli import FrodCliError, one_line
 from frod_cli.commands import register_verb
 
 log = logging.getLogger("frod.generate")
@@ -72,7 +73,7 @@ def _check_saved(directory: str, shown: str) -> None:
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as e:
-        raise FrodCliError(f"could not read the model config in {shown}: {str(e).strip().splitlines()[0]}") from None
+        raise FrodCliError(f"could not read the model config in {shown}: {one_line(e)}") from None
     if not _is_causal(config):
         raise FrodCliError(f"{shown} holds a {', '.join(config.architectures)}, not a causal LM: frod generate needs one")
 
@@ -86,8 +87,9 @@ def _causal_task_config() -> Any:
                            {"type": "causal_lm", "name": "generate", "objective": "loss", "objective_mode": "min"})
 
 
-def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
-    """(model, tokenizer, the run's task config or None, what was loaded) for a GenerateRunConfig."""
+def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str, Optional[Any]]:
+    """(model, tokenizer, the run's task config or None, what was loaded, the method that loaded adapter/ or
+    None) for a GenerateRunConfig."""
     from frod_cli.runs import is_run_dir, load_run_config
     from frod_cli.tasks import get_task
     from frod_cli.training.builders import load_trained
@@ -100,7 +102,7 @@ def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
             raise FrodCliError(f"use_adapter=true needs a run directory; {cfg.path} has no .hydra/config.yaml")
         _check_saved(path, cfg.path)
         t = load_trained(path, task_cfg=_causal_task_config(), load_data=False)
-        return t.model, t.preprocessor, None, cfg.path
+        return t.model, t.preprocessor, None, cfg.path, None
 
     run = load_run_config(path)
     task_cls = get_task(run.task.type)
@@ -109,13 +111,22 @@ def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str]:
                            "frod generate needs a causal LM run")
     # merged/ (or base + adapter/ with use_adapter=true, or when merged/ is missing), as `frod eval` loads it
     t = load_trained(path, use_adapter=bool(cfg.use_adapter), load_data=False)
-    return t.model, t.preprocessor, run.task, f"{cfg.path} ({t.what})"
+    return t.model, t.preprocessor, run.task, f"{cfg.path} ({t.what})", t.method
 
 
-def _layout_for(run_task: Optional[Any]) -> bool:
-    """Whether prompts get the causal_lm instruction layout: a causal_lm run trained on instruction data."""
+def _layout_for(run_task: Optional[Any], run_dir: str) -> bool:
+    """Whether prompts get the causal_lm instruction layout: a causal_lm run trained on instruction data only.
+    The layout a run read (`data_format=auto` resolves it from the columns) is in its metrics.json; a run
+    without one is judged by its config."""
+    from frod_cli.runs import read_metrics
+
     if run_task is None or run_task.type != "causal_lm":
         return False
+    final = read_metrics(run_dir) if os.path.isdir(run_dir) else None
+    sources = ((final or {}).get("data_counts") or {}).get("sources") or {}
+    formats = {s.get("format") for s in sources.values() if isinstance(s, dict)}
+    if formats:
+        return formats == {"instruction"}
     return run_task.data_format == "instruction" or (run_task.data_format == "auto" and not run_task.prompt_template)
 
 
@@ -126,13 +137,17 @@ def run(cfg: Any) -> List[Dict[str, str]]:
     import torch
     from transformers import set_seed
 
+    from frod_cli.config import check_sampling
     from frod_cli.decoding import encode_prompt, generate_texts, has_chat_template, sampling_settings
+    from frod_cli.runs.directory import check_output
     from frod_cli.training.builders import quiet_libraries
 
     quiet_libraries()
-
-    prompts = read_prompts(cfg)  # bad input is refused before a model is loaded
-    model, tok, run_task, what = load_generation_model(cfg)
+    check_sampling(cfg)  # bad input is refused before a model is loaded
+    if cfg.output:
+        check_output(os.path.abspath(os.path.expanduser(str(cfg.output))), bool(cfg.overwrite))
+    prompts = read_prompts(cfg)
+    model, tok, run_task, what, method = load_generation_model(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     model.to(device).eval()
     chat = has_chat_template(tok) if cfg.chat is None else bool(cfg.chat)
@@ -141,14 +156,15 @@ def run(cfg: Any) -> List[Dict[str, str]]:
     system = cfg.system_prompt if cfg.system_prompt is not None else (run_task.system_prompt if run_task is not None else None)
     if chat:
         ids = [encode_prompt(tok, p, True, system) for p in prompts]
-    elif _layout_for(run_task):
+    elif _layout_for(run_task, os.path.abspath(os.path.expanduser(str(cfg.path)))):
         from frod_cli.tasks.causal_lm import instruction_prompt
 
         ids = [encode_prompt(tok, instruction_prompt(p, None, system)) for p in prompts]
     else:
         ids = [encode_prompt(tok, p, False, system) for p in prompts]
     set_seed(int(cfg.seed))
-    answers = generate_texts(model, tok, ids, batch_size=int(cfg.batch_size), **sampling_settings(cfg))
+    with method.evaluation_context(model) if method is not None else contextlib.nullcontext():
+        answers = generate_texts(model, tok, ids, batch_size=int(cfg.batch_size), **sampling_settings(cfg))
     records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)]
     for r in records:
         print(f">>> {r['prompt']}")

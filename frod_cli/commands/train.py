@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 from frod_cli import FrodCliError
 from frod_cli.commands import Prepared, register_verb
@@ -17,13 +17,33 @@ def distributed_rank() -> int:
     return 0
 
 
+DATA_FILES = "task.data_files."
+
+
+def user_data_args(args: Sequence[str]) -> List[str]:
+    """`task.data_files.<split>=<file>` with or without `+`: the key is the user's either way (Hydra would refuse
+    one form or the other depending on whether the recipe has the key), so both become `++` (add or override).
+    The recipe then trains on these files (frod_cli.training.preflight.apply_user_data)."""
+    out = []
+    for a in args:
+        key = a.split("=", 1)[0]
+        if "=" in a and key.lstrip("+").startswith(DATA_FILES) and not key.startswith("~"):
+            a = "++" + a.lstrip("+")
+        out.append(a)
+    return out
+
+
+# Directories named on the command line that existed before Hydra created its run directory (empty ones too).
+PREEXISTING: set = set()
+
+
 def prepare(args: Sequence[str]) -> Prepared:
     """Hydra overrides added for `frod train`: resume=<dir> continues in <dir> (and leaves its .hydra/
     alone); a non-main rank of a multi-process launch writes no run directory of its own (the run
     directory is the main process's, broadcast by the recipe)."""
     import shutil
 
-    args = list(args)
+    args = user_data_args(args)
     names = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
     multirun = any(a in ("-m", "--multirun") for a in args)
     resume = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "resume"), None)
@@ -33,14 +53,9 @@ def prepare(args: Sequence[str]) -> Prepared:
             raise FrodCliError(f"resume: no such run directory: {resume}")
         if "hydra.run.dir" not in names:
             args.append(f"hydra.run.dir={resume}")
-        if "hydra.output_subdir" not in names:
-            args.append("hydra.output_subdir=null")
     run_dir = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "hydra.run.dir"), None)
-    if (not multirun and run_dir and "hydra.output_subdir" not in names
-            and os.path.isdir(os.path.join(run_dir, "checkpoints"))
-            and not os.path.exists(os.path.join(run_dir, "metrics.json"))):
-        # an incomplete run: the recipe resumes it (same config) or refuses it; its .hydra/ stays as it is
-        args.append("hydra.output_subdir=null")
+    if run_dir and os.path.isdir(run_dir):
+        PREEXISTING.add(os.path.abspath(run_dir))
     if distributed_rank() > 0 and not multirun:
         tmp = tempfile.mkdtemp(prefix="frod-rank-")
         args = [a for a in args if a.split("=", 1)[0] not in ("hydra.run.dir", "hydra.output_subdir")]
@@ -52,9 +67,27 @@ def prepare(args: Sequence[str]) -> Prepared:
 @register_verb("train", config="config", prepare=prepare,
                summary="train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps")
 def run(cfg: Any) -> float:
+    """One run. Hydra's run directory is only a default: the recipe decides where it writes (a finished run is
+    refused or replaced at the end, frod_cli/runs/directory.py) and writes nothing there before it accepts the
+    run. A directory Hydra created for a run that was then refused is removed again."""
     from hydra.core.hydra_config import HydraConfig
-
+    from frod_cli.runs.directory import RunLog
     from frod_cli.training import recipe_main
 
     hc = HydraConfig.get()
-    return recipe_main(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    hydra_dir = hc.runtime.output_dir
+    existed = _nonempty(hydra_dir) or hydra_dir in PREEXISTING
+    overrides = list(hc.overrides.task)
+    hydra_files = {"hydra_config": hc, "overrides": overrides}
+    run_log = RunLog() if distributed_rank() == 0 else None
+    try:
+        return recipe_main(cfg, hydra_dir, overrides, hydra_files=hydra_files, run_log=run_log)
+    finally:
+        if run_log is not None:
+            run_log.close()
+        if not existed and os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
+            os.rmdir(hydra_dir)  # created by Hydra for a run that went elsewhere or was refused
+
+
+def _nonempty(path: str) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path))

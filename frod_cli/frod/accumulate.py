@@ -36,7 +36,7 @@ Rules of a window:
   - Backward every micro-batch inside it. Gradient checkpointing recomputes with the window's W_i + dW_i:
     non-reentrant torch.utils.checkpoint (what HF's gradient_checkpointing_enable uses) rebuilds nothing;
     the reentrant kind is exact too, but its first pass runs without grad, before the layer has decided,
-    so the first micro-batch builds dW once more through the layer's no-grad cache.
+    so the first micro-batch runs that pass in the layer's own no-grad order (one dW build, or projecting).
   - Evaluation inside it (torch.no_grad()) gives the adapted model's outputs and touches no buffer.
   - Do not step the optimizer (or otherwise change lambda, S or the base weights) inside it: the next
     forward of a windowed layer refuses with FrodError instead of using a stale dW.
@@ -58,12 +58,7 @@ from torch import nn
 
 from .adapter import frod_layers
 from .config import FrodError
-from .layer import FrodLinear, is_conv1d, weight_of
-
-
-def _version_key(layer: FrodLinear):
-    W = weight_of(layer.base_layer)
-    return (layer.frod_lambda._version, layer.frod_s._version, W._version, W.data_ptr())
+from .layer import FrodLinear, is_conv1d, weight_dtype, weight_shape
 
 
 class _LayerWindow:
@@ -83,14 +78,14 @@ class _LayerWindow:
     def weight(self, layer: FrodLinear, tokens: int, training: bool) -> Optional[torch.Tensor]:
         if not self.decided:
             if not training:
-                return None  # evaluation before the first training forward: the layer's own (cached) path
+                return None  # evaluation before the first training forward: the layer's own no-grad path
             self.decided = True
             # the base weight must be frozen: its own gradient would not reach it through the detached W_eff
-            if not weight_of(layer.base_layer).requires_grad and layer.prefers_window(tokens, self.window.micro_batches):
+            if not layer.base_layer.weight.requires_grad and layer.prefers_window(tokens, self.window.micro_batches):
                 self._build(layer)
         if self.W_eff is None:
             return None
-        if _version_key(layer) != self.key:
+        if layer.version_key() != self.key:
             raise FrodError(f"{self.name}: lambda, S or the base weight changed inside an accumulate() window; "
                             "step the optimizer after the window closes")
         return self.W_eff
@@ -100,7 +95,7 @@ class _LayerWindow:
         # A leaf of its own: backward deposits dL/d(W_eff) = dL/d(dW) on it, and the hook moves it into G.
         W_eff.requires_grad_(True)
         W_eff.register_post_accumulate_grad_hook(self._accumulate)
-        self.W_eff, self.key, self.used = W_eff, _version_key(layer), True
+        self.W_eff, self.key, self.used = W_eff, layer.version_key(), True
         self.window.builds += 1
 
     def _accumulate(self, W_eff: torch.Tensor) -> None:
@@ -146,11 +141,12 @@ class Window:
 
 def window_buffer_bytes(model: nn.Module) -> int:
     """What a window holds at most (every adapted layer windowed): per layer W_i + dW_i in the weights'
-    dtype and the float32 gradient sum G_i, both m x n. For deciding whether a window fits before it opens."""
+    dtype and the float32 gradient sum G_i, both m x n. For deciding whether a window fits before it opens. On a
+    4-bit base W_i + dW_i is in the compute dtype: four times the packed weight or more, the reason to ask."""
     total = 0
     for _, layer in frod_layers(model):
-        W = weight_of(layer.base_layer)
-        total += W.numel() * (W.element_size() + 4)
+        m, n = weight_shape(layer.base_layer)
+        total += m * n * (torch.empty(0, dtype=weight_dtype(layer.base_layer)).element_size() + 4)
     return total
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -12,9 +14,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
-from .basis import shared_basis, sparse_pattern
+from .basis import sparse_pattern
+from .build import build_bases, world_and_rank
+from .cache import BasisCache
 from .config import FrodConfig, FrodError
-from .layer import FrodCategory, FrodLinear, is_conv1d, weight_of
+from .layer import FrodCategory, FrodLinear, is_4bit, is_conv1d, quantization_of, weight_of, weight_shape
 from .targets import describe_linear_roles, find_linear_targets, is_linear, matches, role_of
 
 ADAPTER_FORMAT = "frod-adapter"
@@ -22,6 +26,8 @@ ADAPTER_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 STATE_ATTR = "frod_adapter"  # the submodule holding the shared category tensors
+
+log = logging.getLogger("frod.basis")
 
 
 class FrodState(nn.Module):
@@ -33,6 +39,7 @@ class FrodState(nn.Module):
         self.config = config
         self.categories = nn.ModuleList(categories)
         self.fingerprint = fingerprint
+        self.basis_report: List[dict] = []  # apply_frod's account of each category (basis_report)
 
     def forward(self, x):
         # Registered as a child so model.to() moves the shared tensors once; when the root is an
@@ -58,7 +65,7 @@ def group_categories(targets: List[Tuple[str, nn.Module]]) -> Dict[str, List[Tup
     """Category = (role, in-dim), members in block order; categories sorted by key (a fixed order)."""
     groups: Dict[str, List[Tuple[str, nn.Module]]] = {}
     for name, module in targets:
-        n = weight_of(module).shape[1]
+        n = weight_shape(module)[1]
         groups.setdefault(f"{role_of(name)}|in={n}", []).append((name, module))
     for key, members in groups.items():
         members.sort(key=lambda nm: (_index_parts(nm[0]), nm[0]))
@@ -76,11 +83,32 @@ def fingerprint_weights(layers: List[Tuple[str, nn.Module]]) -> str:
         W = weight_of(module).detach()
         flat = W.reshape(-1)
         idx = torch.linspace(0, flat.numel() - 1, min(4096, flat.numel()), device=flat.device).long()
+        # float32 linspace rounds its last point up past numel - 1 on large layers (11008 x 4096: index
+        # 45088768 of 45088768): clamped, which leaves every fingerprint of a smaller layer as it was
+        idx.clamp_(max=flat.numel() - 1)
         sample = flat[idx].to(torch.bfloat16).float().cpu()
         h.update(f"{name}:{tuple(W.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
+
+
+def base_quantization(layers) -> Optional[str]:
+    """"nf4" / "fp4" when the adapted layers' base is 4-bit, None for a plain one (recorded with the adapter)."""
+    kinds = {quantization_of(layer.base_layer) for layer in layers}
+    return kinds.pop() if len(kinds) == 1 else (None if not kinds else "mixed")
+
+
+def _check_base(meta: dict, targets: List[Tuple[str, nn.Module]], path, strict: bool) -> None:
+    """Refuse a base quantized otherwise than the one the adapter was built on, then (strict) another base."""
+    saved = meta.get("base_quantization")
+    kinds = {quantization_of(m) for _, m in targets}
+    here = kinds.pop() if len(kinds) == 1 else "mixed"
+    if saved != here:
+        raise FrodError(f"adapter at {path} was built on a base with quantization={saved or 'none'}, this base has "
+                        f"quantization={here or 'none'}: load the base as it was trained or pass allow_other_base=True")
+    if strict and fingerprint_weights(targets) != meta["fingerprint"]:
+        raise FrodError(f"adapter at {path} was built on a different base model (weight fingerprint mismatch)")
 
 # ---- apply ---------------------------------------------------------------------------------------------
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -124,22 +152,33 @@ def _install(model: nn.Module, config: FrodConfig, categories: List[FrodCategory
     return model
 
 
-def apply_frod(model: nn.Module, config: FrodConfig) -> nn.Module:
+def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=None) -> nn.Module:
     """Adapt `model` in place: one shared basis and sparse pattern per category, a FrodLinear per target.
-    The adapted model's outputs equal the base model's exactly until the FRoD values change."""
+    The adapted model's outputs equal the base model's exactly until the FRoD values change.
+
+    device: where the decompositions run (the accelerator the run trains on), one category at a time;
+        the factors are placed where the model's weights are. None: where the weights are.
+    cache_dir: a directory of the basis cache (cache.py); a category found there is not recomputed, one
+        computed is stored. None: no cache.
+    In a distributed launch (torch.distributed initialized, more than one process) this is a collective:
+    the categories are split over the ranks and broadcast (build.py), so every rank must call it."""
     if _state(model) is not None:
         raise FrodError("this model already carries a FRoD adapter; merge_and_unload it or start from the base model")
     config.validate()
     targets = find_targets(model, config)
     groups = group_categories(targets)
-    basis_dtype = getattr(torch, config.basis_dtype)
+    fingerprint = fingerprint_weights(targets)
+    t0 = time.perf_counter()
+    describe = {"base": str(getattr(model, "name_or_path", "") or type(model).__name__),
+                "base_fingerprint": fingerprint[:16]}
+    bases, report = build_bases(groups, config.regularization, config.basis_dtype, fingerprint, device=device,
+                                cache=None if cache_dir is None else BasisCache(cache_dir), describe=describe)
     categories, per_layer = [], {}
     for key, members in groups.items():
-        weights = [weight_of(m).detach() for _, m in members]
-        basis = shared_basis(weights, config.regularization, basis_dtype)
+        basis = bases.pop(key)
         rows, cols = sparse_pattern(basis.V.shape[0], config.sparse_rate, config.seed, key)
-        device = weights[0].device
-        cat = FrodCategory(key, basis.V, basis.V_inv_T, rows.to(device), cols.to(device))
+        device_here = basis.V.device
+        cat = FrodCategory(key, basis.V, basis.V_inv_T, rows.to(device_here), cols.to(device_here))
         categories.append(cat)
         for i, (name, module) in enumerate(members):
             data = {"sigma": basis.sigma[i].float()}
@@ -150,12 +189,39 @@ def apply_frod(model: nn.Module, config: FrodConfig) -> nn.Module:
         if inert:
             warnings.warn(f"FRoD category {key}: {inert} basis directions have sigma = 0 (zero or wide layers) "
                           "and cannot change their layer", stacklevel=2)
-    _install(model, config, categories, groups, per_layer, fingerprint_weights(targets))
+    _install(model, config, categories, groups, per_layer, fingerprint)
     if config.store_u:
         for _, layer in frod_layers(model):
             if layer.frod_U_t is None:
                 layer.frod_U_t = layer.U_t().detach().contiguous()
+    _state(model).basis_report = report
+    _log_build(report, time.perf_counter() - t0, cache_dir)
     return model
+
+
+def basis_report(model: nn.Module) -> List[dict]:
+    """How `apply_frod` got each category's basis: category, layers, n, source ("computed" or "cache"),
+    rank (the process that built it), seconds and cpu_s (wall and process CPU seconds of the decomposition),
+    hash_s (cache key), load_s / store_s (reading / writing the cache entry), cache_cpu_s (CPU seconds of the
+    cache's part), device_peak_bytes.
+    Empty for an adapter read back by load_adapter (nothing was built)."""
+    state = _state(model)
+    if state is None:
+        raise FrodError("this model carries no FRoD adapter")
+    return list(state.basis_report)
+
+
+def _log_build(report: List[dict], seconds: float, cache_dir) -> None:
+    if world_and_rank()[1] != 0:
+        return
+    hits = [r for r in report if r["source"] == "cache"]
+    ranks = {r["rank"] for r in report}
+    peak = max((r["device_peak_bytes"] for r in report), default=0)
+    log.info("FRoD basis: %d categories, %d from the cache%s, %d computed in %.1f s%s%s; ready in %.1f s",
+             len(report), len(hits), f" ({cache_dir})" if cache_dir is not None else "", len(report) - len(hits),
+             sum(r["seconds"] for r in report if r["source"] == "computed"),
+             f" over {len(ranks)} processes" if len(ranks) > 1 else "",
+             f", peak device memory {peak / 2**30:.2f} GiB (one category)" if peak else "", seconds)
 
 
 # ---- training helpers ----------------------------------------------------------------------------------
@@ -199,8 +265,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every dW_i into its base weight and put the original modules back: a plain model again."""
+    """Fold every dW_i into its base weight and put the original modules back: a plain model again.
+    A 4-bit layer cannot hold W + dW, so it comes back as an nn.Linear holding dequant(W_q) + dW_i in its compute
+    dtype (the function the adapted layer computed); 4-bit layers the adapter did not touch stay as they are."""
     for name, layer in list(frod_layers(model)):
+        if layer.quantized:
+            _set_module(model, name, _plain_linear(layer.base_layer, layer.effective_weight()))
+            continue
         if not layer.merged:
             with torch.no_grad():
                 W = weight_of(layer.base_layer)
@@ -210,6 +281,44 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         delattr(model, STATE_ATTR)
     return model
 
+
+
+def _plain_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear computing x weight^T + the bias of `base` (a 4-bit layer being merged), in weight's dtype."""
+    with torch.device("meta"):
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
+    plain.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if base.bias is not None:
+        plain.bias = nn.Parameter(base.bias.detach().to(weight.dtype), requires_grad=base.bias.requires_grad)
+    return plain
+
+
+def merge_into(model: nn.Module, base_model: nn.Module) -> nn.Module:
+    """Fold `model`'s trained dW_i, as built on its own base (for a 4-bit base: from dequant(W_q)), into the same
+    layers of `base_model`, typically the unquantized original of that base, and copy the trained
+    modules_to_save; returns base_model, a plain model. Its outputs differ from `model`'s by what the two bases
+    differ by (the quantization error), not by the update."""
+    state = _state(model)
+    if state is None:
+        raise FrodError("this model carries no FRoD adapter")
+    modules = dict(base_model.named_modules())
+    for name, layer in frod_layers(model):
+        target = modules.get(name)
+        if target is None or not is_linear(target) or is_4bit(target) or isinstance(target, FrodLinear):
+            raise FrodError(f"the other base has no plain linear layer {name!r} to merge into")
+        if weight_shape(target) != (layer.out_features, layer.in_features):
+            raise FrodError(f"the other base's {name} is {weight_shape(target)}, the adapter's "
+                            f"{(layer.out_features, layer.in_features)}")
+        with torch.no_grad():
+            W = weight_of(target)
+            W.add_(layer.delta_weight().to(W.device, W.dtype))
+    if state.config.modules_to_save:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                saved = matches(name, state.config.modules_to_save) and not isinstance(module, FrodLinear)
+                if saved and name in modules:
+                    modules[name].load_state_dict(module.state_dict())
+    return base_model
 
 def summary(model: nn.Module) -> dict:
     state = _state(model)
@@ -275,7 +384,7 @@ def save_adapter(model: nn.Module, path) -> Path:
     meta = {
         "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "config": state.config.to_dict(),
         "fingerprint": state.fingerprint, "categories": cat_meta, "layers": layer_meta,
-        "modules_to_save": saved_modules,
+        "modules_to_save": saved_modules, "base_quantization": base_quantization(layers.values()),
     }
 
     def write(tmp: Path) -> None:
@@ -311,9 +420,11 @@ def read_adapter(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path, strict: bool = True, allow_other_base: bool = False) -> nn.Module:
     """Rebuild a saved adapter on `model` (the same base model it was built on) exactly: the basis,
-    pattern and values come from the file, nothing is recomputed. Another base model is refused."""
+    pattern and values come from the file, nothing is recomputed. Another base model is refused, and so is
+    the same one quantized differently (4-bit or not: U_i is recomputed from W_i, so dW_i would change) unless
+    allow_other_base=True (strict=False skips the weight fingerprint only)."""
     if _state(model) is not None:
         raise FrodError("this model already carries a FRoD adapter")
     meta, tensors = read_adapter(path)
@@ -325,14 +436,14 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
             module = modules.get(name)
             if module is None or not is_linear(module):
                 raise FrodError(f"adapter at {path} does not fit this model: no linear layer {name!r}")
-            shape = tuple(weight_of(module).shape)
+            shape = weight_shape(module)
             if shape != (info["out"], info["in"]):
                 raise FrodError(f"adapter at {path} does not fit this model: {name} is {shape[0]}x{shape[1]}, "
                                 f"the adapter expects {info['out']}x{info['in']}")
         targets = [(n, modules[n]) for n in meta["layers"]]
-        if strict and fingerprint_weights(targets) != meta["fingerprint"]:
-            raise FrodError(f"adapter at {path} was built on a different base model (weight fingerprint mismatch)")
-        device = weight_of(targets[0][1]).device
+        if not allow_other_base:
+            _check_base(meta, targets, path, strict)
+        device = targets[0][1].weight.device
         categories, per_layer = [], {}
         for i, cm in enumerate(meta["categories"]):
             t = lambda k: tensors[f"category.{i}.{k}"].to(device)  # noqa: E731

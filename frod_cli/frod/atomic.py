@@ -71,3 +71,21 @@ def recover_atomic_dir(path: str) -> None:
                   key=lambda e: os.path.getmtime(os.path.join(parent, e)), reverse=True)
     if olds:
         os.replace(os.path.join(parent, olds[0]), path)
+
+
+def atomic_file(path: str, write: Callable[[str], None]) -> None:
+    """Let `write(tmp_file)` write a temporary sibling of `path`, then rename it into place: a reader sees
+    the previous file or the complete new one, never a part of it."""
+    path = os.path.abspath(str(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        chmod_tree(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

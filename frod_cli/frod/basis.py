@@ -6,9 +6,10 @@ into A (M x n), and every member is written W_i = U_i diag(sigma_i) V^T with one
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -111,9 +112,38 @@ def hogsvd_matrix(blocks: Sequence[torch.Tensor], pi: float) -> torch.Tensor:
     return (T + T.T) / 2
 
 
-def shared_basis(weights: Sequence[torch.Tensor], regularization: float, dtype: torch.dtype) -> CategoryBasis:
-    """Steps 1-5 for one category. `weights` are the members' W_i (m_i x n) in layer order."""
-    W = [w.detach().to(dtype) for w in weights]
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 GEMMs in full precision: TF32 (a 10-bit mantissa, which a user may have switched on with
+    torch.set_float32_matmul_precision) would break the QR's orthogonality and the RECOMPUTE_TOL check."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def decomposition_cost(shapes: Sequence[Sequence[int]]) -> float:
+    """Multiply-adds of `shared_basis` on a stack of W_i shaped (m_i, n), up to a constant: the QR and
+    B = Q Z (about 3 M n^2 for the stack of M rows), the HO-GSVD matrix (a Gram block and an n x n
+    Cholesky inverse per tall layer, a Woodbury solve per wide one) and the eigh, V and V^-T (about
+    12 n^3). Only the ratios between categories matter: the ranks split the categories by it."""
+    n = int(shapes[0][1])
+    M = sum(int(m) for m, _ in shapes)
+    per_layer = sum(m * n * n + (n ** 3 if m >= n else 2 * m * m * n) for m, _ in shapes)
+    return float(3 * M * n * n + per_layer + 12 * n ** 3)
+
+
+def shared_basis(weights: Sequence[torch.Tensor], regularization: float, dtype: torch.dtype,
+                 device: Optional[torch.device] = None) -> CategoryBasis:
+    """Steps 1-5 for one category. `weights` are the members' W_i (m_i x n) in layer order; they are
+    copied to `device` (default: where they are) in `dtype`, and the factors are computed there."""
+    with ieee_float32():
+        return _decompose([w.detach().to(device=device or w.device, dtype=dtype) for w in weights], regularization)
+
+
+def _decompose(W: List[torch.Tensor], regularization: float) -> CategoryBasis:
     blocks, R = stack_qr(W)
     T = hogsvd_matrix(blocks, regularization)
     _, Z = torch.linalg.eigh(T)  # step 3: Z diagonalizes T (orthogonal)

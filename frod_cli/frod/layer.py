@@ -13,16 +13,26 @@ Two ways to compute dW_i x, chosen per call by `FrodLinear.choose_mode` (see its
 Inside an `accumulate(model)` window (accumulate.py) a layer may instead use W_i + dW_i built once for the
 whole window and hand back dL/d(dW_i) summed over its micro-batches; `effective_weight`,
 `backward_delta_weight` and `prefers_window` below are the math of that, accumulate.py the bookkeeping.
+Without gradients nothing is kept between calls: each call takes the cheaper order for its tokens, unless an
+`evaluation_cache(model)` block (inference.py) lets the layer hold W_i + dW_i for the block.
+
+A 4-bit base (bitsandbytes Linear4bit, NF4 or FP4) is read through `weight_of`, which returns
+W_i = dequant(W_q) in the layer's compute dtype as a fresh tensor: the same matrix bitsandbytes multiplies by.
+The basis, U_i, dW_i and the merge all use it; nothing dequantized is kept between calls, and the
+materialized training order rebuilds W_i + dW_i in the backward instead of saving it (`_RebuiltWeight`), as
+bitsandbytes' own 4-bit matmul dequantizes W again in its backward.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import FrodError
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -32,9 +42,59 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (Linear4bit, NF4 or FP4): its weight is packed bytes with a quant_state."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+def quantization_of(module: nn.Module) -> Optional[str]:
+    """"nf4" or "fp4" for a 4-bit layer, None for a plain one."""
+    return str(module.weight.quant_state.quant_type) if is_4bit(module) else None
+
+
+def weight_shape(module: nn.Module) -> Tuple[int, int]:
+    """(out, in) of W, without reading (or dequantizing) it."""
+    if is_4bit(module):
+        m, n = module.weight.quant_state.shape
+        return int(m), int(n)
+    a, b = module.weight.shape
+    return (int(b), int(a)) if is_conv1d(module) else (int(a), int(b))
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype W is multiplied in: a 4-bit layer's compute dtype, else the stored weight's."""
+    if is_4bit(module):
+        return getattr(module, "compute_dtype", None) or module.weight.quant_state.dtype
+    return module.weight.dtype
+
+
+def weight_version(module: nn.Module) -> tuple:
+    """Changes whenever the stored weight does (an in-place update, another tensor, device or dtype): the key of
+    anything built from W."""
+    w = module.weight
+    return (w._version, w.data_ptr(), w.device, w.dtype)
+
+
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """W in torch layout (out x in) as a view."""
+    """W in torch layout (out x in): a view of the stored weight; for a 4-bit layer dequant(W_q), a fresh tensor
+    in its compute dtype (the matrix its forward multiplies by), built on each call and kept by nobody."""
+    if is_4bit(module):
+        return _dequantize(module)
     return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _dequantize(module: nn.Module) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+
+    w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPU inference (absmax in bfloat16); its way back
+        # re-quantizes absmax, so the packed weight no longer reads back as the W the adapter was built on.
+        raise FrodError("a 4-bit layer was repacked by bitsandbytes for CPU inference and cannot be read back "
+                        "exactly: set support_avx512bf16_for_cpu = False on the Linear4bit layers before the "
+                        "first evaluation (frod_cli.models does), or adapt the model before evaluating it")
+    with torch.no_grad():
+        return dequantize_4bit(w.data, w.quant_state).to(weight_dtype(module))
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -119,6 +179,32 @@ def _crow(index: torch.Tensor, n: int) -> torch.Tensor:
     return crow.to(index.dtype)
 
 
+class _RebuiltWeight(torch.autograd.Function):
+    """The materialized training order on a 4-bit base: y = x (W + dW)^T saving only x. The backward dequantizes W
+    and builds dW again (bitsandbytes' own 4-bit matmul dequantizes W again too), so no m x n tensor lives from
+    the forward to the backward: dL/dx = g (W + dW), and lambda_i, S_i get their gradients from G = g^T x."""
+
+    @staticmethod
+    def forward(ctx, x, lam, s, layer):
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        return layer.with_weight(x, layer.effective_weight())
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        layer = ctx.layer
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = None
+        if ctx.needs_input_grad[0]:
+            W_eff = layer.effective_weight()
+            gx = (g2.to(W_eff.dtype) @ W_eff).to(x.dtype).reshape(x.shape)
+            del W_eff  # before G: one m x n at a time
+        G = g2.T.float() @ x2.float()  # dL/d(dW_i), m x n
+        glam, gs = layer.delta_grads(G, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return gx, glam, gs, None
+
+
 class FrodCategory(_KeepOwnTensors):
     """What the members of one category share: V, V^-T (None when V is singular) and the pattern of S."""
 
@@ -156,31 +242,40 @@ class FrodCategory(_KeepOwnTensors):
 
 
 class FrodLinear(_KeepOwnTensors):
-    """Wraps an nn.Linear or a GPT-2 Conv1D; the wrapped layer stays as `base_layer`, untouched."""
+    """Wraps an nn.Linear, a GPT-2 Conv1D or a bitsandbytes Linear4bit; the wrapped layer stays as `base_layer`,
+    its weights untouched."""
 
     # The open accumulate() window this layer belongs to (accumulate.py sets and clears it); a class-level
     # default so that the per-micro-batch path only pays one attribute read.
     _window = None
+    # Set by evaluation_cache() (inference.py) for the block: calls without gradients may hold W + dW.
+    hold = False
 
     def __init__(self, base_layer: nn.Module, category: FrodCategory, sigma: torch.Tensor,
                  U_t: Optional[torch.Tensor] = None, mode: str = "auto"):
         super().__init__()
         self.base_layer = base_layer
-        W = weight_of(base_layer)
-        self.out_features, self.in_features = W.shape
+        self.out_features, self.in_features = weight_shape(base_layer)
+        self.quantized = is_4bit(base_layer)
+        if self.quantized:
+            # bitsandbytes would repack the weight at the first CPU evaluation on AVX512-BF16 machines, after which
+            # it no longer reads back exactly (see _dequantize) and its backward is wrong; keep one format.
+            base_layer.support_avx512bf16_for_cpu = False
+        device = base_layer.weight.device
         # The category is shared by several layers: hold it without registering it as a child.
         object.__setattr__(self, "category", category)
         self.mode = mode
-        sigma = sigma.detach().float().to(W.device)
+        sigma = sigma.detach().float().to(device)
         self.register_buffer("frod_sigma", sigma.clone())
         # U_i^T (n x m) when it cannot be (or was asked not to be) recomputed from W_i.
-        self.register_buffer("frod_U_t", None if U_t is None else U_t.detach().float().contiguous().to(W.device))
+        self.register_buffer("frod_U_t", None if U_t is None else U_t.detach().float().contiguous().to(device))
         self.frod_lambda = nn.Parameter(sigma.clone())  # lambda_i starts at sigma_i
-        self.frod_s = nn.Parameter(torch.zeros(category.k, dtype=torch.float32, device=W.device))
+        self.frod_s = nn.Parameter(torch.zeros(category.k, dtype=torch.float32, device=device))
         self.disabled = False
         self.merged = False
-        self._unmerged_weight: Optional[torch.Tensor] = None
-        self._cache = None
+        self._unmerged_weight: Optional[torch.Tensor] = None  # merged plain layer: W before the merge
+        self._merged_weight: Optional[torch.Tensor] = None  # merged 4-bit layer: W + dW (the packed W cannot hold it)
+        self._held = None  # (version key, W + dW) inside evaluation_cache()
 
     # ---- pieces of the math -------------------------------------------------------------------
     @property
@@ -212,13 +307,19 @@ class FrodLinear(_KeepOwnTensors):
         """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
         return self.um_t().T @ self.category.V.T  # (U M) V^T, written straight into the m x n layout of W
 
+    def version_key(self) -> tuple:
+        """Changes whenever lambda_i, S_i or the base weight do: the key of anything built from W + dW."""
+        return (self.frod_lambda._version, self.frod_s._version) + weight_version(self.base_layer)
+
     # ---- one build per accumulation window (used by accumulate.py) ------------------------------
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """W_i + dW_i in the base layer's own layout and dtype (n x m for Conv1D), without a graph: the
+        """W_i + dW_i in the base layer's own layout (n x m for Conv1D) and compute dtype, without a graph: the
         matrix the materialized forward multiplies by, bit for bit (`_linear` forms the same sum)."""
         base = self.base_layer
-        dW = self.delta_weight().to(weight_of(base).dtype)
+        dW = self.delta_weight().to(weight_dtype(base))
+        if self.quantized:
+            return weight_of(base).add_(dW)  # a fresh dequantized W: add in place, one m x n less
         return base.weight + (dW.T if is_conv1d(base) else dW)
 
     def backward_delta_weight(self, G: torch.Tensor) -> None:
@@ -230,6 +331,17 @@ class FrodLinear(_KeepOwnTensors):
         with torch.enable_grad():
             CT = self.um_t()
             torch.autograd.backward(CT, (G.float() @ self.category.V).T)
+
+    def delta_grads(self, G: torch.Tensor, need_lambda: bool = True, need_s: bool = True):
+        """(dL/dlambda_i, dL/ds_i) given G = dL/d(dW_i): backward_delta_weight's math, returned (None where not
+        needed) instead of added to .grad, for use inside an autograd Function's backward."""
+        wanted = [p for p, need in ((self.frod_lambda, need_lambda), (self.frod_s, need_s)) if need]
+        if not wanted:
+            return None, None
+        with torch.enable_grad():
+            CT = self.um_t()
+            grads = iter(torch.autograd.grad(CT, wanted, (G.float() @ self.category.V).T, allow_unused=True))
+        return (next(grads) if need_lambda else None), (next(grads) if need_s else None)
 
     def project(self, x2: torch.Tensor) -> torch.Tensor:
         """dW_i x for a batch of rows x2 (T x n), per token. Returns dx with W dx = dW x when U is
@@ -243,27 +355,40 @@ class FrodLinear(_KeepOwnTensors):
         return (cat.V_inv_T @ (tt * self.inv_sigma[:, None])).T  # V^-T diag(1/sigma) t
 
     # ---- mode choice ---------------------------------------------------------------------------
+    def _build_cost(self) -> int:
+        """Multiply-adds of one dW build: m n^2 from a stored U, 2 m n^2 recomputing U from W."""
+        m, n = self.out_features, self.in_features
+        return (1 if self.frod_U_t is not None else 2) * m * n * n
+
     def _step_costs(self, tokens: int):
         """(materialize, project) multiply-adds of one training call with `tokens` tokens (choose_mode's rule)."""
         m, n, T = self.out_features, self.in_features, tokens
         u_stored = self.frod_U_t is not None
-        mat = (1 if u_stored else 2) * m * n * n + m * n * n + T * m * n
+        mat = self._build_cost() + m * n * n + T * m * n
+        if self.quantized:
+            mat += self._build_cost()  # W + dW is rebuilt in the backward instead of being kept (_RebuiltWeight)
         proj = (2 * T * n * n + 2 * T * m * n) if u_stored else 4 * T * n * n
         return mat, proj
+
+    def _call_costs(self, tokens: int):
+        """(materialize, project) multiply-adds of one call without gradients, beyond the base GEMM."""
+        m, n, T = self.out_features, self.in_features, tokens
+        proj = (T * n * n + T * m * n) if self.frod_U_t is not None else 2 * T * n * n
+        return self._build_cost(), proj
 
     def choose_mode(self, tokens: int, training: bool) -> str:
         """Pick the cheaper evaluation order for this call, counting multiply-adds beyond the base GEMMs.
 
         materialize: building dW costs m n^2 (plus m n^2 to recompute U when it is not stored); training
-        adds the weight gradient of W + dW (T m n) and its projection onto the basis (m n^2).
+        adds the weight gradient of W + dW (T m n) and its projection onto the basis (m n^2), and on a 4-bit
+        base a second build in the backward, since W + dW is not kept for it (memory: no m x n tensor saved).
         project (U recomputed): V^T x and V^-T t forward and backward, 4 T n^2 (2 T n^2 without grad).
-        project (U stored): 2 T n^2 + 2 T m n.
-        Without gradients the materialized dW is cached across calls, so evaluation always materializes."""
+        project (U stored): 2 T n^2 + 2 T m n (T n^2 + T m n without grad).
+        Without gradients nothing is kept between calls (so a few decoded tokens project); inside
+        evaluation_cache() a held W + dW serves every call instead (forward)."""
         if self.mode != "auto":
             return self.mode
-        if not training:
-            return "materialize"
-        mat, proj = self._step_costs(tokens)
+        mat, proj = self._step_costs(tokens) if training else self._call_costs(tokens)
         return "materialize" if mat <= proj else "project"
 
     def prefers_window(self, tokens: int, micro_batches: Optional[float]) -> bool:
@@ -292,32 +417,37 @@ class FrodLinear(_KeepOwnTensors):
 
     # ---- forward ----------------------------------------------------------------------------------
     def _linear(self, x: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
-        """The base layer's own op with W + dW, so that dW == 0 reproduces it bit for bit."""
+        """The base layer's own op with W + dW, so that dW == 0 reproduces it bit for bit (plain bases)."""
         base = self.base_layer
-        return self._with_weight(x, base.weight + (dW.T if is_conv1d(base) else dW))
+        return self.with_weight(x, base.weight + (dW.T if is_conv1d(base) else dW))
 
-    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base layer's own op with `weight` (in the base layer's layout) in place of its weight."""
+    def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's own op with `weight` (in the base layer's layout) in place of its weight. A 4-bit
+        layer computes in its compute dtype and hands back the input's, as bitsandbytes does."""
         base = self.base_layer
         if is_conv1d(base):
             y = torch.addmm(base.bias, x.reshape(-1, x.shape[-1]), weight)
             return y.reshape(*x.shape[:-1], self.out_features)
+        if x.dtype != weight.dtype and self.quantized:
+            bias = None if base.bias is None else base.bias.to(weight.dtype)
+            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
         return F.linear(x, weight, base.bias)
 
     def drop_cache(self) -> None:
-        """Forget the dW kept for no-grad calls (an m x n tensor); the next such call rebuilds it."""
-        self._cache = None
+        """Forget the W + dW held for calls without gradients (an m x n tensor); the next such call rebuilds it."""
+        self._held = None
 
-    def _cached_delta(self) -> torch.Tensor:
-        W = weight_of(self.base_layer)
-        key = (self.frod_lambda._version, self.frod_s._version, W._version, W.data_ptr(), W.device, W.dtype)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.delta_weight().to(W.dtype))
-        return self._cache[1]
+    def _held_weight(self) -> torch.Tensor:
+        key = self.version_key()
+        if self._held is None or self._held[0] != key:
+            self._held = None  # the stale one goes first: one m x n at the peak
+            self._held = (key, self.effective_weight())
+        return self._held[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
+            if self._merged_weight is not None and not self.disabled:
+                return self.with_weight(x, self._merged_weight)
             return self.base_layer(x)
         training = torch.is_grad_enabled() and (self.frod_lambda.requires_grad or self.frod_s.requires_grad)
         tokens = x.numel() // self.in_features
@@ -325,12 +455,15 @@ class FrodLinear(_KeepOwnTensors):
             # inside accumulate(): W + dW of the window when this layer takes part (None: it keeps its own order)
             W_eff = self._window.weight(self, tokens, training)
             if W_eff is not None:
-                return self._with_weight(x, W_eff)
-        W = weight_of(self.base_layer)
+                return self.with_weight(x, W_eff)
+        if not training and self.hold:
+            return self.with_weight(x, self._held_weight())
         if self.choose_mode(tokens, training) == "materialize":
-            dW = self.delta_weight().to(W.dtype) if training else self._cached_delta()
-            return self._linear(x, dW)
-        self.drop_cache()
+            if not training:
+                return self.with_weight(x, self.effective_weight())
+            if self.quantized:
+                return _RebuiltWeight.apply(x, self.frod_lambda, self.frod_s, self)
+            return self._linear(x, self.delta_weight().to(weight_dtype(self.base_layer)))
         x2 = x.reshape(-1, self.in_features)
         out = self.project(x2)
         if self.frod_U_t is not None:
@@ -342,10 +475,13 @@ class FrodLinear(_KeepOwnTensors):
     def merge(self) -> None:
         if self.merged:
             return
-        W = weight_of(self.base_layer)
-        dW = self.delta_weight().to(W.dtype)
-        self._unmerged_weight = self.base_layer.weight.detach().clone()
-        W.add_(dW)  # W is a view of the stored weight (transposed for Conv1D)
+        if self.quantized:
+            self._merged_weight = self.effective_weight()
+        else:
+            W = weight_of(self.base_layer)
+            dW = self.delta_weight().to(W.dtype)
+            self._unmerged_weight = self.base_layer.weight.detach().clone()
+            W.add_(dW)  # W is a view of the stored weight (transposed for Conv1D)
         self.merged = True
         self.drop_cache()
 
@@ -353,11 +489,14 @@ class FrodLinear(_KeepOwnTensors):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._unmerged_weight)  # exact: the pre-merge weight was kept
-        self._unmerged_weight = None
+        if self._unmerged_weight is not None:
+            self.base_layer.weight.copy_(self._unmerged_weight)  # exact: the pre-merge weight was kept
+        self._unmerged_weight = self._merged_weight = None
         self.merged = False
         self.drop_cache()
 
     def extra_repr(self) -> str:
+        base = f", base={quantization_of(self.base_layer)}" if self.quantized else ""
         return (f"in={self.in_features}, out={self.out_features}, category={self.category.key!r}, "
-                f"k={self.category.k}, mode={self.mode}, U={'stored' if self.frod_U_t is not None else 'recomputed'}")
+                f"k={self.category.k}, mode={self.mode}, "
+                f"U={'stored' if self.frod_U_t is not None else 'recomputed'}{base}")

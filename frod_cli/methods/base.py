@@ -63,12 +63,17 @@ class Method:
     config_class: type = MethodConfig
     # True where merging changes nothing (full fine-tuning): no difference to report.
     trains_everything: bool = False
+    # Why this method cannot train on a 4-bit base (model.quantization=nf4|fp4), refused before any work; None: it can.
+    refuse_quantized: Optional[str] = None
 
     def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
         self.cfg = cfg
         self.task = task
         self.model_cfg = model_cfg
         self.base_param_count: Optional[int] = None
+        # Where one-time setup math may run (FRoD's bases): the run's accelerator, set by the recipe before
+        # `adapt`; None: where the model's weights are.
+        self.device: Any = None
 
     # ---- what to adapt -------------------------------------------------------------------
     def modules_to_save(self) -> List[str]:
@@ -123,6 +128,16 @@ class Method:
         """A context the loop opens around one accumulation window of `micro_batches` micro-batches.
         Default: nothing."""
         return contextlib.nullcontext()
+
+    def evaluation_context(self, model: nn.Module) -> ContextManager:
+        """A context opened around one evaluation or generation (the loop's, `frod eval`, `frod generate`): what
+        the adapter may keep for the calls inside it, freed at its end. Default: nothing."""
+        return contextlib.nullcontext()
+
+    def merge_into(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
+        """The trained update of `model` folded into `base_model`, another copy of its base (the unquantized
+        original of a 4-bit base: `frod merge base=`); returns the plain merged model."""
+        raise FrodCliError(f"method {self.name} has no update to fold into another base")
 
     def describe(self) -> Dict[str, Any]:
         """What the run's metrics.json records about the method beyond its config (e.g. choices made)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, ContextManager, Dict, List, Optional
 
@@ -39,6 +40,18 @@ class FrodMethodConfig(FrodKeys):
     # auto | window | micro_batch: build dW once per accumulation window (exact) or per micro-batch.
     # auto: window when train.grad_accum > 1 and the window's buffers fit the free memory.
     accumulate: str = "auto"
+    # Keep each category's decomposition on disk and reuse it on the same base weights (sweeps, compare,
+    # repeated runs): FROD_CACHE_DIR, else ~/.cache/frod/basis; `frod cache` lists and clears it.
+    basis_cache: bool = True
+
+
+def basis_cache_dir() -> str:
+    """The basis cache's directory: $FROD_CACHE_DIR, else $XDG_CACHE_HOME/frod/basis (~/.cache/frod/basis)."""
+    explicit = os.environ.get("FROD_CACHE_DIR", "").strip()
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    root = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "frod", "basis")
 
 
 @register_method("frod", config=FrodMethodConfig)
@@ -49,6 +62,8 @@ class FrodMethod(Method):
         if cfg.accumulate not in ACCUMULATE:
             raise FrodCliError(f"method.accumulate must be one of {', '.join(ACCUMULATE)}, got {cfg.accumulate!r}")
         self.window_choice: Optional[str] = None
+        self.eval_logged = False
+        self.basis: Optional[Dict[str, Any]] = None  # how adapt got the bases (describe)
 
     def frod_config(self, model: nn.Module):
         from frod_cli.frod import FrodConfig
@@ -67,10 +82,19 @@ class FrodMethod(Method):
         )
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        from frod_cli.frod import apply_frod
+        """The bases are computed on `self.device` (the run's accelerator, set by the recipe) and go through
+        the basis cache unless method.basis_cache=false."""
+        from frod_cli.frod import apply_frod, basis_report
 
         self.count_base(model)
-        return apply_frod(model, self.frod_config(model))
+        cache_dir = basis_cache_dir() if self.cfg.basis_cache else None
+        model = apply_frod(model, self.frod_config(model), device=self.device, cache_dir=cache_dir)
+        report = basis_report(model)
+        hits = sum(r["source"] == "cache" for r in report)
+        self.basis = {"categories": len(report), "cache_hits": hits, "computed": len(report) - hits,
+                      "compute_s": round(sum(r["seconds"] for r in report if r["source"] == "computed"), 3),
+                      "processes": len({r["rank"] for r in report}), "cache_dir": cache_dir}
+        return model
 
     def param_groups(self, model: nn.Module) -> Dict[str, List[nn.Parameter]]:
         from frod_cli.frod import param_groups
@@ -89,9 +113,34 @@ class FrodMethod(Method):
         return load_adapter(base_model, directory)
 
     def merge(self, model: nn.Module) -> nn.Module:
+        """On a 4-bit base: the adapted layers come back holding dequant(W_q) + dW_i, the untouched 4-bit layers
+        are dequantized and the quantization config dropped, so merged/ is a plain model in model.dtype."""
         from frod_cli.frod import merge_and_unload
+        from frod_cli.models import dequantize_model
 
-        return merge_and_unload(model)
+        return dequantize_model(merge_and_unload(model))
+
+    def merge_into(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
+        from frod_cli.frod import merge_into
+
+        return merge_into(model, base_model)
+
+    # ---- evaluation (issue 21) ------------------------------------------------------------------------
+    def evaluation_context(self, model: nn.Module) -> ContextManager:
+        """Within one evaluation or generation each adapted layer may hold W_i + dW_i (the merged model's
+        matrix) instead of rebuilding dW_i or projecting in every call, as far as half the free memory allows;
+        freed when it ends (frod_cli.frod.evaluation_cache). Logged the first time."""
+        from frod_cli.frod import evaluation_cache, evaluation_cache_bytes
+
+        free = _free_memory(model)
+        budget = None if free is None else int(0.5 * free)
+        if not self.eval_logged:
+            need = evaluation_cache_bytes(model)
+            self.eval_logged = True
+            log.info("evaluation cache: W + dW held within each evaluation for %s of the adapted layers "
+                     "(%.1f MiB for all; free memory %s)", "all" if budget is None or need <= budget else "some",
+                     need / 2**20, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
+        return evaluation_cache(model, max_bytes=budget)
 
     # ---- accumulation windows (issue 12) ------------------------------------------------------------
     def accumulation(self, model: nn.Module, micro_batches: int) -> ContextManager:
@@ -119,14 +168,18 @@ class FrodMethod(Method):
         return choice
 
     def describe(self) -> Dict[str, Any]:
-        return {"accumulate": self.window_choice or "micro_batch"}
+        details: Dict[str, Any] = {"accumulate": self.window_choice or "micro_batch"}
+        if self.basis is not None:
+            details["basis"] = self.basis
+        return details
 
 
 def _free_memory(model: nn.Module) -> Optional[int]:
     device = next(model.parameters()).device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # blocks PyTorch has reserved but not handed out are free to it as well
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         import psutil
 

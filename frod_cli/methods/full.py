@@ -14,6 +14,8 @@ WEIGHTS = "model.safetensors"
 @register_method("full", config=MethodConfig)
 class FullMethod(Method):
     trains_everything = True
+    refuse_quantized = ("full fine-tuning trains every weight and 4-bit weights cannot be trained; use "
+                        "model.quantization=none, or an adapter method (frod, lora, dora, vera)")
 
     def adapt(self, model: nn.Module) -> nn.Module:
         self.count_base(model)

@@ -1,5 +1,7 @@
 """LoRA-family baselines through PEFT: `lora`, `dora`, `pissa`, `vera`, and `peft_frod` (upstream
 PEFT's FRoD, a reference). The task head is passed as `modules_to_save`.
+On a 4-bit base (model.quantization=nf4|fp4) lora is QLoRA, and dora and vera train the same way (PEFT wraps the
+Linear4bit layers); pissa and peft_frod are refused there. merged/ then comes from the dequantized base.
 Groups: adapter (lora_A/B, magnitudes, VeRA vectors), head; peft_frod: sparse, scale, head."""
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Dict, List
 
 from torch import nn
 
+from frod_cli import FrodCliError
 from frod_cli.methods.base import Method, MethodConfig, register_method
 from frod_cli.methods.frod import FrodKeys, check_frod_keys
 
@@ -58,7 +61,45 @@ class PeftMethod(Method):
         return PeftModel.from_pretrained(base_model, directory, is_trainable=False)
 
     def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
+        from frod_cli.models import base_quantization, dequantize_model
+
+        if base_quantization(model) is None:
+            return model.merge_and_unload()
+        # PEFT merges into a 4-bit layer by re-quantizing W + delta, and NF4's rounding (steps of 0.08 to 0.3 of
+        # a block's largest weight) swallows much of a trained update (half of it on recipe=qfrod_smoke); the
+        # adapter moves onto the dequantized base instead and merges there, in model.dtype.
+        state, config = self._adapter_state(model)
+        return attach_and_merge(dequantize_model(model.unload()), config, state)
+
+    def merge_into(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
+        """What QLoRA users ship: the same adapter merged into the unquantized base."""
+        state, config = self._adapter_state(model)
+        return attach_and_merge(base_model, config, state)
+
+    @staticmethod
+    def _adapter_state(model: nn.Module):
+        import copy
+
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        config = copy.deepcopy(model.peft_config["default"])
+        if getattr(config, "init_lora_weights", None) == "pissa":  # the saved factors already hold its result
+            config.init_lora_weights = True
+        config.inference_mode = True
+        return state, config
+
+
+def attach_and_merge(base_model: nn.Module, config, state: dict) -> nn.Module:
+    """`base_model` with a PEFT adapter (`config`, trained `state`) attached and merged: a plain model."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(base_model, config)
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    if unexpected:
+        raise FrodCliError(f"the adapter does not fit the base it is merged into: {unexpected[:3]}")
+    return peft_model.merge_and_unload()
 
 
 @register_method("lora", config=LoraMethodConfig)
@@ -91,6 +132,8 @@ class PissaMethod(LoraMethod):
     PiSSA-specific base."""
 
     extra = {"init_lora_weights": "pissa"}
+    refuse_quantized = ("PiSSA rewrites the base weights (W minus its principal part), which a 4-bit base cannot "
+                        "hold (PEFT refuses it); use model.quantization=none, or lora/dora/vera/frod on the 4-bit base")
 
     def adapt(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model_state_dict
@@ -158,6 +201,9 @@ class VeraMethod(PeftMethod):
 
 @register_method("peft_frod", config=FrodKeys)
 class PeftFrodMethod(PeftMethod):
+    refuse_quantized = ("PEFT's FRoD reads every target weight as a dense matrix and has no 4-bit layer (it "
+                        "decomposes the packed bytes and fails); use method=frod, which adapts 4-bit layers")
+
     def __init__(self, cfg, task=None, model_cfg=None):
         super().__init__(cfg, task, model_cfg)
         check_frod_keys(cfg)

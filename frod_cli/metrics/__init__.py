@@ -37,6 +37,17 @@ _SPECS = {
 KNOWN = tuple(sorted(set(_SPECS) | set(_ALIASES)))
 
 
+def names(metrics: Iterable[str]) -> list:
+    """The keys `compute` reports for these metric names (aliases resolved); an unknown name is refused."""
+    out = []
+    for name in metrics:
+        key = _ALIASES.get(name, name)
+        if key not in _SPECS:
+            raise ValueError(f"unknown metric {name!r}; known: {', '.join(KNOWN)}")
+        out.append(key)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def load_metric(name: str) -> Any:
     """The `evaluate` module for `name` (a metric name above or a module folder name), loaded from the package."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, List
 
-from frod_cli.frod.atomic import chmod_tree, atomic_dir, recover_atomic_dir  # noqa: F401  (re-exported)
+from frod_cli.frod.atomic import atomic_dir, atomic_file, recover_atomic_dir  # noqa: F401  (re-exported)
 
 
 def _json_default(o: Any) -> Any:
@@ -34,18 +33,11 @@ def clean_json(o: Any) -> Any:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        chmod_tree(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_file(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:

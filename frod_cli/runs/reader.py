@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -18,6 +20,9 @@ from frod_cli import FrodCliError
 from frod_cli.runs.io import read_jsonl
 
 log = logging.getLogger("frod.runs")
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/step-<N>/, complete once its state.json exists
+STATE_FILE = "state.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
 PathLike = Union[str, Path]
 SEED_KEYS = ("train.seed", "seed")
 
@@ -38,6 +43,24 @@ class RunPaths:
     adapter = property(lambda self: self.root / "adapter")
     merged = property(lambda self: self.root / "merged")
     loss_png = property(lambda self: self.root / "loss.png")
+
+
+def step_dirs(run_dir: PathLike) -> List[Tuple[int, str]]:
+    """The complete checkpoints of a run, newest first: (step, directory)."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out, reverse=True)
+
+
+def latest_checkpoint(run_dir: PathLike) -> Optional[str]:
+    dirs = step_dirs(run_dir)
+    return dirs[0][1] if dirs else None
 
 
 def is_run_dir(path: PathLike) -> bool:

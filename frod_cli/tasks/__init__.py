@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import image_cls, multiple_choice, seq_cls  # noqa: F401  (registration side effects)
 from . import causal_lm  # noqa: F401  (registration side effects)
+from . import preference  # noqa: F401  (registration side effects)
 from .base import TASKS, Task, register_task
 
 

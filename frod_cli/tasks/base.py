@@ -33,6 +33,8 @@ class Task(ABC):
     auto_class: str = ""
     # Names of the head modules a PEFT-style method must keep trainable and save (e.g. ["classifier"]).
     default_modules_to_save: Tuple[str, ...] = ()
+    # What a recipe gets when it switches to this task type (task.type=...) without naming them itself.
+    defaults: Dict[str, Any] = {"objective": "accuracy", "objective_mode": "max", "metrics": ["accuracy"]}
 
     def __init__(self, cfg: Any, seed: int = 0):
         self.cfg = cfg
@@ -60,6 +62,11 @@ class Task(ABC):
     def loss(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    def metric_names(self) -> Optional[List[str]]:
+        """The names of the metrics an evaluation reports (task.objective must be one of them), or None when
+        the task cannot tell before it evaluates."""
+        return None
+
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(predictions, references) for one batch, on the batch's device; called under no_grad."""
@@ -73,6 +80,23 @@ class Task(ABC):
         (metrics, prediction records or None); records are written to predictions.jsonl for the best
         checkpoint. Called under no_grad with the model in eval mode, on every process."""
         return None
+
+    def prepare_training(self, model: torch.nn.Module, encoded: Any, accelerator: Any, run_dir: str,
+                         batch_size: int, resuming: bool) -> Optional[Dict[str, Any]]:
+        """A pass over the data with the starting model, once per run (preference: the reference
+        log-probabilities). The training recipe calls it on every process after the model is adapted and
+        prepared and before a resumed run's values are restored, so `model` is the model before its first
+        step for every method. It may add columns to the encoded splits (in place: same rows, same order),
+        and read files a resumed run left in run_dir, but writes nothing there: `store_prepared` does, once
+        the run is accepted. Returns what metrics.json records as `task_preparation` (None: nothing)."""
+        return None
+
+    def store_prepared(self, run_dir: str) -> None:
+        """Main process, once the run is accepted: write what `prepare_training` made into the run directory
+        (atomically)."""
+
+    def prepare_evaluation(self, encoded: Any, run_dir: str) -> None:
+        """`frod eval` of a run directory: read back what `store_prepared` wrote (in place, as above)."""
 
     @abstractmethod
     def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:

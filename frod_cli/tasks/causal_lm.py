@@ -1,33 +1,37 @@
 """Instruction / chat fine-tuning of a causal LM (AutoModelForCausalLM), evaluated by loss and generation.
 
-Data (`task.source` hub | local csv/json/jsonl/parquet | offline, e.g. `offline` + `sft_tiny`); a missing
-validation/test split is carved out of train (seeded, not stratified). `task.data_format`:
-  instruction  columns task.instruction_field, task.output_field and, when the data has it,
-               task.input_field. Without a chat template the prompt is the plain layout
-                   [system_prompt\\n\\n]### Instruction:\\n<instruction>\\n\\n[### Input:\\n<input>\\n\\n]### Response:\\n
-               and the response is <output> + EOS. When the tokenizer has a chat template the pair is
-               rendered as one user turn (instruction, a blank line, input) and one assistant turn, like chat.
-  chat         task.messages_field: a list of {role, content}; rendered with the tokenizer's chat template
-               (refused without one); task.system_prompt becomes a system turn when the conversation has
-               none. Loss on the assistant turns only (each turn's text as the template renders it,
-               end-of-turn markup included); EOS appended to the last one unless the template already
-               put it there. Turns after the last assistant turn are dropped. For generation the prompt is
-               everything before the last assistant turn with the generation prompt, the reference that turn.
-  text         task.text_fields[0] (one column): plain documents, loss on every token, EOS appended;
-               no generation (there is no reference answer), only loss and perplexity.
-  template     task.prompt_template and task.response_template: format strings over any columns
-               ("Q: {question}\\nA:", " {answer}"; frod_cli.tasks.templates, so `{choices!l}` lists work);
-               task.system_prompt, when set, is a first paragraph.
-  auto         template if task.prompt_template is set, else chat if the messages column exists, else
-               instruction if the instruction and output columns exist, else text.
-Every format except text puts the tokenizer's leading special tokens (BOS) before a plain prompt; chat
-templates carry their own. Prompt and response are tokenized separately and concatenated, and generation
-starts from exactly the prompt tokens used in training.
+Data (`task.source` hub | local csv/json/jsonl/parquet | offline, e.g. `offline` + `sft_tiny`, or a weighted
+`task.mixture` of such sources, frod_cli/tasks/mixture.py); a missing validation/test split is carved out of train
+(seeded, not stratified). Rows are read by the one reader of layouts, frod_cli/tasks/layouts.py (`task.data_format`
+instruction | chat | sharegpt | prompt_completion | text | template | auto; its docstring says what each reads),
+into conversations, then tokenized (frod_cli/tasks/lm_data.py; cached by datasets for the next run on the same
+data and settings). In short:
+  instruction        without a chat template, the plain layout
+                         [system_prompt\\n\\n]### Instruction:\\n<instruction>\\n\\n[### Input:\\n<input>\\n\\n]### Response:\\n
+                     and the response <output> + EOS; with one, one user turn and one assistant turn, like chat.
+  chat, sharegpt     turns rendered with the tokenizer's chat template (refused without one: task.chat_template=chatml
+                     gives it one); task.system_prompt becomes a system turn when the conversation has none. Loss on
+                     the assistant turns only (each turn's text as the template renders it, end-of-turn markup
+                     included); EOS appended to the last one unless the template already put it there. Turns after
+                     the last assistant turn are dropped. For generation the prompt is everything before the last
+                     assistant turn with the generation prompt, the reference that turn.
+  prompt_completion  strings: prompt and completion as they are (TRL's rule: no template); message lists: through the
+                     template, loss on the completion's assistant turns.
+  text               task.text_fields[0] (one column): plain documents, loss on every token, EOS appended;
+                     no generation (there is no reference answer), only loss and perplexity.
+  template           task.prompt_template and task.response_template: format strings over any columns
+                     ("Q: {question}\\nA:", " {answer}"; frod_cli.tasks.templates, so `{choices!l}` lists work);
+                     task.system_prompt, when set, is a first paragraph.
+Every layout rendered without a chat template puts the tokenizer's leading special tokens (BOS) before the prompt;
+chat templates carry their own. Prompt and response are tokenized separately and concatenated, and generation
+starts from exactly the prompt tokens used in training. A row that cannot be read (a missing field, a turn
+without content, a role not in task.role_map, a conversation the template cannot render) refuses its split in one
+line naming the first such row and the count; task.skip_malformed=true drops them with a count instead.
 
 Labels: the prompt's labels are -100 (`task.train_on_prompt=false`, the default) so the loss covers the
 response (+ EOS) only. Examples longer than `task.max_length` are truncated on the right (the response is
-cut); an example whose prompt alone fills max_length is dropped. Both counts are logged per split, and a
-split in which every example is dropped is refused.
+cut); an example whose prompt alone fills max_length is dropped. Both counts are logged per split (and kept in
+metrics.json under `data`), and a split in which every example is dropped is refused.
 
 Packing (`task.packing=true`, the train split only): whole examples are packed in order into blocks of at
 most max_length tokens (an example is never split across blocks; a batch pads its blocks to the longest).
@@ -40,17 +44,21 @@ varlen boundaries; not tested here, no GPU): tokens attend only within their own
 through `masking_utils.create_causal_mask` (older or custom architectures) attend across examples within
 a block: there only the labels and positions respect the boundaries.
 
+Streaming (`task.streaming=true`, frod_cli/tasks/streaming.py): the training split is read, tokenized and
+packed while training; the loop's side is frod_cli/training/streaming.py.
+
 Evaluation (`evaluate`): the token-weighted mean cross-entropy over the response tokens (`loss`), its
 `perplexity` = exp(loss) and `token_accuracy` (argmax next-token accuracy on the same tokens), gathered
 over processes; then greedy generation (`task.generation.*`) for the first `task.generation.max_examples`
-examples of the split that have a reference (0 = all), with left padding. The answer is read off the new
+examples of the split that have a reference (0 = all; with a mixture, of each source), with left padding. The answer is read off the new
 tokens with `task.answer_pattern` (frod_cli.tasks.answers; the same rule on the reference) and scored with
 `exact_match` on the normalised strings, plus `accuracy` over task.labels when they are set (an answer that
 is not a label is wrong). Records {index, prompt, prediction, extracted, reference, reference_answer,
 correct} are gathered to every process. Generation runs on the unwrapped model, a contiguous share of
 the examples per process; every process runs as many batches as the largest share (a short share is padded
 and the padding dropped), so an FSDP model, whose every forward gathers weights from all ranks, generates
-too (train.fsdp).
+too (train.fsdp). With a mixture, every metric is also reported per source as `<source name>/<metric>` (the
+plain names are over all sources' examples together), and each record names its source.
 The default `predict`/`compute_metrics` path gives `token_accuracy` only. `task.metrics` is not read:
 `task.objective` must be one of loss, perplexity (objective_mode=min), token_accuracy, exact_match, or
 accuracy (with task.labels); anything else is refused when the task is built.
@@ -69,139 +77,19 @@ import torch.nn.functional as F
 from frod_cli import FrodCliError
 
 from .. import metrics as metrics_lib
-from . import templates
+from . import layouts, lm_data, templates
+from . import streaming as S
 from .answers import answer_rule, normalize_answer
 from .base import register_task
-from .common import DataTask, keep_configured_splits
-from .sources import dedupe, load_raw, make_splits
+from .common import DataTask
+from .layouts import instruction_prompt, instruction_user_turn  # noqa: F401  (frod generate's plain layout)
+from .lm_data import pack  # noqa: F401
+from .mixture import sources_of
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "instruction", "chat", "text", "template")
+FORMATS = layouts.FORMATS
 LOSS_METRICS = ("loss", "perplexity", "token_accuracy")
-_OK, _TRUNCATED, _DROPPED, _NO_ASSISTANT = 0, 1, 2, 3
-
-
-def instruction_prompt(instruction: str, input: Optional[str] = None, system_prompt: Optional[str] = None) -> str:
-    """The plain prompt layout of instruction data (no chat template)."""
-    parts = [system_prompt.strip()] if system_prompt and system_prompt.strip() else []
-    parts.append(f"### Instruction:\n{str(instruction).strip()}")
-    if input is not None and str(input).strip():
-        parts.append(f"### Input:\n{str(input).strip()}")
-    parts.append("### Response:\n")
-    return "\n\n".join(parts)
-
-
-def instruction_user_turn(instruction: str, input: Optional[str] = None) -> str:
-    text = str(instruction).strip()
-    return text + (f"\n\n{str(input).strip()}" if input is not None and str(input).strip() else "")
-
-
-def _fill(template: str, row: Dict[str, Any], key: str) -> str:
-    return templates.render(template, {k: "" if v is None else v for k, v in row.items()}, key)
-
-
-class _Sequence:
-    """Token ids with labels, built segment by segment."""
-
-    def __init__(self) -> None:
-        self.ids: List[int] = []
-        self.labels: List[int] = []
-
-    def add(self, ids: Sequence[int], train: bool) -> None:
-        self.ids += list(ids)
-        self.labels += list(ids) if train else [-100] * len(ids)
-
-
-class _Encoder:
-    """Turns one raw row into model inputs. Holds plain values only (datasets hashes it for its map cache)."""
-
-    def __init__(self, cfg: Any, fmt: str, tok: Any, chat: bool, prefix: List[int]):
-        self.fmt, self.tok, self.chat, self.prefix = fmt, tok, chat, list(prefix)
-        self.max_length, self.train_on_prompt = int(cfg.max_length), bool(cfg.train_on_prompt)
-        self.system_prompt = cfg.system_prompt
-        self.instruction_field, self.input_field, self.output_field = cfg.instruction_field, cfg.input_field, cfg.output_field
-        self.messages_field, self.text_field = cfg.messages_field, (list(cfg.text_fields) or ["text"])[0]
-        self.prompt_template, self.response_template = cfg.prompt_template, cfg.response_template
-
-    def encode_text(self, text: str) -> List[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def chat_segments(self, messages: List[Dict[str, Any]]) -> Optional[List[Tuple[str, bool]]]:
-        """[(text, is_assistant)] whose concatenation is the rendered conversation up to its last assistant
-        turn; None when there is no assistant turn."""
-        msgs = [{"role": str(m["role"]), "content": "" if m.get("content") is None else str(m["content"])} for m in messages]
-        if self.system_prompt and not (msgs and msgs[0]["role"] == "system"):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None:
-            return None
-        msgs = msgs[: last + 1]
-
-        def render(ms: List[Dict[str, str]], gen: bool) -> str:
-            return self.tok.apply_chat_template(ms, add_generation_prompt=gen, tokenize=False)
-
-        segments, prev = [], ""
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            head, full = render(msgs[:i], True) if i else "", render(msgs[: i + 1], False)
-            if not head.startswith(prev) or not full.startswith(head):
-                raise FrodCliError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                                   f"continuation (turn {i}): the assistant tokens cannot be located for the loss")
-            segments += [(head[len(prev):], False), (full[len(head):], True)]
-            prev = full
-        return segments
-
-    def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
-        """input_ids, labels, prompt_len, prompt, reference, has_reference, _status for one raw row."""
-        fmt, eos = self.fmt, self.tok.eos_token_id
-        seq, train_prompt = _Sequence(), self.train_on_prompt
-        if self.chat:
-            if fmt == "chat":
-                messages = list(row[self.messages_field] or [])
-            else:  # instruction data rendered as one user turn and one assistant turn
-                inp = row.get(self.input_field) if self.input_field else None
-                out = row[self.output_field]
-                messages = [{"role": "user", "content": instruction_user_turn(row[self.instruction_field], inp)},
-                            {"role": "assistant", "content": "" if out is None else str(out)}]
-            segments = self.chat_segments(messages)
-            if segments is None:
-                return {"_status": _NO_ASSISTANT}
-            reference = next(m for m in reversed(messages) if m["role"] == "assistant").get("content") or ""
-            pieces = [self.encode_text(text) for text, _ in segments]
-            if eos is not None and eos not in pieces[-1]:
-                pieces[-1].append(eos)
-            for (_, assistant), ids in zip(segments, pieces):
-                seq.add(ids, assistant or train_prompt)
-            prompt_len = sum(len(p) for p in pieces[:-1])
-            prompt_text = "".join(text for text, _ in segments[:-1])
-        else:
-            if fmt == "text":
-                value = row[self.text_field]
-                prompt_text, response, train_prompt = "", "" if value is None else str(value), True
-            elif fmt == "instruction":
-                inp = row.get(self.input_field) if self.input_field else None
-                prompt_text = instruction_prompt(row[self.instruction_field], inp, self.system_prompt)
-                response = "" if row[self.output_field] is None else str(row[self.output_field])
-            else:  # template
-                prompt_text = _fill(self.prompt_template, row, "task.prompt_template")
-                if self.system_prompt:
-                    prompt_text = f"{self.system_prompt.strip()}\n\n{prompt_text}"
-                response = _fill(self.response_template, row, "task.response_template")
-            seq.add(self.prefix, False)
-            seq.add(self.encode_text(prompt_text), train_prompt)
-            prompt_len = len(seq.ids)
-            seq.add(self.encode_text(response) + ([eos] if eos is not None else []), True)
-            reference = "" if fmt == "text" else response
-        if prompt_len >= self.max_length:
-            return {"_status": _DROPPED}
-        status = _OK
-        if len(seq.ids) > self.max_length:
-            seq.ids, seq.labels, status = seq.ids[: self.max_length], seq.labels[: self.max_length], _TRUNCATED
-        reference = str(reference)
-        return {"input_ids": seq.ids, "labels": seq.labels, "prompt_len": prompt_len, "prompt": prompt_text,
-                "reference": reference, "has_reference": bool(reference.strip()), "_status": status}
 
 
 @register_task("causal_lm")
@@ -209,6 +97,7 @@ class CausalLM(DataTask):
     auto_class = "AutoModelForCausalLM"
     modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model: no new head to train
+    defaults = {"objective": "loss", "objective_mode": "min", "metrics": ["exact_match"]}
 
     def __init__(self, cfg: Any, seed: int = 0):
         super().__init__(cfg, seed)
@@ -220,15 +109,46 @@ class CausalLM(DataTask):
         for tpl in (cfg.prompt_template, cfg.response_template):
             if tpl is not None:
                 templates.fields(tpl)
-        known = list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if cfg.labels else [])
+        known = self.known_metrics = list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if cfg.labels else [])
         if cfg.objective not in known:
             raise FrodCliError(f"task.objective {cfg.objective!r} is not a causal_lm metric; use one of {', '.join(known)}"
                                + (" (accuracy needs task.labels)" if cfg.objective == "accuracy" else ""))
         if cfg.objective in ("loss", "perplexity") and cfg.objective_mode != "min":
             raise FrodCliError(f"task.objective={cfg.objective} is minimised: set task.objective_mode=min")
-        self.format: Optional[str] = None if cfg.data_format == "auto" else cfg.data_format
+        layouts.check_chat_template_setting(cfg.chat_template)
+        self.sources = sources_of(cfg)  # refuses a bad mixture now, before any data is read
+        for src in self.sources:
+            if src.cfg.data_format not in FORMATS:
+                raise FrodCliError(f"source {src.name!r}: unknown data_format {src.cfg.data_format!r}; use {', '.join(FORMATS)}")
+            layouts.role_map(src.cfg)
+        self._check_streaming()
+        self.formats: List[Optional[str]] = [None if s.cfg.data_format == "auto" else str(s.cfg.data_format)
+                                             for s in self.sources]
         self.stats: Dict[str, Dict[str, int]] = {}
+        self.read_stats: Dict[str, Dict[str, Dict[str, int]]] = {}
+        self.train_counts: Optional[List[int]] = None
         self.tokenizer: Any = None
+
+    def _check_streaming(self) -> None:
+        cfg = self.cfg
+        if int(cfg.shuffle_buffer) < 0:
+            raise FrodCliError(f"task.shuffle_buffer must be >= 0 (0: no shuffling), got {cfg.shuffle_buffer}")
+        if not cfg.streaming:
+            return
+        if any(s.cfg.dedupe for s in self.sources):
+            raise FrodCliError("task.dedupe needs the whole data set at once: not with task.streaming=true")
+
+    @property
+    def format(self) -> Optional[str]:
+        """The layout of the data (of the first source, for a mixture); None until the data is read."""
+        return self.formats[0]
+
+    @property
+    def source_names(self) -> List[str]:
+        return [s.name for s in self.sources]
+
+    def metric_names(self) -> Optional[List[str]]:
+        return list(self.known_metrics)
 
     # ------------------------------------------------------------------------------------------- data
     def model_kwargs(self) -> Dict[str, Any]:
@@ -238,121 +158,85 @@ class CausalLM(DataTask):
         return None
 
     def resolve_format(self, columns: Sequence[str]) -> str:
-        cfg, cols = self.cfg, set(columns)
-        fmt = cfg.data_format
-        if fmt == "auto":
-            if cfg.prompt_template:
-                fmt = "template"
-            elif cfg.messages_field in cols:
-                fmt = "chat"
-            elif cfg.instruction_field in cols and cfg.output_field in cols:
-                fmt = "instruction"
-            elif cfg.text_fields and cfg.text_fields[0] in cols:
-                fmt = "text"
-            else:
-                raise FrodCliError(
-                    f"causal_lm data matches no format (task.data_format=auto): no column {cfg.messages_field!r} (chat), "
-                    f"{cfg.instruction_field!r}+{cfg.output_field!r} (instruction) or "
-                    f"{(list(cfg.text_fields) or ['text'])[0]!r} (text), and no task.prompt_template; its columns are {sorted(cols)}"
-                )
-        if fmt == "text" and cfg.objective == "exact_match":
+        return layouts.resolve_format(columns, self.cfg)
+
+    def _check_references(self) -> None:
+        if self.cfg.objective == "exact_match" and all(f == "text" for f in self.formats):
             raise FrodCliError("task.objective=exact_match needs reference answers; text data has none (use loss, objective_mode=min)")
-        return fmt
 
-    def input_columns(self) -> List[str]:
-        cfg, fmt = self.cfg, self.format
-        if fmt == "chat":
-            return [cfg.messages_field]
-        if fmt == "instruction":
-            return [cfg.instruction_field, cfg.output_field]
-        if fmt == "text":
-            if len(cfg.text_fields) != 1:
-                raise FrodCliError(f"task.data_format=text reads one column, got task.text_fields={list(cfg.text_fields)}; "
-                                   "use data_format=template for prompt/response pairs")
-            return [cfg.text_fields[0]]
-        if fmt == "template":
-            if not cfg.prompt_template or cfg.response_template is None:
-                raise FrodCliError("task.data_format=template needs task.prompt_template and task.response_template")
-            return list(dict.fromkeys(templates.fields(cfg.prompt_template) + templates.fields(cfg.response_template)))
-        raise AssertionError(fmt)
+    def load_data(self) -> Any:
+        """train/validation/(test) in the conversation schema (lm_data.CONVERSATION); with task.streaming the
+        train split is an unread stream (streaming.TrainStream)."""
+        many = len(self.sources) > 1
+        if self.cfg.streaming:
+            parts = []
+            for i, src in enumerate(self.sources):
+                self.formats[i], part = lm_data.stream_source(i, src, many)
+                parts.append(part)
+            self._check_references()
+            return lm_data.combine_streams(parts, self.sources, self.seed, self.cfg.mixture_stop, int(self.cfg.shuffle_buffer))
+        parts = []
+        for i, src in enumerate(self.sources):
+            self.formats[i], part, self.read_stats[src.name] = lm_data.read_source(i, src, self.seed, many)
+            parts.append(part)
+        self._check_references()
+        if many:
+            self._log_mixture(parts)
+        return lm_data.combine(parts, self.sources, self.seed, self.cfg.mixture_stop)
 
-    def _check_columns(self, raw: datasets.DatasetDict) -> None:
-        need = self.input_columns()
-        for split, ds in raw.items():
-            missing = [c for c in need if c not in ds.column_names]
-            if missing:
-                what = "template field" if self.format == "template" else "column"
-                raise FrodCliError(f"causal_lm ({self.format} format): split {split!r} has no {what} "
-                                   f"{', '.join(map(repr, missing))}; its columns are {ds.column_names}")
-
-    def load_data(self) -> datasets.DatasetDict:
-        raw = _class_names(keep_configured_splits(load_raw(self.cfg), self.cfg))
-        first = raw[self.cfg.train_split] if self.cfg.train_split in raw else next(iter(raw.values()))
-        self.format = self.resolve_format(first.column_names)
-        self._check_columns(raw)
-        if self.cfg.dedupe:
-            cols = self.input_columns()
-            if self.format == "instruction" and self.cfg.input_field in first.column_names:
-                cols.insert(1, self.cfg.input_field)
-            raw = datasets.DatasetDict({s: dedupe(ds, cols) for s, ds in raw.items()})
-        return make_splits(raw, self.cfg, self.seed, stratify_by=None)
+    def _log_mixture(self, parts: List[datasets.DatasetDict]) -> None:
+        for src, part in zip(self.sources, parts):
+            log.info("mixture source %r (%s, weight %g): %s", src.name, self.formats[self.sources.index(src)],
+                     src.weight, {k: len(v) for k, v in part.items()})
 
     # ----------------------------------------------------------------------------------------- encode
-    def encode(self, data: datasets.DatasetDict, preprocessor: Any) -> datasets.DatasetDict:
+    def encode(self, data: Any, preprocessor: Any) -> Any:
         from frod_cli.decoding import has_chat_template, leading_special_ids
 
         tok = self.tokenizer = preprocessor
-        first = next(iter(data.values()))
-        if self.format is None:
-            self.format = self.resolve_format(first.column_names)
-            self._check_columns(data)
-        chat = self.format == "chat" or (self.format == "instruction" and has_chat_template(tok))
-        if self.format == "chat" and not has_chat_template(tok):
-            raise FrodCliError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is not set)")
-        encoder = _Encoder(self.cfg, self.format, tok, chat, leading_special_ids(tok))
-        keys = ("input_ids", "labels", "prompt_len", "prompt", "reference", "has_reference", "_status")
-        blank = {"input_ids": [], "labels": [], "prompt_len": 0, "prompt": "", "reference": "", "has_reference": False}
-
-        def fn(batch: Dict[str, list]) -> Dict[str, list]:
-            out: Dict[str, list] = {k: [] for k in keys}
-            for vals in zip(*batch.values()):
-                ex = {**blank, **encoder(dict(zip(batch, vals)))}
-                for k in keys:
-                    out[k].append(ex[k])
-            return out
-
-        feats = datasets.Features({
-            "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-            "prompt_len": datasets.Value("int32"), "prompt": datasets.Value("string"), "reference": datasets.Value("string"),
-            "has_reference": datasets.Value("bool"), "_status": datasets.Value("int8"),
-        })
-        out = {}
+        if any(f in ("chat", "sharegpt") for f in self.formats) and not has_chat_template(tok):
+            raise FrodCliError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is not set): "
+                               "give it one with task.chat_template=chatml (or a Jinja string)")
+        encoder = lm_data.Encoder(tok, int(self.cfg.max_length), bool(self.cfg.train_on_prompt), leading_special_ids(tok))
+        out: Dict[str, Any] = {}
         for split, ds in data.items():
-            enc = ds.map(fn, batched=True, remove_columns=ds.column_names, features=feats, desc=f"tokenizing {split}")
-            counts = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=4)
-            n, max_len = len(enc), int(self.cfg.max_length)
-            self.stats[split] = {"examples": n, "kept": int(counts[_OK] + counts[_TRUNCATED]), "truncated": int(counts[_TRUNCATED]),
-                                 "dropped": int(counts[_DROPPED]), "no_assistant_turn": int(counts[_NO_ASSISTANT])}
-            if counts[_OK] + counts[_TRUNCATED] == 0:
-                if counts[_DROPPED]:
-                    raise FrodCliError(f"every example of split {split!r} is too long: the prompt alone fills task.max_length="
-                                       f"{max_len} ({n} examples); raise task.max_length")
-                raise FrodCliError(f"split {split!r} has no example with an assistant turn ({n} conversations)")
-            if counts[_TRUNCATED] or counts[_DROPPED] or counts[_NO_ASSISTANT]:
-                log.warning("causal_lm split %r: %d of %d examples truncated to task.max_length=%d, %d dropped "
-                            "(prompt alone fills max_length)%s", split, counts[_TRUNCATED], n, max_len, counts[_DROPPED],
-                            f", {counts[_NO_ASSISTANT]} dropped (no assistant turn)" if counts[_NO_ASSISTANT] else "")
-            else:
-                log.info("causal_lm split %r: %d examples, none longer than task.max_length=%d", split, n, max_len)
-            if len(enc) > self.stats[split]["kept"]:
-                enc = enc.filter(lambda s: [v in (_OK, _TRUNCATED) for v in s], input_columns="_status", batched=True)
-            enc = enc.remove_columns("_status")
-            if split == "train" and self.cfg.packing:
-                enc = pack(enc, max_len)
-                log.info("causal_lm: packed %d train examples into %d blocks of at most %d tokens",
-                         self.stats[split]["kept"], len(enc), max_len)
+            if isinstance(ds, S.TrainStream):
+                out[split] = self._stream(ds, encoder)
+                continue
+            enc, self.stats[split] = lm_data.encode_split(ds, encoder, self.cfg, split)
+            if split == "train":
+                self.train_counts = np.bincount(np.asarray(enc["_source"], dtype=np.int64),
+                                                minlength=len(self.sources)).tolist()
+                empty = [s.name for s, n in zip(self.sources, self.train_counts) if n == 0]
+                if empty:
+                    raise FrodCliError(f"mixture source {empty[0]!r} gives no training example (its rows were all "
+                                       f"dropped, or task.mixture_stop={self.cfg.mixture_stop} ended the mixture first)")
+                if self.cfg.packing:
+                    enc = lm_data.pack(enc, int(self.cfg.max_length))
+                    log.info("causal_lm: packed %d train examples into %d blocks of at most %d tokens",
+                             self.stats[split]["kept"], len(enc), int(self.cfg.max_length))
             out[split] = enc
-        return datasets.DatasetDict(out)
+        return out if any(isinstance(v, S.ExampleStream) for v in out.values()) else datasets.DatasetDict(out)
+
+    def _stream(self, train: S.TrainStream, encoder: lm_data.Encoder) -> S.ExampleStream:
+        feats = datasets.Features({**lm_data.ENCODED, "_row": datasets.Value("int64"), "_malformed": datasets.Value("string")})
+        guard = layouts.Guarded(encoder, layouts.blank_of(feats))
+        del guard.blank["_malformed"]
+        return S.ExampleStream(train, guard, bool(self.cfg.skip_malformed),
+                               pack=lm_data.pack_block if self.cfg.packing else None, max_length=int(self.cfg.max_length))
+
+    def data_stats(self) -> Dict[str, Any]:
+        """What the task read, for metrics.json: per split (examples, kept, truncated, dropped, malformed) and per
+        source (layout, weight, rows read and malformed per source split, training examples it gave)."""
+        out: Dict[str, Any] = {"splits": self.stats, "sources": {}}
+        for i, src in enumerate(self.sources):
+            entry: Dict[str, Any] = {"format": self.formats[i], "weight": src.weight, "read": self.read_stats.get(src.name, {})}
+            if self.train_counts is not None:
+                entry["train_examples"] = int(self.train_counts[i])
+            out["sources"][src.name] = entry
+        if len(self.sources) > 1:
+            out["mixture_stop"] = str(self.cfg.mixture_stop)
+        return out
 
     # ---------------------------------------------------------------------------------------- batches
     def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
@@ -376,7 +260,10 @@ class CausalLM(DataTask):
                     other[i, n:] = torch.arange(width - n)  # padding: one more "document", all labels -100
                 else:
                     other[i, :n] = 1
-            return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): other}
+            batch = {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): other}
+            if "_source" in features[0]:  # which source each example came from: per-source metrics
+                batch["source"] = torch.tensor([int(f["_source"]) for f in features], dtype=torch.long)
+            return batch
 
         return collate_fn
 
@@ -410,32 +297,50 @@ class CausalLM(DataTask):
     # ------------------------------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module, dataset: Any, loader: Any,
                  accelerator: Any) -> Tuple[Dict[str, float], Optional[List[Dict[str, Any]]]]:
-        totals = torch.zeros(3, dtype=torch.float64)
+        """Loss, perplexity and token accuracy over the split, then generation (see the module docstring); with a
+        mixture, each also per source as `<source>/<metric>`."""
+        totals = torch.zeros(len(self.sources), 3, dtype=torch.float64)  # per source: cross-entropy, tokens, correct
         with torch.no_grad():
             for batch in loader:
-                stats = self.token_stats(model, batch)
-                stats = accelerator.gather_for_metrics(tuple(s.contiguous() for s in stats))
-                totals += torch.stack([s.double().sum().cpu() for s in stats])
-        ce, count, correct = totals.tolist()
-        loss = ce / count if count else float("nan")
-        try:
-            ppl = math.exp(loss)
-        except OverflowError:
-            ppl = float("inf")
-        metrics = {"loss": loss, "perplexity": ppl, "token_accuracy": correct / count if count else 0.0}
+                ce, count, correct = self.token_stats(model, batch)
+                source = batch.get("source", torch.zeros(len(ce), dtype=torch.long)).to(ce.device)
+                ce, count, correct, source = accelerator.gather_for_metrics(
+                    tuple(t.contiguous() for t in (ce, count, correct, source)))
+                totals.index_add_(0, source.long().cpu(), torch.stack([ce, count, correct], 1).double().cpu())
+        metrics = _loss_metrics(totals.sum(0))
+        for name, row in self._per_source(totals):
+            metrics.update({f"{name}/{k}": v for k, v in _loss_metrics(row).items()})
         records = self.generate_records(model, dataset, accelerator)
         if records is None:
             return metrics, None
         metrics.update(self.score(records))
+        for name, _ in self._per_source(totals):
+            mine = [r for r in records if r.get("source") == name]
+            if mine:
+                metrics.update({f"{name}/{k}": v for k, v in self.score(mine, warn=False).items()})
         return metrics, records
 
+    def _per_source(self, totals: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+        """(name, totals) of each source with examples in the split; none for a single source."""
+        if len(self.sources) < 2:
+            return []
+        return [(s.name, totals[i]) for i, s in enumerate(self.sources) if totals[i, 1] > 0]
+
     def generation_indices(self, dataset: Any) -> List[int]:
-        """The examples generated for a split: the first max_examples (0 = all) that have a reference, in order."""
+        """The examples generated for a split: the first max_examples (0 = all) that have a reference, in order;
+        with a mixture, the first max_examples of each source (each source's generation metrics)."""
         if "has_reference" not in dataset.column_names:
             return []
-        idx = [i for i, ok in enumerate(dataset["has_reference"]) if ok]
         n = int(self.cfg.generation.max_examples)
-        return idx[:n] if n > 0 else idx
+        refs = dataset["has_reference"]
+        sources = dataset["_source"] if len(self.sources) > 1 and "_source" in dataset.column_names else [0] * len(refs)
+        taken: Dict[int, int] = {}
+        idx = []
+        for i, (ok, src) in enumerate(zip(refs, sources)):
+            if ok and (n <= 0 or taken.get(src, 0) < n):
+                taken[src] = taken.get(src, 0) + 1
+                idx.append(i)
+        return idx
 
     def generate_records(self, model: torch.nn.Module, dataset: Any, accelerator: Any) -> Optional[List[Dict[str, Any]]]:
         from accelerate.utils import gather_object
@@ -461,21 +366,23 @@ class CausalLM(DataTask):
             prompts = [ids[:n] for ids, n in zip(rows["input_ids"], rows["prompt_len"])]
             texts = generate_texts(accelerator.unwrap_model(model), tok, prompts, batch_size=int(g.batch_size),
                                    **sampling_settings(g))
-            for i, prompt, ref, prediction in zip(mine, rows["prompt"], rows["reference"], texts):
+            sources = rows["_source"] if len(self.sources) > 1 and "_source" in rows.column_names else [None] * len(mine)
+            for i, prompt, ref, prediction, src in zip(mine, rows["prompt"], rows["reference"], texts, sources):
                 extracted, ref_answer = self.extract(prediction), self.extract(ref)
                 records.append({"index": int(i), "prompt": prompt, "prediction": prediction, "extracted": extracted,
                                 "reference": ref, "reference_answer": ref_answer,
-                                "correct": bool(normalize_answer(ref_answer)) and normalize_answer(extracted) == normalize_answer(ref_answer)})
+                                "correct": bool(normalize_answer(ref_answer)) and normalize_answer(extracted) == normalize_answer(ref_answer),
+                                **({"source": self.sources[int(src)].name} if src is not None else {})})
         records = records[:real]
         return list(gather_object(records)) if world > 1 else records
 
-    def score(self, records: List[Dict[str, Any]]) -> Dict[str, float]:
+    def score(self, records: List[Dict[str, Any]], warn: bool = True) -> Dict[str, float]:
         """exact_match (and accuracy over task.labels) of generation records."""
         refs = [normalize_answer(r["reference_answer"]) for r in records]
         # A reference the answer rule finds nothing in cannot be matched: its prediction gets a value no answer has.
         preds = [normalize_answer(r["extracted"]) if ref else "\x00" for r, ref in zip(records, refs)]
         unscorable = sum(1 for ref in refs if not ref)
-        if unscorable:
+        if unscorable and warn:
             log.warning("causal_lm: task.answer_pattern=%s finds no answer in %d of %d references (scored as wrong)",
                         self.cfg.answer_pattern, unscorable, len(refs))
         out = {"exact_match": metrics_lib.compute(["exact_match"], preds, refs)["exact_match"]}
@@ -483,43 +390,18 @@ class CausalLM(DataTask):
             names = [normalize_answer(x) for x in self.cfg.labels]
             pred_ids = [names.index(p) if p in names else -1 for p in preds]
             ref_ids = [names.index(r) if r in names else -2 for r in refs]
-            if -2 in ref_ids:
+            if -2 in ref_ids and warn:
                 log.warning("causal_lm: %d references are not among task.labels", ref_ids.count(-2))
             out["accuracy"] = metrics_lib.compute(["accuracy"], pred_ids, ref_ids)["accuracy"]
         return out
 
 
-def _class_names(raw: datasets.DatasetDict) -> datasets.DatasetDict:
-    """Class-label columns as their names: a template renders "positive", not 2."""
-    out = {}
-    for split, ds in raw.items():
-        for col, feat in ds.features.items():
-            if isinstance(feat, datasets.ClassLabel):
-                names = feat.names
-                ds = ds.map(lambda ex, c=col: {c: names[ex[c]] if ex[c] is not None and ex[c] >= 0 else None},
-                            features=datasets.Features({**ds.features, col: datasets.Value("string")}))
-        out[split] = ds
-    return datasets.DatasetDict(out)
-
-
-def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
-    """Whole examples, in order, into blocks of at most max_length tokens, with position_ids restarting
-    per example and the label of each example's first token masked (see the module docstring)."""
-    blocks: Dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    cur: Dict[str, list] = {k: [] for k in blocks}
-
-    def flush() -> None:
-        if cur["input_ids"]:
-            for k in blocks:
-                blocks[k].append(cur[k])
-                cur[k] = []
-
-    for ids, labels in zip(ds["input_ids"], ds["labels"]):
-        if len(cur["input_ids"]) + len(ids) > max_length:
-            flush()
-        cur["input_ids"] += list(ids)
-        cur["labels"] += [-100] + list(labels[1:])
-        cur["position_ids"] += list(range(len(ids)))
-    flush()
-    feats = datasets.Features({k: datasets.Sequence(datasets.Value("int32")) for k in blocks})
-    return datasets.Dataset.from_dict(blocks, features=feats)
+def _loss_metrics(totals: torch.Tensor) -> Dict[str, float]:
+    """loss, perplexity, token_accuracy from (summed cross-entropy, tokens, correct tokens)."""
+    ce, count, correct = (float(x) for x in totals.tolist())
+    loss = ce / count if count else float("nan")
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = float("inf")
+    return {"loss": loss, "perplexity": ppl, "token_accuracy": correct / count if count else 0.0}

@@ -132,6 +132,9 @@ class DataTask(Task):
     def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:
         return metrics_lib.compute(list(self.cfg.metrics), to_numpy(predictions), to_numpy(references), num_labels=self.num_labels)
 
+    def metric_names(self) -> Optional[List[str]]:
+        return metrics_lib.names(self.cfg.metrics)
+
     @property
     def num_labels(self) -> Optional[int]:
         return None
@@ -176,7 +179,19 @@ class ClassificationTask(DataTask):
             column = self.label_column
             raw = raw.map(lambda ex: {column: aliases.get(str(ex[column]), ex[column])})
         raw, self.labels = encode_class_labels(raw, self.label_column, self.cfg.labels)
+        self._refuse_one_class(raw)
         return raw
+
+    def _refuse_one_class(self, raw: datasets.DatasetDict) -> None:
+        """A classifier trained on one class learns nothing and scores 1.0 on data of that class."""
+        train = raw.get(self.cfg.train_split)
+        if train is None:
+            return
+        present = train.unique(self.label_column)
+        if len(present) < 2:
+            shown = ", ".join(repr(self.labels[i]) for i in present) or "none"
+            raise ValueError(f"split {self.cfg.train_split!r} column {self.label_column!r} holds {len(present)} class "
+                             f"({shown}): a classifier needs examples of at least two classes")
 
     def model_kwargs(self) -> Dict[str, Any]:
         if self.cfg.regression:

@@ -42,6 +42,21 @@ class ImageClassification(ClassificationTask):
     def input_columns(self) -> List[str]:
         return [self.cfg.image_field]
 
+    def normalise(self, raw: datasets.DatasetDict) -> datasets.DatasetDict:
+        """Images stored without datasets' Image metadata (a parquet written by pandas or pyarrow holds
+        {bytes, path} structs; a CSV holds file paths) are read as images; a column of numbers is refused."""
+        col, out = self.cfg.image_field, {}
+        for split, ds in raw.items():
+            feat = ds.features.get(col)
+            encoded = isinstance(feat, dict) and "bytes" in feat
+            if encoded or (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string", "binary")):
+                ds = ds.cast_column(col, datasets.Image())
+            elif isinstance(feat, datasets.Value):
+                raise ValueError(f"split {split!r} column {col!r} holds {feat.dtype} values, not images (an image "
+                                 "feature, encoded image bytes, image file paths or pixel arrays)")
+            out[split] = ds
+        return datasets.DatasetDict(out)
+
     def encode(self, data: datasets.DatasetDict, preprocessor: Any) -> datasets.DatasetDict:
         image, label = self.cfg.image_field, self.label_column
         data = data.select_columns([image, label])

@@ -12,9 +12,17 @@ Offline sources (no Hub needed), `task.source=offline task.dataset=<name>`:
   sft_tiny           instruction,input,output; 320 short instruction/answer pairs shipped in the package
                      (tasks/data/, written by scripts/make_sft_tiny.py), for causal_lm smoke runs
   sft_tiny_chat      messages (a list of {role, content}); 64 conversations from the same generator
+  sft_tiny_sharegpt  conversations (ShareGPT {from, value} turns): the 64 sft_tiny_chat conversations
+  sft_tiny_completions  prompt, completion (TRL strings): 96 sft_tiny rows (scripts/make_layout_files.py)
+  pref_tiny          prompt,chosen,rejected (strings, the prompt in the plain instruction layout); 320 preference
+                     pairs made from sft_tiny (right answer chosen, a wrong one rejected; scripts/make_pref_tiny.py
+                     says how), for the preference task
+  pref_tiny_chat     chosen,rejected (lists of {role, content} sharing their prompt turns); the same 320 pairs
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -37,8 +45,11 @@ OFFLINE_SOURCES: Dict[str, Callable[[], datasets.DatasetDict]] = {}
 
 
 def register_source(name: str) -> Callable:
+    """Register an offline source. Its data is read once per process (a sweep's jobs and the verbs of one process
+    share it): datasets never change a Dataset in place, so sharing one is safe."""
+
     def deco(fn: Callable[[], datasets.DatasetDict]) -> Callable[[], datasets.DatasetDict]:
-        OFFLINE_SOURCES[name] = fn
+        OFFLINE_SOURCES[name] = functools.lru_cache(maxsize=None)(fn)
         return fn
 
     return deco
@@ -127,14 +138,11 @@ def _packaged_jsonl(name: str) -> datasets.DatasetDict:
     return datasets.DatasetDict(train=datasets.Dataset.from_list(rows))
 
 
-@register_source("sft_tiny")
-def _sft_tiny() -> datasets.DatasetDict:
-    return _packaged_jsonl("sft_tiny")
-
-
-@register_source("sft_tiny_chat")
-def _sft_tiny_chat() -> datasets.DatasetDict:
-    return _packaged_jsonl("sft_tiny_chat")
+# The packaged jsonl sets (frod_cli/tasks/data/): sft_tiny and its chat conversations (scripts/make_sft_tiny.py),
+# the same conversations as ShareGPT and 96 rows as prompt/completion strings (scripts/make_layout_files.py), the
+# preference pairs built from sft_tiny (scripts/make_pref_tiny.py).
+for _name in ("sft_tiny", "sft_tiny_chat", "sft_tiny_sharegpt", "sft_tiny_completions", "pref_tiny", "pref_tiny_chat"):
+    register_source(_name)(functools.partial(_packaged_jsonl, _name))
 
 
 # ----------------------------------------------------------------------------------------------- raw load
@@ -149,36 +157,97 @@ def _local_format(path: str, fmt: Optional[str]) -> str:
     return _SUFFIX_FORMATS[suffix]
 
 
+def _check_file(split: str, path: str, fmt: str) -> None:
+    """What datasets would fail on obscurely (a StopIteration for an empty JSON Lines file) or read silently
+    (every file of a directory given as a file): refused in one line naming the split and the path."""
+    if not os.path.exists(path):
+        raise ValueError(f"data file for split {split!r} not found: {path}")
+    if fmt == "imagefolder":
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"data file for split {split!r} is a directory, not a {fmt} file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise ValueError(f"data file for split {split!r} is empty: {path}")
+
+
+def json_error(path: str) -> Optional[str]:
+    """Where a JSON / JSON Lines file stops parsing: 'line N: <reason>', or None when every line (or the whole
+    file, for one JSON document) parses."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as e:
+            return f"line {n}: {getattr(e, 'msg', e)} (column {getattr(e, 'colno', '?')})"
+    return None
+
+
 def _load_local(cfg: Any) -> datasets.DatasetDict:
     files = dict(cfg.data_files or {})
     if not files:
         raise ValueError("task.source=local needs task.data_files, e.g. {train: data/train.csv}")
-    for split, path in files.items():
-        if not os.path.exists(path):
-            raise ValueError(f"data file for split {split!r} not found: {path}")
     formats = {_local_format(p, cfg.format) for p in files.values()}
     if len(formats) > 1:
         raise ValueError(f"task.data_files mix formats {sorted(formats)}: use one format or set task.format")
     fmt = formats.pop()
+    if fmt not in ("csv", "json", "parquet", "imagefolder"):
+        raise ValueError(f"unknown task.format {fmt!r}: use csv, json, parquet or imagefolder")
+    for split, path in files.items():
+        _check_file(split, path, fmt)
     kwargs: Dict[str, Any] = {}
     if fmt == "imagefolder":
         # A directory per split: its class subfolders become the labels.
         files = {s: os.path.join(p, "**") if os.path.isdir(p) else p for s, p in files.items()}
     if fmt == "csv" and all(str(p).lower().endswith(".tsv") for p in files.values()):
         kwargs["delimiter"] = "\t"
-    if fmt not in ("csv", "json", "parquet", "imagefolder"):
-        raise ValueError(f"unknown task.format {fmt!r}: use csv, json, parquet or imagefolder")
     try:
-        return datasets.load_dataset(fmt, data_files=files, **kwargs)
+        with _quiet_datasets():
+            raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
+        for split, ds in raw.items():
+            log.info("task.data_files.%s: %d rows from %s", split, len(ds), cfg.data_files.get(split, files.get(split)))
+        return raw
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', str(e))
         if empty:
             raise ValueError(f"split {empty.group(1)!r} is empty: {cfg.data_files.get(empty.group(1))}") from e
-        raise ValueError(f"could not read {fmt} files {files}: {_first_line(e)}") from e
+        if fmt == "json":
+            for split, path in files.items():
+                where = json_error(path)
+                if where:
+                    raise ValueError(f"data file for split {split!r} is not valid JSON Lines: {path} {where}") from e
+        cause = e.__cause__ or e.__context__
+        detail = _first_line(cause) if cause is not None else _first_line(e)
+        raise ValueError(f"could not read the {fmt} files {files}: {detail}") from e
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs a parse failure on its own before raising it; the refusal says it once."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    from frod_cli import one_line
+
+    return one_line(e, 300)
 
 
 def _load_test_dataset(cfg: Any) -> datasets.Dataset:
@@ -200,6 +269,20 @@ def _load_test_dataset(cfg: Any) -> datasets.Dataset:
     return ds.rename_columns(renames) if renames else ds
 
 
+def describe_source(cfg: Any) -> str:
+    """The data a task reads, for titles and metrics.json: local files by name, a Hub id, an offline set; a
+    mixture's sources by name and weight."""
+    if getattr(cfg, "mixture", None):
+        from .mixture import sources_of
+
+        return " + ".join(f"{s.name} ({s.weight:g})" for s in sources_of(cfg))
+    if cfg.source == "local":
+        return ", ".join(os.path.basename(str(p)) for p in (cfg.data_files or {}).values()) or "local files"
+    if cfg.source == "hub":
+        return f"{cfg.dataset}" + (f"/{cfg.subset}" if cfg.subset else "")
+    return str(cfg.dataset or cfg.name)
+
+
 def load_raw(cfg: Any) -> datasets.DatasetDict:
     """The source's own splits, unmodified (apart from an offline source's documented cleaning)."""
     if cfg.source == "hub":
@@ -215,6 +298,8 @@ def load_raw(cfg: Any) -> datasets.DatasetDict:
         if cfg.dataset not in OFFLINE_SOURCES:
             raise ValueError(f"unknown offline source {cfg.dataset!r}; known: {', '.join(sorted(OFFLINE_SOURCES))}")
         raw = OFFLINE_SOURCES[cfg.dataset]()
+        if isinstance(raw, datasets.DatasetDict):
+            raw = datasets.DatasetDict(raw)  # a copy: the cached one stays as read
     else:
         raise ValueError(f"unknown task.source {cfg.source!r}; use hub, local or offline")
     if not isinstance(raw, datasets.DatasetDict):
@@ -225,6 +310,32 @@ def load_raw(cfg: Any) -> datasets.DatasetDict:
         if len(ds) == 0:
             raise ValueError(f"split {split!r} of the {cfg.source} source is empty")
     return raw
+
+
+def load_stream(cfg: Any) -> datasets.IterableDatasetDict:
+    """task.streaming: the source's splits as streams, read as they are iterated (Hub, local files; an offline
+    source is streamed from memory)."""
+    if cfg.source == "hub":
+        if not cfg.dataset:
+            raise ValueError("task.source=hub needs task.dataset (a Hub dataset id)")
+        try:
+            return datasets.load_dataset(cfg.dataset, cfg.subset, streaming=True)
+        except OSError as e:
+            raise ValueError(f"could not stream Hub dataset {cfg.dataset!r} ({cfg.subset}): {_first_line(e)}") from e
+    if cfg.source == "local":
+        files = dict(cfg.data_files or {})
+        if not files:
+            raise ValueError("task.source=local needs task.data_files, e.g. {train: data/train.jsonl}")
+        formats = {_local_format(p, cfg.format) for p in files.values()}
+        if len(formats) > 1 or formats & {"imagefolder"}:
+            raise ValueError(f"task.streaming reads csv, json or parquet files of one format, got {sorted(formats)}")
+        fmt = formats.pop()
+        for split, path in files.items():
+            _check_file(split, path, fmt)
+        kwargs = {"delimiter": "\t"} if fmt == "csv" and all(str(p).lower().endswith(".tsv") for p in files.values()) else {}
+        return datasets.load_dataset(fmt, data_files=files, streaming=True, **kwargs)
+    raw = load_raw(cfg)
+    return datasets.IterableDatasetDict({s: ds.to_iterable_dataset() for s, ds in raw.items()})
 
 
 # ---------------------------------------------------------------------------------------- checks, dedupe

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from frod_cli import FrodCliError
+from frod_cli import FrodCliError, one_line
 
 log = logging.getLogger("frod.build")
 
@@ -26,8 +26,7 @@ def user_input(what: str) -> Iterator[None]:
     except FrodCliError:
         raise
     except (ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FrodCliError(f"{what}: {first}") from e
+        raise FrodCliError(f"{what}: {one_line(e)}") from e
 
 
 def quiet_libraries() -> None:
@@ -55,7 +54,7 @@ def load_task_data(task: Any, required: Tuple[str, ...] = ("train", "validation"
     for split in required:
         if split not in data:
             raise FrodCliError(f"task {task.cfg.name}: no {split!r} split")
-        if len(data[split]) == 0:
+        if hasattr(data[split], "__len__") and len(data[split]) == 0:  # a streamed split has no length
             raise FrodCliError(f"task {task.cfg.name}: the {split!r} split is empty")
     return data
 
@@ -90,6 +89,14 @@ def make_loader(dataset, batch_size: int, collate, shuffle: bool = False, seed: 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def examples_in(batch: Dict[str, Any]) -> int:
+    """The number of examples of a collated batch: the first dimension of its first tensor."""
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
 
 
 def epoch_batches(n: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int) -> List[List[int]]:

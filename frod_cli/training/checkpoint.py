@@ -22,23 +22,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from frod_cli import FrodCliError
+from frod_cli import FrodCliError, one_line
 from frod_cli.runs.io import atomic_dir
+from frod_cli.runs.reader import CHECKPOINTS, STATE_FILE, latest_checkpoint, step_dirs  # noqa: F401  (re-exported)
 
-CHECKPOINTS = "checkpoints"
-_STEP_RE = re.compile(r"^step-(\d+)$")
 # Keys that may differ between a run and its resumption (they change no result).
-RESUME_FREE_KEYS = {"resume", "output_dir", "train.progress", "train.num_workers", "train.cpu",
+RESUME_FREE_KEYS = {"resume", "output_dir", "train.progress", "train.num_workers", "train.cpu", "train.overwrite",
                     "train.keep_checkpoints", "train.checkpoint_every", "train.save_merged", "train.save_adapter",
                     "train.eval_test"}
-STATE_FILE = "state.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,18 +158,6 @@ def check_same_run(saved_cfg: Dict[str, Any], current_cfg: Dict[str, Any], where
 # ---------------------------------------------------------------------------------------------
 # Save / find / load
 # ---------------------------------------------------------------------------------------------
-def step_dirs(run_dir: str) -> List[Tuple[int, str]]:
-    root = os.path.join(run_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
-            out.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(out, reverse=True)
-
-
 def save_checkpoint(run_dir: str, step: int, *, trainable: Dict[str, torch.Tensor],
                     best: Optional[Dict[str, torch.Tensor]], optimizer_sd: Dict[str, Any],
                     scheduler_sd: Dict[str, Any], state: Dict[str, Any], config: Dict[str, Any],
@@ -231,11 +216,5 @@ def load_checkpoint(ckpt_dir: str) -> Dict[str, Any]:
         with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
             out["state"] = _unjson(json.load(f))
     except Exception as e:  # noqa: BLE001 - safetensors/json errors of a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FrodCliError(f"checkpoint {ckpt_dir} is truncated or corrupt ({first})") from None
+        raise FrodCliError(f"checkpoint {ckpt_dir} is truncated or corrupt ({one_line(e, 200)})") from None
     return out
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    dirs = step_dirs(run_dir)
-    return dirs[0][1] if dirs else None

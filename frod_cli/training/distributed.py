@@ -22,7 +22,17 @@ the DDP code. FSDP does not reduce the gradients of ignored parameters: `FsdpAcc
 averages them over the ranks with DDP's rule (after a backward outside `no_sync`, i.e. once per window
 of the loop's gradient accumulation), in one flat all-reduce per dtype. FRoD's shared tensors (basis V,
 V^-T, pattern rows/cols: the `frod_adapter` FrodState module; sigma, stored U) are buffers, which FSDP
-never shards.
+never shards. They are built once for the launch, before sharding, under DDP and FSDP alike: `apply_frod`
+deals the categories to the ranks, each rank decomposes its share on its accelerator (`Method.device`, set by
+the recipe) or reads it from the basis cache, and broadcasts it (frod/build.py), so every rank holds the same
+bytes (`FinetuneRecipe._check_identical_ranks` verifies it).
+
+Loading is not sharded: every rank loads the whole base into host memory before `prepare` (docs/SCALING.md
+gives the figures). Accelerate's route to load on one rank only (`cpu_ram_efficient_loading`: the model moved to
+the meta device, then rank 0's full state dict broadcast into the shards) does not fit the adapter's install:
+it moves every FrodLinear to meta (FRoD's own float32 tensors refuse that move, `_KeepOwnTensors`) and its
+loader expects every state-dict entry to be a sharded DTensor, while FRoD's trainables stay whole
+(`ignored_params`). Tried on a tiny BERT over 2 CPU processes: `acc.prepare` fails in `model.to("meta")`.
 
 FRoD reads its layer's full weight W (U recomputed as W V^-T diag(1/sigma)): inside a forward that is
 what FSDP provides (the enclosing unit's pre-forward hook all-gathers the unit's weights; the pooler or
@@ -92,6 +102,10 @@ def check_fsdp_config(cfg: Any) -> bool:
     if world_size_of_launch() < 2:
         log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
         return False
+    if str(cfg.model.get("quantization", "none")) != "none":
+        raise FrodCliError(f"train.fsdp with model.quantization={cfg.model.quantization}: sharding would split the "
+                           "packed 4-bit weights from their quantization state, which is not supported; a 4-bit base "
+                           "trains on one GPU per process (DDP: drop train.fsdp.enabled), see docs/SCALING.md")
     from frod_cli.methods import get_method
 
     if get_method(cfg.method.name).trains_everything:
@@ -335,8 +349,8 @@ def reshard_after_no_grad_forward(model: nn.Module) -> None:
 
 
 def drop_frod_caches(model: nn.Module) -> None:
-    """FrodLinear keeps the dW of its last no-grad call (m x n) for the next one: under FSDP that is an
-    unsharded copy of every adapted weight, kept between evaluations. Drop it after each forward."""
+    """Inside an evaluation FrodLinear may hold W + dW (m x n) for the next no-grad call: under FSDP that is an
+    unsharded copy of every adapted weight for the whole evaluation. Drop it after each forward."""
     from frod_cli.frod.layer import FrodLinear
 
     def drop(module: nn.Module, args: Any, output: Any) -> None:

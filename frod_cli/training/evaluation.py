@@ -2,6 +2,7 @@
 predictions gathered over processes), the majority-class baseline, and the merge check."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,8 +36,10 @@ class Evaluator:
     """Evaluates the encoded splits of one task on every process; loaders are built (and prepared by
     Accelerate, which shards them) once per split."""
 
-    def __init__(self, task: Any, accelerator: Any, encoded: Any, collate: Any, batch_size: int, num_workers: int = 0):
+    def __init__(self, task: Any, accelerator: Any, encoded: Any, collate: Any, batch_size: int, num_workers: int = 0,
+                 method: Any = None):
         self.task, self.acc, self.encoded, self.collate = task, accelerator, encoded, collate
+        self.method = method  # its evaluation_context is open around each split (FRoD: W + dW held for it)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self._loaders: Dict[str, Any] = {}
 
@@ -55,7 +58,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _evaluation_context(self.method, model):
                 own = self.task.evaluate(model, self.encoded[split], self.loader(split), self.acc)
                 if own is not None:
                     metrics, records = own
@@ -65,6 +68,10 @@ class Evaluator:
         finally:
             if was_training:
                 model.train()
+
+
+def _evaluation_context(method: Any, model: torch.nn.Module):
+    return contextlib.nullcontext() if method is None else method.evaluation_context(model)
 
 
 def majority_accuracy(refs) -> Optional[float]:

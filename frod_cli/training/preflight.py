@@ -7,7 +7,8 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
 
 from frod_cli import FrodCliError
 
@@ -47,13 +48,90 @@ def validate(cfg: Any) -> None:
         raise FrodCliError(f"train.epochs must be > 0 (or set train.max_steps), got {tc.epochs}")
     if int(cfg.task.max_length) < 1:
         raise FrodCliError(f"task.max_length must be at least 1 token, got {cfg.task.max_length}")
+    from frod_cli.config import check_sampling
+
+    check_sampling(cfg.task.generation, "task.generation.")
     _positive_number(oc.lr, "optimizer.lr")
     _positive_number(oc.lr_scale, "optimizer.lr_scale")
     for name, value in (oc.group_lr or {}).items():
         _positive_number(value, f"optimizer.group_lr.{name}")
+    quantization = str(cfg.model.get("quantization", "none"))
+    if quantization != "none":
+        from frod_cli.methods import get_method
+
+        refusal = get_method(cfg.method.name).refuse_quantized
+        if refusal:
+            raise FrodCliError(f"method={cfg.method.name} on model.quantization={quantization}: {refusal}")
     tm = cfg.method.target_modules
     if tm is not None and not isinstance(tm, str) and not all(isinstance(t, str) for t in tm):
         raise FrodCliError(f"method.target_modules must be a list of module-path suffixes or one regex string, got {tm!r}")
+
+
+def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
+    """`task.type=<type>` on the command line switches the task type: its objective and metrics follow the new
+    type (the task class's `defaults`) unless the command line names them too."""
+    from omegaconf import open_dict
+
+    from frod_cli.tasks import get_task
+
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    if "task.type" not in keys:
+        return
+    try:
+        defaults = get_task(task.type).defaults
+    except ValueError as e:
+        raise FrodCliError(str(e)) from None
+    changed = {k: v for k, v in defaults.items() if f"task.{k}" not in keys and task.get(k) != v}
+    if changed:
+        with open_dict(task):
+            for k, v in changed.items():
+                task[k] = v
+        log.info("task.type=%s: %s (its defaults)", task.type, ", ".join(f"task.{k}={v}" for k, v in changed.items()))
+
+
+DATA_FILES = "task.data_files."
+
+
+def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
+    """The user's data wins: `task.data_files.<split>=<file>` on the command line makes the task read those local
+    files, whatever source the recipe's task had (a packaged set, a Hub dataset). The recipe's own files, Hub id
+    and separate test set are dropped, each with a log line; a file for a split the task does not name becomes
+    that split (validation / test), and any other split name is refused."""
+    from omegaconf import open_dict
+
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in user_overrides]
+    given = [k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES)]
+    if not given:
+        return
+    if "task.source" in keys and task.source != "local":
+        raise FrodCliError(f"task.data_files are local files but task.source={task.source}: drop one of the two")
+    if task.train_split not in given:
+        raise FrodCliError(f"task.data_files names {', '.join(given)} but no {task.train_split!r} file: with your own "
+                           f"files, give task.data_files.{task.train_split}=<file> too")
+    with open_dict(task):
+        for split in given:
+            if split in (task.train_split, task.validation_split, task.test_split):
+                continue
+            if split == "validation" and "task.validation_split" not in keys:
+                task.validation_split = "validation"
+            elif split == "test" and "task.test_split" not in keys:
+                task.test_split = "test"
+            else:
+                raise FrodCliError(f"task.data_files.{split}: not a split of this task (train_split={task.train_split}, "
+                                   f"validation_split={task.validation_split}, test_split={task.test_split})")
+        dropped = {k: v for k, v in task.data_files.items() if k not in given}
+        if dropped:
+            log.info("the recipe's task.data_files %s are not used: your files replace its data", dict(dropped))
+        task.data_files = {k: v for k, v in task.data_files.items() if k in given}
+        if task.source != "local":
+            log.info("task.data_files given: task.source %s%s -> local files", task.source,
+                     f" ({task.dataset})" if task.dataset else "")
+        task.source, task.dataset, task.subset = "local", None, None
+        if task.test_dataset and "task.test_dataset" not in keys:
+            log.info("the recipe's task.test_dataset %s is not used: your files replace its data", task.test_dataset)
+            task.test_dataset = None
+        if task.format and "task.format" not in keys:
+            task.format = None  # guessed from your files' suffix
 
 
 def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:
@@ -61,11 +139,22 @@ def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:
     return cfg.resume or cfg.output_dir or default
 
 
+def existing_ancestor(path: str) -> str:
+    """`path` if it is a directory, else the nearest directory above it (where it would be created)."""
+    where = os.path.abspath(path)
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        if os.path.exists(where):
+            raise FrodCliError(f"output directory {path} is not writable ({where} is a file, not a directory)")
+        where = os.path.dirname(where)
+    return where
+
+
 def check_output_dir(path: str) -> None:
-    """An output directory that cannot be written is refused before anything else happens."""
+    """An output directory that cannot be written is refused before anything else happens: the probe goes into
+    `path` if it exists, else into the directory it would be created in (nothing is created here)."""
+    where = existing_ancestor(path)
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".frod-write-probe-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".frod-write-probe-", dir=where)
         try:
             os.write(fd, b"\0" * 4096)
             os.fsync(fd)
@@ -84,7 +173,7 @@ def disk_need(model: Any, save_merged: bool) -> int:
 
 
 def check_free_space(path: str, need_bytes: int) -> None:
-    free = shutil.disk_usage(path).free
+    free = shutil.disk_usage(existing_ancestor(path)).free
     if free < need_bytes:
         raise FrodCliError(
             f"output directory {path} has {free / 2**20:.1f} MiB free; this run needs about "
@@ -98,13 +187,79 @@ def plain_config(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def resume_point(cfg: Any, output_dir: str, main: bool) -> Optional[str]:
+@dataclass
+class OutputPlan:
+    """Where a run writes (`run_dir`) and where it ends up (`final_dir`: another directory only when
+    train.overwrite replaces a finished run, which is swapped into place at the end); the checkpoint it resumes;
+    whether a failed run of the same command is restarted in place (its files cleared at acceptance)."""
+
+    run_dir: str
+    final_dir: str
+    resume_from: Optional[str] = None
+    restart: bool = False
+
+    @property
+    def replaces(self) -> bool:
+        return self.run_dir != self.final_dir
+
+
+def plan_output(cfg: Any, target: str, user_overrides: Sequence[str]) -> OutputPlan:
+    """What `frod train` does with its directory (frod_cli/runs/directory.py has the table); every refusal is
+    one line, and nothing is written here."""
+    from frod_cli.runs import directory as rd
+
+    overwrite = bool(cfg.train.overwrite)
+    if cfg.resume:
+        if overwrite:
+            raise FrodCliError("resume= continues an unfinished run; train.overwrite=true replaces a finished one: "
+                               "drop one of the two")
+        return OutputPlan(target, target, resume_point(cfg, target, resume=True))
+    rd.recover_swap(target)
+    state = rd.state_of(target)
+    if state == rd.NEW:
+        return OutputPlan(target, target)
+    if state == rd.INCOMPLETE and not overwrite:
+        return OutputPlan(target, target, resume_point(cfg, target, resume=False))
+    if state == rd.FAILED and rd.same_command(target, user_overrides):
+        log.info("output directory %s holds a run of this command that failed before its first checkpoint: "
+                 "starting it again", target)
+        return OutputPlan(target, target, restart=True)
+    if state == rd.FOREIGN:
+        raise FrodCliError(f"output directory {target} holds files that are not a frod run "
+                           f"({', '.join(rd.leftovers(target))}): frod train writes into a new or empty directory")
+    if not overwrite:
+        what = {rd.FINISHED: "a finished run (metrics.json)",
+                rd.FAILED: "a run of another command that failed before its first checkpoint"}[state]
+        raise FrodCliError(f"output directory {target} holds {what}: train.overwrite=true replaces it once the new "
+                           "run has finished, or pick another hydra.run.dir")
+    return _plan_replacement(cfg, target, user_overrides)
+
+
+def _plan_replacement(cfg: Any, target: str, user_overrides: Sequence[str]) -> OutputPlan:
+    """train.overwrite=true: the new run trains in the hidden sibling and replaces `target` when it finishes; a
+    sibling left by a killed attempt is resumed (same config) or restarted (same command)."""
+    from frod_cli.runs import directory as rd
+
+    staging = rd.staging_dir(target)
+    state = rd.state_of(staging)
+    log.info("train.overwrite: %s is replaced when this run finishes (until then it trains in %s)", target, staging)
+    if state == rd.NEW:
+        return OutputPlan(staging, target)
+    if state == rd.INCOMPLETE:
+        return OutputPlan(staging, target, resume_point(cfg, staging, resume=False))
+    if state == rd.FAILED and rd.same_command(staging, user_overrides):
+        return OutputPlan(staging, target, restart=True)
+    raise FrodCliError(f"{staging} (left by an earlier train.overwrite of {target}) holds another run: move it "
+                       "away or delete it")
+
+
+def resume_point(cfg: Any, output_dir: str, resume: bool) -> Optional[str]:
     """The checkpoint to continue from: resume=<run dir>, or an incomplete run of the same config in
     output_dir (automatic). Refuses a directory that is not a resumable run of this config."""
     from frod_cli.training import checkpoint as ck
 
-    if cfg.resume:
-        where = cfg.resume
+    if resume:
+        where = output_dir
         if not os.path.isdir(where):
             raise FrodCliError(f"resume: no such run directory: {where}")
         latest = ck.latest_checkpoint(where)
@@ -115,9 +270,6 @@ def resume_point(cfg: Any, output_dir: str, main: bool) -> Optional[str]:
         ck.check_same_run(ck.saved_config(latest), plain_config(cfg), where)
         return latest
     latest = ck.latest_checkpoint(output_dir)
-    if latest is None or os.path.exists(os.path.join(output_dir, "metrics.json")):
-        return None
     ck.check_same_run(ck.saved_config(latest), plain_config(cfg), f"output directory {output_dir}")
-    if main:
-        log.info("output directory %s holds an incomplete run of this config: resuming from %s", output_dir, latest)
+    log.info("output directory %s holds an incomplete run of this config: resuming from %s", output_dir, latest)
     return latest

@@ -16,7 +16,9 @@ Run directory (written by the main process only, each file atomically; see frod_
                      for resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
 
 Hooks for what wraps this loop: `wrap_model` (sharding), `Method.accumulation` (a context around one
-optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation).
+optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation),
+`Task.prepare_training` (a task's pass with the starting model before the first step, e.g. preference
+tuning's reference log-probabilities) and `Task.store_prepared` (its file, once the run is accepted).
 """
 from __future__ import annotations
 
@@ -36,10 +38,12 @@ from frod_cli.config import apply_per_method
 from frod_cli.console import fmt_metrics, print_final, progress_bar
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
 from frod_cli.runs.plots import plot_loss_curve
+from frod_cli.tasks.sources import describe_source
 from frod_cli.training import builders as B
 from frod_cli.training import checkpoint as ck
 from frod_cli.training import distributed as D
 from frod_cli.training import preflight
+from frod_cli.training import streaming as TS
 from frod_cli.training.evaluation import (Evaluator, check_batch, majority_accuracy, merge_and_check, model_outputs,
                                           save_merged)
 from frod_cli.training.state import TrainState
@@ -55,10 +59,17 @@ class NonFiniteLoss(FrodCliError):
 class FinetuneRecipe:
     """One `frod train` run. `recipe_main` shows the order of the calls."""
 
-    def __init__(self, cfg: Any, output_dir: Optional[str], user_overrides: Sequence[str] = ()):
-        """output_dir: where the run goes unless cfg.resume or cfg.output_dir names it (Hydra's run dir)."""
+    def __init__(self, cfg: Any, output_dir: Optional[str], user_overrides: Sequence[str] = (),
+                 hydra_files: Optional[Dict[str, Any]] = None, run_log: Optional[Any] = None):
+        """output_dir: where the run goes unless cfg.resume or cfg.output_dir names it (Hydra's run dir).
+        hydra_files: Hydra's part of the .hydra/ files of a new run ({hydra_config, overrides}), written with the
+        config as it runs when the run is accepted; run_log: a frod_cli.runs.directory.RunLog holding the log
+        records until train.log opens."""
         self.t_start = time.time()
+        self.user_overrides, self.hydra_files, self.run_log = list(user_overrides), hydra_files, run_log
         apply_per_method(cfg, user_overrides)
+        preflight.apply_task_defaults(cfg.task, user_overrides)
+        preflight.apply_user_data(cfg.task, user_overrides)
         preflight.validate(cfg)
         from omegaconf import OmegaConf
 
@@ -75,6 +86,7 @@ class FinetuneRecipe:
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Every check and every load; nothing is written into the run directory before `accept`."""
         B.quiet_libraries()
         self._setup_accelerator()
         self._setup_output()
@@ -83,7 +95,31 @@ class FinetuneRecipe:
         self._setup_optimizer()
         self._setup_data()
         self._setup_schedule()
-        self.trackers = Trackers(self.acc, self.cfg)
+        self._prepare_task()
+        self.rng = self.load_checkpoint(self.resume_from) if self.resume_from is not None else None
+        self.accept()
+        self._store_task_files()
+
+    def accept(self) -> None:
+        """The run is accepted: its directory, .hydra/ (a new run), train.log, metrics.jsonl, the trackers."""
+        from frod_cli.runs import directory as rd
+
+        plan = self.plan
+        if self.main:
+            os.makedirs(plan.run_dir, exist_ok=True)
+            if plan.restart:
+                rd.clear_failed_run(plan.run_dir)
+            if self.resume_from is not None:
+                for d in (self.paths.adapter, self.paths.merged):
+                    recover_atomic_dir(str(d))
+                self._truncate_log(self.state.jsonl_bytes)
+            elif self.hydra_files is not None:  # the config as it runs: per_method, task.type, your data applied
+                rd.write_hydra_files(plan.run_dir, config=self.cfg, **self.hydra_files)
+            if self.run_log is not None:
+                self.run_log.open(os.path.join(plan.run_dir, "train.log"))
+            self.jsonl = JsonlWriter(str(self.paths.log))
+        self.acc.wait_for_everyone()
+        self.trackers = Trackers(self.acc, self.cfg, plan.run_dir)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -104,23 +140,30 @@ class FinetuneRecipe:
         self.ga = int(tc.grad_accum)
 
     def _setup_output(self) -> None:
+        """Where the run goes (preflight.plan_output, on the main process; every process gets its answer)."""
         from accelerate.utils import broadcast_object_list
 
         cfg = self.cfg
-        out = [preflight.run_dir(cfg, self.requested_output)]
-        if self.acc.num_processes > 1:  # one output directory for all processes: the main process's
-            broadcast_object_list(out)
-        if out[0] is None:
+        target = preflight.run_dir(cfg, self.requested_output)
+        if target is None:
             raise FrodCliError("no output directory (run through `frod train` or set output_dir=...)")
         if cfg.resume and cfg.output_dir and os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
             raise FrodCliError("resume continues in the run directory it names: drop output_dir")
-        self.output_dir = out[0]
-        self.paths = RunPaths.of(self.output_dir)
+        out: List[Any] = [None]
         if self.main:
-            preflight.check_output_dir(self.output_dir)
-            for d in (self.paths.adapter, self.paths.merged):
-                recover_atomic_dir(str(d))
-        self.resume_from = preflight.resume_point(cfg, self.output_dir, self.main)
+            try:
+                preflight.check_output_dir(target)
+                out = [preflight.plan_output(cfg, target, self.user_overrides)]
+            except FrodCliError as e:  # every process stops with the main process's refusal (none waits on it)
+                out = [e]
+        if self.acc.num_processes > 1:  # one output directory for all processes: the main process's
+            broadcast_object_list(out)
+        if isinstance(out[0], FrodCliError):
+            raise out[0]
+        self.plan = out[0]
+        self.output_dir = self.plan.run_dir
+        self.paths = RunPaths.of(self.output_dir)
+        self.resume_from = self.plan.resume_from
 
     def _setup_task(self) -> None:
         from accelerate.utils import set_seed
@@ -128,12 +171,25 @@ class FinetuneRecipe:
         seed = int(self.tc.seed)
         set_seed(seed)
         self.task = B.build_task(self.cfg.task, seed)
+        if self.cfg.task.streaming:
+            TS.check_config(self.cfg)  # before any data or model is read
+        self._check_objective()
         self.data = B.load_task_data(self.task)
+
+    def _check_objective(self) -> None:
+        """task.objective must be a metric the task reports: found now, not after the first evaluation."""
+        objective = self.cfg.task.objective
+        with B.user_input(f"task {self.cfg.task.name}"):
+            names = self.task.metric_names()
+        if names is not None and objective not in names:
+            raise FrodCliError(f"task.objective {objective!r} is not among the metrics this task reports "
+                               f"({', '.join(names)}): set task.objective to one of them or add it to task.metrics")
 
     def _setup_model(self) -> None:
         cfg = self.cfg
         model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed))
         self.method = B.build_method(cfg.method, self.task, cfg.model)
+        self.method.device = self.acc.device  # FRoD decomposes on the accelerator the run trains on
         t0 = time.time()
         model = self.method.adapt(model)
         self.adapt_s = time.time() - t0
@@ -182,9 +238,10 @@ class FinetuneRecipe:
             self.encoded = B.encode_data(self.task, self.data, self.preprocessor)
         self.collate = self.task.collate(self.preprocessor)
         self.train_set = self.encoded["train"]
+        self.streaming = TS.is_stream(self.train_set)  # task.streaming: read while training (training/streaming.py)
         self.model, self.optimizer = self.acc.prepare(self.wrap_model(self.model), self.optimizer)
         self.evaluator = Evaluator(self.task, self.acc, self.encoded, self.collate, int(tc.eval_batch_size),
-                                   int(tc.num_workers))
+                                   int(tc.num_workers), method=self.method)
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The hook for a wrapper around the model before Accelerate prepares it (sharding). With
@@ -240,23 +297,54 @@ class FinetuneRecipe:
 
     def _setup_schedule(self) -> None:
         tc, acc = self.tc, self.acc
-        n = len(B.epoch_batches(len(self.train_set), int(tc.batch_size), acc.num_processes, acc.process_index,
-                                int(tc.seed), 0))
+        self.batch_size = self._batch_size()
+        n = int(tc.max_steps) * self.ga if self.streaming else len(
+            B.epoch_batches(len(self.train_set), self.batch_size, acc.num_processes, acc.process_index, int(tc.seed), 0))
         if n == 0:
-            raise FrodCliError(f"the training split ({len(self.train_set)} examples) is smaller than one global "
-                               f"batch ({int(tc.batch_size)} x {acc.num_processes} processes)")
+            raise FrodCliError(f"the training split ({len(self.train_set)} examples) cannot give each of the "
+                               f"{acc.num_processes} processes one example per batch")
         self.n_micro = n
         self.steps_per_epoch = max(1, math.ceil(n / self.ga))
         self.total_steps = (int(tc.max_steps) if int(tc.max_steps) > 0
                             else max(1, math.ceil(float(tc.epochs) * self.steps_per_epoch)))
         self.scheduler, self.warmup = B.build_scheduler(self.optimizer, self.cfg.optimizer, self.total_steps)
         self.eval_every = int(tc.eval_every) if int(tc.eval_every) > 0 else self.steps_per_epoch
-        self.samples_per_step = int(tc.batch_size) * self.ga * acc.num_processes
+        self.samples_window = self.samples_trained = 0  # examples really trained on (short batches counted)
         self.unwrapped = acc.unwrap_model(self.model)
         self.trainable_names = [n for n, p in self.unwrapped.named_parameters() if p.requires_grad]
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.window_loss = torch.zeros(2, device=acc.device)  # loss sum, count since the last log line
         self.state = TrainState(num_processes=acc.num_processes, total_steps=self.total_steps)
+
+    # ---- the task's pass with the starting model (Task.prepare_training) --------------------------
+    def _prepare_task(self) -> None:
+        """Once, on every process, before the first step and before a resumed run's values are restored: the
+        model is still the starting model of every method (preference: the reference log-probabilities).
+        The task may add columns to the encoded splits; no evaluation loader exists yet to miss them."""
+        with self.method.evaluation_context(self.model):  # forward passes only, like an evaluation
+            self.task_prep = self.task.prepare_training(self.model, self.encoded, self.acc, self.output_dir,
+                                                        int(self.tc.eval_batch_size), self.resume_from is not None)
+        self.train_set = self.encoded["train"]
+
+    def _store_task_files(self) -> None:
+        """What `_prepare_task` computed goes into the run directory once the run is accepted."""
+        if self.main:
+            self.task.store_prepared(self.output_dir)
+        self.acc.wait_for_everyone()
+
+    def _batch_size(self) -> int:
+        """train.batch_size, clamped (with a log line) to what the training split can fill: a batch larger than
+        the data would silently be the whole split, and every throughput figure would be off."""
+        if self.streaming:  # a stream fills any batch (it starts another pass when one ends)
+            return int(self.tc.batch_size)
+        asked, procs, n = int(self.tc.batch_size), self.acc.num_processes, len(self.train_set)
+        if asked * procs <= n:
+            return asked
+        size = max(1, n // procs)
+        if self.main:
+            log.warning("train.batch_size=%d%s is larger than the training split (%d examples): batches of %d",
+                        asked, f" x {procs} processes" if procs > 1 else "", n, size)
+        return size
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def snapshot(self) -> Dict[str, torch.Tensor]:
@@ -270,8 +358,9 @@ class FinetuneRecipe:
                 params[n].copy_(t.to(params[n].device))
 
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
-        """Continue from checkpoints/step-N/: trainables, optimizer, scheduler, TrainState; metrics.jsonl
-        is cut back to what it held then. Returns the saved RNG states (set just before training)."""
+        """Continue from checkpoints/step-N/: trainables, optimizer, scheduler, TrainState (read only: metrics.jsonl
+        is cut back to what it held then when the run is accepted). Returns the saved RNG states (set just
+        before training)."""
         saved = ck.load_checkpoint(path)
         missing = set(self.trainable_names) - set(saved["trainable"])
         if missing:
@@ -289,11 +378,14 @@ class FinetuneRecipe:
         self.best_records = [r for r in read_jsonl(str(self.paths.predictions)) if r.get("split") == "validation"]
         if self.main:
             self.window_loss += torch.tensor(st.window_loss, device=self.acc.device)
-            log_file = str(self.paths.log)
-            if os.path.exists(log_file) and os.path.getsize(log_file) > st.jsonl_bytes:
-                with open(log_file, "r+b") as f:  # drop what was logged after the checkpoint
-                    f.truncate(st.jsonl_bytes)
         return saved["rng"]
+
+    def _truncate_log(self, size: int) -> None:
+        """metrics.jsonl as it was at the checkpoint: what was logged after it is dropped."""
+        log_file = str(self.paths.log)
+        if os.path.exists(log_file) and os.path.getsize(log_file) > size:
+            with open(log_file, "r+b") as f:
+                f.truncate(size)
 
     def save_checkpoint(self) -> None:
         acc, st = self.acc, self.state
@@ -309,9 +401,7 @@ class FinetuneRecipe:
 
     # ---- training -------------------------------------------------------------------------------
     def train(self) -> None:
-        rng = self.load_checkpoint(self.resume_from) if self.resume_from is not None else None
-        self.jsonl = JsonlWriter(str(self.paths.log)) if self.main else None
-        self.acc.wait_for_everyone()
+        rng = self.rng
         self.progress = progress_bar(self.main and bool(self.tc.progress))
         if self.progress:
             self.ptask = self.progress.add_task(f"{self.cfg.recipe_name} [{self.cfg.method.name}]",
@@ -325,7 +415,7 @@ class FinetuneRecipe:
         self.first_step, self.steps_window = self.state.step, 0
         try:
             while self.state.step < self.total_steps and not self.stop:
-                self._train_epoch()
+                self._train_stream() if self.streaming else self._train_epoch()
         except BaseException:
             if self.jsonl is not None:
                 self.jsonl.close()
@@ -339,7 +429,7 @@ class FinetuneRecipe:
         from torch.utils.data import DataLoader
 
         st, tc, acc = self.state, self.tc, self.acc
-        batches = B.epoch_batches(len(self.train_set), int(tc.batch_size), acc.num_processes, acc.process_index,
+        batches = B.epoch_batches(len(self.train_set), self.batch_size, acc.num_processes, acc.process_index,
                                   int(tc.seed), st.epoch)
         loader = DataLoader(self.train_set, batch_sampler=batches[st.step_in_epoch * self.ga:],
                             collate_fn=self.collate, num_workers=int(tc.num_workers),
@@ -355,6 +445,20 @@ class FinetuneRecipe:
                 return
         st.epoch += 1
         st.step_in_epoch = 0
+
+    def _train_stream(self) -> None:
+        """task.streaming: steps over windows drawn from the task's example stream, its position kept in
+        TrainState.stream (saved with every checkpoint; a resumed run continues from it)."""
+        st, acc = self.state, self.acc
+        batches = TS.StreamBatches(self.train_set, self.batch_size, self.ga, acc.num_processes, acc.process_index,
+                                   self.collate)
+        for window in batches.windows(st.stream):
+            self.train_step(window)
+            st.step += 1
+            st.epoch = int(st.stream["epoch"])
+            self._after_step()
+            if self.stop or st.step >= self.total_steps:
+                return
 
     def train_step(self, window: List[Dict[str, Any]]) -> None:
         """One optimizer step over the micro-batches of one accumulation window."""
@@ -377,6 +481,9 @@ class FinetuneRecipe:
                     bad_value = torch.where(nonfinite, loss.detach().float(), bad_value).reshape(())
                     acc.backward(loss / size)
                 self.window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
+        seen = sum(B.examples_in(b) for b in window) * acc.num_processes  # equal shards on every process
+        self.samples_window += seen
+        self.samples_trained += seen
         if deferred:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables too)
             D.average_gradients(self.trainable_params, acc.num_processes)
         self._check_finite(bad, bad_value)
@@ -417,7 +524,7 @@ class FinetuneRecipe:
         acc, st = self.acc, self.state
         tot = acc.reduce(self.window_loss, reduction="sum") if acc.num_processes > 1 else self.window_loss
         mean_loss = float(tot[0] / tot[1].clamp(min=1))
-        sps = self.steps_window * self.samples_per_step / max(time.time() - self.t_window, 1e-9)
+        sps = self.samples_window / max(time.time() - self.t_window, 1e-9)
         elapsed = time.time() - self.t_train
         eta = elapsed / max(st.step - self.first_step, 1) * (self.total_steps - st.step)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
@@ -431,7 +538,7 @@ class FinetuneRecipe:
             self.progress.update(self.ptask, loss=f"{mean_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
                                  sps=f"{sps:.0f}")
         self.window_loss.zero_()
-        self.t_window, self.steps_window = time.time(), 0
+        self.t_window, self.steps_window, self.samples_window = time.time(), 0, 0
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> bool:
@@ -474,8 +581,8 @@ class FinetuneRecipe:
             self.jsonl.close()
             atomic_write_json(str(self.paths.metrics), final)
             plot_loss_curve(str(self.paths.log), str(self.paths.loss_png),
-                            title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {self.cfg.task.name}")
-            print_final(final, self.output_dir)
+                            title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {final['data']}")
+            print_final(final, self.plan.final_dir)
             if not self.tc.keep_checkpoints:
                 shutil.rmtree(os.path.join(self.output_dir, ck.CHECKPOINTS), ignore_errors=True)
         self.trackers.finish(final)
@@ -485,7 +592,18 @@ class FinetuneRecipe:
         self.model = self.unwrapped = self.optimizer = self.scheduler = self.evaluator = None
         self.trainable_params = []
         D.shutdown(self.acc)
+        if self.main and self.plan.replaces:
+            self._replace_finished_run()
         return float(st.best) if st.best is not None else float("nan")
+
+    def _replace_finished_run(self) -> None:
+        """train.overwrite: the finished new run takes the old run's place (every file of this run closed first)."""
+        from frod_cli.runs import directory as rd
+
+        if self.run_log is not None:
+            self.run_log.close()
+        rd.swap_into_place(self.plan.run_dir, self.plan.final_dir)
+        log.info("train.overwrite: %s now holds this run", self.plan.final_dir)
 
     def _check_identical_trainables(self) -> None:
         """After a sharded run: the whole tensors (trainables, FRoD basis and pattern) still agree on every rank."""
@@ -577,22 +695,33 @@ class FinetuneRecipe:
         cfg, st = self.cfg, self.state
         return {
             "recipe": cfg.recipe_name, "model": cfg.model.name_or_path, "task": cfg.task.name,
+            "data": describe_source(cfg.task),
             "method": cfg.method.name, "objective": cfg.task.objective, "objective_mode": cfg.task.objective_mode,
             "objective_value": st.best, "best_step": st.best_step, **results, **self.counts,
             "steps": st.step, "epochs": round(st.step / self.steps_per_epoch, 4),
-            "samples_per_s": st.step * self.samples_per_step / max(self.train_s, 1e-9),
+            "samples_per_s": self.samples_trained / max(self.train_s, 1e-9),
             "train_time_s": self.train_s, "adapt_time_s": self.adapt_s, "wall_time_s": time.time() - self.t_start,
             "peak_memory_mb": B.memory_mb(self.acc.device), "merge_max_abs_diff": merge_diff,
             "test_majority_class_accuracy": test_majority, "num_processes": self.acc.num_processes,
             "rank_fingerprints": self.fingerprints, "resumed_from": self.resume_from,
             "mixed_precision": self.mixed, "method_details": self.method.describe(),
+            "task_preparation": self.task_prep, "data_counts": self._data_counts(),
         }
 
+    def _data_counts(self) -> Optional[Dict[str, Any]]:
+        """What the task read (per split and per source: rows, malformed, truncated, dropped, training examples);
+        a streamed run adds what its stream gave (training/streaming.py)."""
+        counts = self.task.data_stats() if hasattr(self.task, "data_stats") else None
+        if self.streaming and counts is not None:
+            counts["stream"] = TS.summary(self.state.stream, list(getattr(self.train_set, "sources", [])))
+        return counts
 
-def recipe_main(cfg: Any, output_dir: Optional[str] = None, user_overrides: Sequence[str] = ()) -> float:
+
+def recipe_main(cfg: Any, output_dir: Optional[str] = None, user_overrides: Sequence[str] = (),
+                hydra_files: Optional[Dict[str, Any]] = None, run_log: Optional[Any] = None) -> float:
     """`frod train`: set up, train, finalize; returns the validation objective of the best checkpoint (what
     the Optuna sweeper optimizes). output_dir: the default run directory (Hydra's run dir)."""
-    recipe = FinetuneRecipe(cfg, output_dir, user_overrides)
+    recipe = FinetuneRecipe(cfg, output_dir, user_overrides, hydra_files, run_log)
     recipe.setup()
     recipe.train()
     return recipe.finalize()

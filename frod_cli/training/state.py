@@ -20,6 +20,7 @@ class TrainState:
     jsonl_bytes: int = 0  # size of metrics.jsonl at the checkpoint: later lines are dropped on resume
     num_processes: int = 1
     total_steps: int = 0
+    stream: Dict[str, Any] = field(default_factory=dict)  # task.streaming: {epoch, position, counts} (training/streaming.py)
 
     def improves(self, value: float, mode: str) -> bool:
         if self.best is None:

@@ -56,11 +56,14 @@ def flat_hparams(node: Any, prefix: str = "") -> Dict[str, Any]:
 class Trackers:
     """The run's trackers (none unless train.log_with names some); every call is a no-op without them."""
 
-    def __init__(self, accelerator: Any, cfg: Any):
+    def __init__(self, accelerator: Any, cfg: Any, run_dir: Any = None):
         from omegaconf import OmegaConf
 
         self.acc = accelerator
         self.names = requested(cfg)
+        if self.names and run_dir:  # the directory the run writes in (train.overwrite: not the final one yet)
+            pc = accelerator.project_configuration
+            pc.project_dir = pc.logging_dir = str(Path(run_dir) / TRACKER_DIR)
         if self.names:
             config = flat_hparams(OmegaConf.to_container(cfg, resolve=True))
             accelerator.init_trackers(str(cfg.recipe_name), config=config)

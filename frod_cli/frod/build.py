@@ -1,0 +1,280 @@
+"""Building the shared bases of all categories for `apply_frod`: on the run's device, split over the ranks
+of a distributed launch, and through the basis cache (cache.py).
+
+- Device: each category's weights are copied to `device` (the accelerator the run trains on), decomposed
+  there, and the factors moved back to where the category's weights live; one category at a time, so
+  the device holds about one category's stack and its factors (the peak is logged on a GPU).
+- Ranks: when torch.distributed is initialized with more than one process, `apply_frod` is a collective.
+  The categories are dealt to the ranks by their cost (basis.decomposition_cost), largest first, each to
+  the least loaded rank; each rank builds its share; every category is then broadcast from its owner, so
+  every rank holds the owner's bytes (bit-identical tensors). A category is computed exactly as one
+  process computes it (the same code on the same weights), so the split equals a one-process build at
+  the same thread count.
+- Cache: the owner of a category hashes its weights, loads the entry or computes and stores it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .basis import CategoryBasis, decomposition_cost, shared_basis
+from .cache import BasisCache, entry_key
+from .config import FrodError
+from .layer import weight_of, weight_shape
+
+log = logging.getLogger("frod.basis")
+
+Members = List[Tuple[str, nn.Module]]
+
+
+def assign_ranks(costs: Dict[str, float], world: int) -> Dict[str, int]:
+    """Greedy longest-processing-time split: categories by decreasing cost (ties by key), each to the rank
+    with the least cost so far (ties to the lowest rank). Deterministic, so every rank computes the same plan."""
+    load = [0.0] * world
+    owner = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[key] = r
+        load[r] += costs[key]
+    return owner
+
+
+def world_and_rank() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def build_bases(groups: Dict[str, Members], regularization: float, basis_dtype: str, fingerprint: str, *,
+                device: Optional[torch.device] = None, cache: Optional[BasisCache] = None,
+                describe: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, CategoryBasis], List[dict]]:
+    """The basis of every category (on its weights' device) and one report per category: source
+    ("computed" or "cache"), rank that built it, seconds, hashing seconds, device peak bytes.
+    `fingerprint` identifies the base weights (adapter.fingerprint_weights; the ranks compare it);
+    `describe` goes into new cache entries (base name and fingerprint, for `frod cache list`)."""
+    world, rank = world_and_rank()
+    shapes = {key: [weight_shape(m) for _, m in members] for key, members in groups.items()}
+    owner = assign_ranks({k: decomposition_cost(s) for k, s in shapes.items()}, world)
+    if world > 1:
+        check_same_plan(groups, shapes, regularization, basis_dtype, fingerprint)
+    dtype = getattr(torch, basis_dtype)
+    bases: Dict[str, CategoryBasis] = {}
+    reports: Dict[str, dict] = {}
+    try:
+        for key, members in groups.items():
+            if owner[key] == rank:
+                bases[key], reports[key] = build_category(key, members, shapes[key], regularization, dtype,
+                                                          device=device, cache=cache, describe=describe)
+    except Exception as e:  # noqa: BLE001 - re-raised here, after telling the other ranks (no hang)
+        if world > 1:
+            agree_on_failure(device, 1 if isinstance(e, FrodError) else 2)
+        raise
+    if world > 1:
+        agree_on_failure(device, 0)
+        share(bases, reports, groups, shapes, owner, dtype, device)
+    return bases, [reports[k] for k in groups]
+
+
+def agree_on_failure(device: Optional[torch.device], mine: int) -> None:
+    """Every rank says whether its share failed (0 no, 1 a refusal, 2 an error); a rank whose share went
+    well raises too when another's failed, instead of waiting for its broadcast until the timeout."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([mine], dtype=torch.int64, device=comm_device(device))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if mine == 0 and worst == 1:
+        raise FrodError("another process refused to build its share of the FRoD bases (its error is in its log)")
+    if mine == 0 and worst == 2:
+        raise RuntimeError("another process failed while building its share of the FRoD bases (see its log)")
+
+
+# What a report counts besides its source; the other ranks learn them from the owner (share).
+# seconds / cpu_s: wall and process CPU seconds of the decomposition; cache_cpu_s: process CPU seconds of hashing,
+# reading and (on a miss) writing the entry, which on a loaded machine compare better than wall times.
+MEASURES = ("seconds", "cpu_s", "hash_s", "load_s", "store_s", "cache_cpu_s", "device_peak_bytes")
+
+
+def build_category(key: str, members: Members, shapes: Sequence[Tuple[int, int]], regularization: float,
+                   dtype: torch.dtype, *, device: Optional[torch.device], cache: Optional[BasisCache],
+                   describe: Optional[Dict[str, str]] = None) -> Tuple[CategoryBasis, dict]:
+    """One category: from the cache, or decomposed on `device` (and stored); factors on the weights' device.
+    The report's seconds: decomposition; hash_s: the cache key; load_s / store_s: reading / writing the entry."""
+    names = [n for n, _ in members]
+    weights = [weight_of(m).detach() for _, m in members]  # this category only (a 4-bit base: dequantized here)
+    home = weights[0].device
+    report = {"category": key, "layers": len(names), "n": int(shapes[0][1]), "rank": world_and_rank()[1],
+              "source": "computed", **{m: 0.0 for m in MEASURES}}
+    basis, entry = None, None
+    if cache is not None:
+        c0, t0 = time.process_time(), time.perf_counter()
+        entry = entry_key(key, names, weights, regularization, str(dtype).replace("torch.", ""))
+        t1 = time.perf_counter()
+        basis = cache.load(entry, shapes, dtype)
+        report.update(hash_s=t1 - t0, load_s=time.perf_counter() - t1, cache_cpu_s=time.process_time() - c0,
+                      source="computed" if basis is None else "cache")
+    if basis is None:
+        where = torch.device(device) if device is not None else home
+        c0 = time.process_time()
+        basis, report["seconds"], report["device_peak_bytes"], where = decompose(weights, regularization, dtype, where)
+        report["cpu_s"] = time.process_time() - c0
+        if cache is not None:
+            info = {**(describe or {}), "category": key, "layers": names, "shapes": [list(s) for s in shapes],
+                    "regularization": regularization, "basis_dtype": str(dtype).replace("torch.", ""),
+                    "computed_on": str(where), "compute_s": round(report["seconds"], 3)}
+            c0, t0 = time.process_time(), time.perf_counter()
+            cache.store(entry, basis, info)
+            report["store_s"] = time.perf_counter() - t0
+            report["cache_cpu_s"] += time.process_time() - c0
+    log.debug("FRoD basis %s: %d layers, %s in %.2f s (hash %.2f s)", key, len(names), report["source"],
+              report["seconds"], report["hash_s"])
+    return to_device(basis, home), report
+
+
+def workspace_bytes(shapes: Sequence[Tuple[int, int]], dtype: torch.dtype) -> int:
+    """About what shared_basis holds at once for a stack of M rows: the W_i copied to the device, the stack A,
+    Q and the first round's Q, B = Q Z (5 M n elements), the tall layers' n x n Gram blocks, and a few n x n
+    factors. (Measured on the CPU, where the W_i are not copied: about 4 M n.)"""
+    n, M = int(shapes[0][1]), sum(int(m) for m, _ in shapes)
+    tall = sum(1 for m, _ in shapes if int(m) >= n)
+    return (5 * M * n + tall * n * n + 8 * n * n) * torch.empty(0, dtype=dtype).element_size()
+
+
+def fits_on(device: torch.device, need: int, free_bytes=None) -> bool:
+    """Whether `need` bytes fit the free memory of a CUDA device (what the driver has free plus what torch's
+    caching allocator holds unused), with a tenth to spare; other devices are assumed to fit."""
+    if device.type != "cuda":
+        return True
+    if free_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return need <= 0.9 * free_bytes
+
+
+def decompose(weights: Sequence[torch.Tensor], regularization: float, dtype: torch.dtype,
+              device: torch.device) -> Tuple[CategoryBasis, float, int, torch.device]:
+    """shared_basis on `device`: (basis there, seconds, peak device bytes above what was allocated before, the
+    device it ran on).
+    A category too large for the device's free memory (70B's gate_proj stack alone is 75 GB in float32) is
+    decomposed on the CPU instead, with a warning."""
+    shapes = [tuple(w.shape) for w in weights]
+    if device.type == "cuda" and not fits_on(device, workspace_bytes(shapes, dtype)):
+        warnings.warn(f"FRoD basis: a category of {len(shapes)} layers of {shapes[0][0]} x {shapes[0][1]} needs "
+                      f"about {workspace_bytes(shapes, dtype) / 2**30:.1f} GiB to decompose, more than {device} has "
+                      "free: decomposing it on the CPU", stacklevel=3)
+        device = torch.device("cpu")
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    basis = shared_basis(weights, regularization, dtype, device=device)
+    peak = 0
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    return basis, time.perf_counter() - t0, int(peak), device
+
+
+def to_device(basis: CategoryBasis, device: torch.device) -> CategoryBasis:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return CategoryBasis(V=move(basis.V), V_inv_T=move(basis.V_inv_T), sigma=[move(s) for s in basis.sigma],
+                         U=None if basis.U is None else [move(u) for u in basis.U], rank_deficient=basis.rank_deficient)
+
+
+# ---- the collective part ------------------------------------------------------------------------------
+def comm_device(device: Optional[torch.device]) -> torch.device:
+    """Where a tensor must be for the process group's backend: gloo takes CPU tensors, nccl CUDA ones."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_same_plan(groups: Dict[str, Members], shapes: Dict[str, list], regularization: float,
+                    basis_dtype: str, fingerprint: str) -> None:
+    """Every rank must adapt the same categories of the same base weights (`fingerprint`) with the same
+    settings: a rank whose weights differed would silently get the owner's basis, and different layers
+    would pair different tensors in the broadcasts. Compares a digest of the plan over the ranks (a
+    refusal on every rank, no hang)."""
+    import torch.distributed as dist
+
+    plan = [[k, [n for n, _ in groups[k]], shapes[k]] for k in groups]
+    plan += [float(regularization).hex(), basis_dtype, fingerprint]
+    digest = hashlib.sha256(repr(plan).encode()).digest()
+    words = torch.tensor([int.from_bytes(digest[i:i + 7], "little") for i in range(0, 28, 7)], dtype=torch.int64)
+    both = torch.cat([words, -words]).to(comm_device(None))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[:4].cpu(), -both[4:].cpu()):
+        raise FrodError("the processes adapt different models (their FRoD categories, layers, base weights or "
+                        "settings differ): in a distributed launch every rank must call apply_frod with the same "
+                        "model and config")
+
+
+def share(bases: Dict[str, CategoryBasis], reports: Dict[str, dict], groups: Dict[str, Members],
+          shapes: Dict[str, list], owner: Dict[str, int], dtype: torch.dtype, device: Optional[torch.device]) -> None:
+    """Broadcast every category from its owner (one flat buffer per category); fills `bases` and `reports`
+    with the other ranks' categories, placed on their weights' device."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    comm = comm_device(device)
+    keys = list(groups)
+    # per category, from its owner: rank deficient, from the cache, then the MEASURES of its report
+    facts = torch.zeros(len(keys), 2 + len(MEASURES), dtype=torch.float64)
+    for i, key in enumerate(keys):
+        if owner[key] == rank:
+            r = reports[key]
+            facts[i] = torch.tensor([float(bases[key].rank_deficient), float(r["source"] == "cache"),
+                                     *(float(r[m]) for m in MEASURES)], dtype=torch.float64)
+    facts = facts.to(comm)
+    dist.all_reduce(facts)
+    facts = facts.cpu()
+    for i, key in enumerate(keys):
+        deficient = bool(facts[i, 0])
+        flat = pack(bases[key], comm) if owner[key] == rank else \
+            torch.empty(packed_numel(shapes[key], deficient), dtype=dtype, device=comm)
+        dist.broadcast(flat, src=owner[key])
+        if owner[key] != rank:
+            home = groups[key][0][1].weight.device  # (weight_of would dequantize a 4-bit layer)
+            bases[key] = unpack(flat, shapes[key], deficient, home)
+            reports[key] = {"category": key, "layers": len(groups[key]), "n": int(shapes[key][0][1]),
+                            "rank": owner[key], "source": "cache" if facts[i, 1] else "computed",
+                            **{m: float(v) for m, v in zip(MEASURES, facts[i, 2:].tolist())}}
+        del flat
+
+
+def packed_numel(shapes: Sequence[Tuple[int, int]], deficient: bool) -> int:
+    n, N, M = int(shapes[0][1]), len(shapes), sum(int(m) for m, _ in shapes)
+    return n * n + N * n + (M * n if deficient else n * n)
+
+
+def pack(basis: CategoryBasis, device: torch.device) -> torch.Tensor:
+    """V, sigma_1..N, then V^-T or (rank deficient) U_1..N, flattened into one buffer."""
+    parts = [basis.V, *basis.sigma, *(basis.U if basis.rank_deficient else [basis.V_inv_T])]
+    return torch.cat([p.reshape(-1).to(device) for p in parts])
+
+
+def unpack(flat: torch.Tensor, shapes: Sequence[Tuple[int, int]], deficient: bool, home: torch.device) -> CategoryBasis:
+    """The inverse of `pack`; every tensor a fresh copy on `home` (allocator-aligned, like a computed one)."""
+    n = int(shapes[0][1])
+    sizes = [n * n] + [n] * len(shapes) + ([int(m) * n for m, _ in shapes] if deficient else [n * n])
+    pieces = [p.to(home, copy=True) for p in torch.split(flat, sizes)]
+    V, sigma, rest = pieces[0].view(n, n), pieces[1:1 + len(shapes)], pieces[1 + len(shapes):]
+    if deficient:
+        U = [u.view(int(m), n) for u, (m, _) in zip(rest, shapes)]
+        return CategoryBasis(V=V, V_inv_T=None, sigma=sigma, U=U, rank_deficient=True)
+    return CategoryBasis(V=V, V_inv_T=rest[0].view(n, n), sigma=sigma, U=None, rank_deficient=False)

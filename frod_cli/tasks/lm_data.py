@@ -1,0 +1,297 @@
+"""causal_lm's data: every source read into one row schema (a conversation), mixed, split, then tokenized.
+
+Reading (`load_sources`): each source (`frod_cli.tasks.mixture`) is loaded, its layout resolved from its columns
+(`layouts.resolve_format`), and every row read into the conversation schema `CONVERSATION` (turns, how many of them
+are prompt, the plain prompt, raw or not, the reference answer, the source's index, the row's number in its source)
+through `layouts.read_rows` (malformed rows refused or counted before any model is loaded). Then each source's
+splits are made (`sources.make_splits`), and a mixture's training splits are interleaved with the weights while
+its validation and test splits are concatenated (each row keeps `_source`, so evaluation reports per source).
+
+Tokenizing (`Encoder`, `encode_split`): a conversation becomes segments (`layouts.segments`), token ids and
+labels; `_status` says whether it was kept whole, truncated to max_length, or dropped (its prompt alone fills
+max_length). Both maps carry an explicit fingerprint (the input's, the settings, the tokenizer's content and this
+code's), so datasets' cache serves the next run on the same data and settings instead of tokenizing again (data
+loaded from files; an in-memory source is read again each time).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import datasets
+import numpy as np
+
+from frod_cli import FrodCliError
+
+from . import layouts
+from . import streaming as S
+from .common import keep_configured_splits
+from .mixture import Source, probabilities
+from .sources import dedupe, load_raw, load_stream, make_splits
+
+log = logging.getLogger("frod_cli.tasks.causal_lm")
+
+_STRING, _INT32 = datasets.Value("string"), datasets.Value("int32")
+CONVERSATION = datasets.Features({
+    "messages": [{"role": _STRING, "content": _STRING}], "prompt_turns": _INT32, "plain_prompt": _STRING,
+    "raw": datasets.Value("bool"), "reference": _STRING, "_source": _INT32,
+})
+ENCODED = datasets.Features({
+    "input_ids": datasets.Sequence(_INT32), "labels": datasets.Sequence(_INT32), "prompt_len": _INT32,
+    "prompt": _STRING, "reference": _STRING, "has_reference": datasets.Value("bool"), "_status": datasets.Value("int8"),
+    "_source": _INT32,
+})
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def _code_digest() -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("lm_data.py", "layouts.py", "templates.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tok: Any) -> str:
+    """The tokenizer's content: vocabulary, merges, normalizer, pre/post-processing, special tokens, template."""
+    h = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr(sorted((k, str(v)) for k, v in tok.special_tokens_map.items())).encode())
+    h.update(str(getattr(tok, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def fingerprint(ds: Any, *parts: Any) -> Optional[str]:
+    """A cache name for a map over `ds`: its fingerprint, the settings and this code. None for a dataset with
+    no fingerprint (datasets then names the result itself)."""
+    base = getattr(ds, "_fingerprint", None)
+    if base is None:
+        return None
+    return hashlib.sha256(repr((base, _code_digest(), *parts)).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- rows -> schema
+class RowReader:
+    """One source's rows in the CONVERSATION schema (layouts.read does the reading)."""
+
+    def __init__(self, fmt: str, cfg: Any, source: int):
+        self.fmt, self.cfg, self.source = fmt, layouts.plain_settings(cfg), int(source)
+
+    def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        try:
+            conv = layouts.read(row, self.fmt, self.cfg)
+        except FrodCliError as e:  # a template that cannot be filled from this row
+            raise layouts.MalformedRow(str(e)) from e
+        answers = [m["content"] for m in conv.messages[conv.prompt_turns:] if m["role"] == "assistant"]
+        if not answers:  # nothing to train on: found now, before any model loads
+            raise layouts.MalformedRow("no assistant turn to train on" + (" in the completion" if conv.prompt_turns else ""))
+        reference = "" if self.fmt == "text" else answers[-1]
+        return {"messages": conv.messages, "prompt_turns": conv.prompt_turns, "plain_prompt": conv.plain_prompt,
+                "raw": conv.raw, "reference": reference, "_source": self.source}
+
+    def settings(self) -> Tuple:
+        keys = ("data_format", "instruction_field", "input_field", "output_field", "messages_field", "conversations_field",
+                "prompt_field", "completion_field", "prompt_template", "response_template", "system_prompt", "text_fields")
+        return (self.fmt, self.source, [str(getattr(self.cfg, k, None)) for k in keys], sorted(layouts.role_map(self.cfg).items()))
+
+
+def class_names(raw: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Class-label columns as their names: a template renders "positive", not 2."""
+    out = {}
+    for split, ds in raw.items():
+        for col, feat in ds.features.items():
+            if isinstance(feat, datasets.ClassLabel):
+                names = feat.names
+                ds = ds.map(lambda ex, c=col: {c: names[ex[c]] if ex[c] is not None and ex[c] >= 0 else None},
+                            features=datasets.Features({**ds.features, col: datasets.Value("string")}))
+        out[split] = ds
+    return datasets.DatasetDict(out)
+
+
+def where_of(src: Source, many: bool) -> str:
+    return f"source {src.name!r} " if many else ""
+
+
+def resolve(src: Source, columns: Sequence[str], many: bool, split: str) -> str:
+    fmt = layouts.resolve_format(columns, src.cfg)
+    layouts.check_columns(fmt, src.cfg, columns, f"{where_of(src, many)}split {split!r}")
+    return fmt
+
+
+def read_source(i: int, src: Source, seed: int, many: bool) -> Tuple[str, datasets.DatasetDict, Dict[str, Any]]:
+    """(layout, train/validation/test in the CONVERSATION schema, what reading found) of one source."""
+    cfg = src.cfg
+    raw = class_names(keep_configured_splits(load_raw(cfg), cfg))
+    first = cfg.train_split if cfg.train_split in raw else next(iter(raw))
+    fmt = resolve(src, raw[first].column_names, many, first)
+    reader, read, found = RowReader(fmt, cfg, i), {}, {}
+    for split, ds in raw.items():
+        layouts.check_columns(fmt, cfg, ds.column_names, f"{where_of(src, many)}split {split!r}")
+        read[split], report = layouts.read_rows(ds, reader, cfg, split, features=CONVERSATION, where=where_of(src, many),
+                                                fingerprint=fingerprint(ds, "read", reader.settings()))
+        found[split] = {"rows": report.rows, "malformed": report.malformed}
+        if len(read[split]) == 0:
+            raise FrodCliError(f"{where_of(src, many)}split {split!r} gives no example: all {report.rows} rows are "
+                               "malformed (and task.skip_malformed=true dropped them)")
+    if cfg.dedupe:
+        read = {s: dedupe(ds, ["messages", "plain_prompt", "raw"]) for s, ds in read.items()}
+    return fmt, make_splits(datasets.DatasetDict(read), cfg, seed, stratify_by=None), found
+
+
+def combine(parts: List[datasets.DatasetDict], sources: List[Source], seed: int, stop: str) -> datasets.DatasetDict:
+    """One source's splits as they are; a mixture's training splits interleaved with the weights (seeded), its
+    validation and test splits concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {"train": datasets.interleave_datasets([p["train"] for p in parts], probabilities=probabilities(sources),
+                                                 seed=int(seed), stopping_strategy=stop)}
+    for split in ("validation", "test"):
+        have = [p[split] for p in parts if split in p]
+        if have:
+            out[split] = datasets.concatenate_datasets(have)
+    return datasets.DatasetDict(out)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def stream_source(i: int, src: Source, many: bool) -> Tuple[str, Dict[str, Any]]:
+    """(layout, {train: the lazily read training stream, validation/test: Datasets}) of one streamed source."""
+    cfg, where = src.cfg, where_of(src, many)
+    streams = load_stream(cfg)
+    if cfg.train_split not in streams:
+        raise FrodCliError(f"{where}train split {cfg.train_split!r} not found; the source has splits {list(streams)}")
+    fmt = resolve(src, S.columns_of(streams[cfg.train_split]), many, cfg.train_split)
+    train = S.numbered(streams[cfg.train_split])
+    reader, out = RowReader(fmt, cfg, i), {}
+    n_eval = cfg.max_eval_samples
+    if cfg.validation_split and cfg.validation_split in streams:
+        out["validation"] = S.materialize(S.numbered(streams[cfg.validation_split]), n_eval)
+    else:
+        out["validation"], train = S.holdout(train, n_eval, where)
+    if cfg.test_split and cfg.test_split in streams:
+        out["test"] = S.materialize(S.numbered(streams[cfg.test_split]), n_eval)
+    for split in list(out):
+        out[split], _ = layouts.read_rows(out[split], reader, cfg, split, features=CONVERSATION, where=where)
+    feats = datasets.Features({**CONVERSATION, "_row": datasets.Value("int64"), "_malformed": _STRING})
+    guard = layouts.Guarded(reader, layouts.blank_of(feats))
+    del guard.blank["_malformed"]
+    train = train.map(guard, batched=True, with_indices=True, remove_columns=S.columns_of(train), features=feats)
+    if cfg.max_train_samples:
+        train = train.take(int(cfg.max_train_samples))
+    out["train"] = train
+    return fmt, out
+
+
+def combine_streams(parts: List[Dict[str, Any]], sources: List[Source], seed: int, stop: str, buffer: int) -> Dict[str, Any]:
+    trains = [p["train"] for p in parts]
+    train = trains[0] if len(trains) == 1 else datasets.interleave_datasets(
+        trains, probabilities=probabilities(sources), seed=int(seed), stopping_strategy=stop)
+    out: Dict[str, Any] = {"train": S.TrainStream(train, seed, buffer, [s.name for s in sources])}
+    for split in ("validation", "test"):
+        have = [p[split] for p in parts if split in p]
+        if have:
+            out[split] = have[0] if len(have) == 1 else datasets.concatenate_datasets(have)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+class Encoder:
+    """A CONVERSATION row -> input_ids, labels, prompt_len, prompt, reference, has_reference, _status, _source."""
+
+    def __init__(self, tok: Any, max_length: int, train_on_prompt: bool, leading: Sequence[int]):
+        self.tok, self.max_length, self.train_on_prompt, self.leading = tok, int(max_length), bool(train_on_prompt), list(leading)
+        self.digest: Optional[str] = None
+
+    def settings(self) -> Tuple:
+        """What shapes the tokens, for the cache's name."""
+        if self.digest is None:
+            self.digest = tokenizer_digest(self.tok)
+        return (self.digest, self.max_length, self.train_on_prompt, self.leading)
+
+    def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
+        if row.get("_malformed"):  # a streamed row its reading found malformed: keep its reason
+            raise layouts.MalformedRow(row["_malformed"])
+        conv = layouts.Conversation(list(row["messages"]), int(row["prompt_turns"]), row["plain_prompt"], bool(row["raw"]))
+        segs = layouts.conversation_segments(conv, self.tok, None)
+        with_template = layouts.templated(self.tok, conv.raw)
+        pieces = layouts.token_segments(segs, self.tok, with_template=with_template)
+        ids: List[int] = [] if with_template else list(self.leading)  # a plain prompt's BOS: never a target
+        labels: List[int] = [-100] * len(ids)
+        for piece, trained in pieces:
+            ids += piece
+            labels += piece if (trained or self.train_on_prompt) else [-100] * len(piece)
+        prompt_len = len(ids) - len(pieces[-1][0])
+        status = S.KEPT
+        if prompt_len >= self.max_length:
+            status = S.DROPPED
+        elif len(ids) > self.max_length:
+            ids, labels, status = ids[: self.max_length], labels[: self.max_length], S.TRUNCATED
+        reference = str(row["reference"] or "")
+        return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, "prompt": "".join(t for t, _ in segs[:-1]),
+                "reference": reference, "has_reference": bool(reference.strip()), "_status": status,
+                "_source": int(row["_source"])}
+
+
+def encode_split(ds: datasets.Dataset, encoder: Encoder, cfg: Any, split: str) -> Tuple[datasets.Dataset, Dict[str, int]]:
+    """(the kept examples of one split, its counts); refuses a split in which no example is left."""
+    enc, report = layouts.read_rows(ds, encoder, cfg, split, features=ENCODED, desc=f"tokenizing {split}",
+                                    fingerprint=fingerprint(ds, "encode", encoder.settings()))
+    status = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=3)
+    n, max_len = report.rows, encoder.max_length
+    kept = int(status[S.KEPT] + status[S.TRUNCATED])
+    stats = {"examples": n, "kept": kept, "truncated": int(status[S.TRUNCATED]), "dropped": int(status[S.DROPPED]),
+             "malformed": report.malformed}
+    if kept == 0:
+        if status[S.DROPPED]:
+            raise FrodCliError(f"every example of split {split!r} is too long: the prompt alone fills task.max_length="
+                               f"{max_len} ({n} examples); raise task.max_length")
+        raise FrodCliError(f"split {split!r} has no example left to train or evaluate on ({n} rows)")
+    if status[S.TRUNCATED] or status[S.DROPPED]:
+        log.warning("causal_lm split %r: %d of %d examples truncated to task.max_length=%d, %d dropped "
+                    "(prompt alone fills max_length)", split, status[S.TRUNCATED], n, max_len, status[S.DROPPED])
+    else:
+        log.info("causal_lm split %r: %d examples, none longer than task.max_length=%d", split, n, max_len)
+    if len(enc) > kept:
+        enc = enc.filter(lambda s: [v != S.DROPPED for v in s], input_columns="_status", batched=True)
+    return enc.remove_columns(["_status", "_row"]), stats
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def pack_block(examples: List[Dict[str, Any]]) -> Dict[str, List[int]]:
+    """Whole examples as one block: position_ids restart at 0 for each, and each example's first label is -100
+    (it would be predicted from the previous example)."""
+    block: Dict[str, List[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        ids = list(ex["input_ids"])
+        block["input_ids"] += ids
+        block["labels"] += [-100] + list(ex["labels"][1:])
+        block["position_ids"] += list(range(len(ids)))
+    return block
+
+
+def pack(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Whole examples, in order, into blocks of at most max_length tokens (see the causal_lm module docstring)."""
+    blocks: Dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    group: List[Dict[str, Any]] = []
+    size = 0
+
+    def flush() -> None:
+        if group:
+            for k, v in pack_block(group).items():
+                blocks[k].append(v)
+            group.clear()
+
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
+        if size + len(ids) > max_length:
+            flush()
+            size = 0
+        group.append({"input_ids": ids, "labels": labels})
+        size += len(ids)
+    flush()
+    feats = datasets.Features({k: datasets.Sequence(_INT32) for k in blocks})
+    return datasets.Dataset.from_dict(blocks, features=feats)
