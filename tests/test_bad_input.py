@@ -245,12 +245,20 @@ def test_the_battery_covers_every_verb_with_forty_cases():
     assert len(CONFIG_CASES) + len(DATA_CASES) + len(VERB_CASES) >= 40
 
 
-def test_a_refused_run_leaves_no_directory_behind(files, tmp_path, capsys):
-    """Hydra creates the run directory before frod sees the command; a refused run removes it again."""
+def test_a_refused_run_leaves_no_directory_behind(files, tmp_path, capsys, monkeypatch):
+    """Hydra creates the run directory (and its parents) before frod sees the command; a refused run removes
+    what Hydra made, and only that: an existing (empty) parent stays."""
     run = tmp_path / "new_run"
     assert main(["train", *tiny(files["good"]), "task.objective=f1", f"hydra.run.dir={run}"]) == 2
     one_error_line(capsys)
     assert not run.exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    assert main(["train", *tiny(files["good"]), "task.objective=f1"]) == 2  # runs/<recipe>/<time>
+    one_error_line(capsys)
+    assert main(["train", *tiny(files["good"]), "task.objective=f1", "hydra.run.dir=kept/a/b"]) == 2
+    one_error_line(capsys)
+    assert not (tmp_path / "runs").exists() and list((tmp_path / "kept").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------

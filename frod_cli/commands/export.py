@@ -11,15 +11,15 @@ renamed into place, so a refused or failed export leaves nothing and changes not
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from frod_cli import FrodCliError
 from frod_cli.commands import register_verb
+from frod_cli.runs.directory import missing_dirs, remove_if_empty
 
 FORMATS = ("peft", "lora", "merged")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -120,15 +120,13 @@ def run(cfg: Any) -> Dict[str, Any]:
     src = resolve_source(str(cfg.path), cfg.format)
     check_method(cfg.format, src.run)
     out = resolve_output(cfg, src)
-    created = missing_parents(out)  # a refused or failed export removes the directories it made for its output
+    created = missing_dirs(os.path.dirname(os.path.abspath(out)))  # a refused or failed export removes them
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
             report = dispatch(cfg, src, out)
     except BaseException:
-        for d in reversed(created):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)  # only while empty
+        remove_if_empty(created)
         raise
     print(f"wrote {out} (export.json: what was measured)")
     return report
@@ -145,16 +143,6 @@ def dispatch(cfg: Any, src: Source, out: str) -> Dict[str, Any]:
     if cfg.format == "lora":
         return pipelines.export_lora(job, cfg.rank, cfg.energy)
     return pipelines.export_merged(job, cfg.dtype or src.run.model.dtype)
-
-
-def missing_parents(path: str) -> List[str]:
-    """The ancestors of `path` that do not exist yet, outermost first."""
-    out = []
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        out.insert(0, parent)
-        parent = os.path.dirname(parent)
-    return out
 
 
 def copy_peft_adapter(src: Source, out: str) -> Dict[str, Any]:

@@ -35,6 +35,25 @@ def user_data_args(args: Sequence[str]) -> List[str]:
 
 # Directories named on the command line that existed before Hydra created its run directory (empty ones too).
 PREEXISTING: set = set()
+# The directories Hydra makes for a single run's hydra.run.dir (it and its missing parents, as noted before Hydra
+# creates them): a refused run removes those still empty.
+HYDRA_MADE: List[str] = []
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except Exception:  # noqa: BLE001  # pragma: no cover
+    _Callback = object
+
+
+class RunDirCallback(_Callback):
+    """Configured in recipes/config.yaml (hydra.callbacks). Hydra creates hydra.run.dir with its parents before
+    frod train has checked anything (runs/<recipe>/<time> in a new directory makes three): note which of them
+    do not exist yet, so that a refused run leaves none behind."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from frod_cli.runs.directory import missing_dirs
+
+        HYDRA_MADE[:] = missing_dirs(str(config.hydra.run.dir))
 
 
 def prepare(args: Sequence[str]) -> Prepared:
@@ -74,6 +93,8 @@ def run(cfg: Any) -> float:
     from frod_cli.runs.directory import RunLog
     from frod_cli.training import recipe_main
 
+    from frod_cli.runs.directory import remove_if_empty
+
     hc = HydraConfig.get()
     hydra_dir = hc.runtime.output_dir
     existed = _nonempty(hydra_dir) or hydra_dir in PREEXISTING
@@ -87,6 +108,8 @@ def run(cfg: Any) -> float:
             run_log.close()
         if not existed and os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
             os.rmdir(hydra_dir)  # created by Hydra for a run that went elsewhere or was refused
+            remove_if_empty(HYDRA_MADE)  # and the parents it made for it (a sweep's job dirs are the launcher's)
+        HYDRA_MADE.clear()
 
 
 def _nonempty(path: str) -> bool:

@@ -165,3 +165,27 @@ def check_output(path: str, overwrite: bool, key: str = "output") -> None:
 def leftovers(path: str) -> List[str]:
     """Top-level names in `path` (for messages)."""
     return sorted(os.listdir(path))[:5] if os.path.isdir(path) else []
+
+
+def missing_dirs(path: str) -> List[str]:
+    """`path` and those of its ancestors that do not exist yet, outermost first: what creating it would make."""
+    out: List[str] = []
+    path = os.path.abspath(path)
+    while path and not os.path.exists(path):
+        out.insert(0, path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def remove_if_empty(dirs: Sequence[str]) -> None:
+    """Remove the directories a refused or failed command made (`missing_dirs` before it ran), innermost first,
+    each only while empty: anything written into one since keeps it."""
+    for d in reversed(list(dirs)):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
