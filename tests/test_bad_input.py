@@ -102,6 +102,7 @@ CONFIG_CASES = [
     ("zero_max_steps", ["train.max_steps=0"], "train.max_steps must be a positive number of steps, or -1"),
     ("zero_max_length", ["task.max_length=0"], "task.max_length must be at least 1 token"),
     ("key_of_another_method", ["method=lora", "method.sparse_rate=0.5"], "method dora/lora/pissa has no key 'sparse_rate'"),
+    ("key_of_another_task_type", ["task.loss=ipo"], "task.loss is read by task.type=preference only"),
     ("unknown_tracker", ["train.log_with=[nope]"], "unknown tracker 'nope'"),
     ("target_modules_not_strings", ["method.target_modules=[1,2]"], "method.target_modules must be"),
     ("objective_not_a_metric", ["task.objective=f1"], "task.objective 'f1' is not among the metrics"),

@@ -35,6 +35,8 @@ class Task(ABC):
     default_modules_to_save: Tuple[str, ...] = ()
     # What a recipe gets when it switches to this task type (task.type=...) without naming them itself.
     defaults: Dict[str, Any] = {"objective": "accuracy", "objective_mode": "max", "metrics": ["accuracy"]}
+    # task.<key>s only this type reads: set on the command line for another type, they are refused, not ignored.
+    own_keys: Tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, seed: int = 0):
         self.cfg = cfg

@@ -250,6 +250,7 @@ class Preference(DataTask):
     modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model
     defaults = {"objective": "reward_accuracy", "objective_mode": "max", "metrics": ["reward_accuracy"]}
+    own_keys = ("loss", "beta", "gamma", "chosen_field", "rejected_field")
 
     def __init__(self, cfg: Any, seed: int = 0):
         from . import layouts

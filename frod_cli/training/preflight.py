@@ -89,6 +89,21 @@ def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
         log.info("task.type=%s: %s (its defaults)", task.type, ", ".join(f"task.{k}={v}" for k, v in changed.items()))
 
 
+def check_task_keys(task: Any, user_overrides: Sequence[str]) -> None:
+    """A task key given on the command line that only another task type reads (a Task's `own_keys`) would be
+    silently ignored by this one: refused in one line."""
+    from frod_cli.tasks import TASKS
+
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    for name, cls in sorted(TASKS.items()):
+        if name == task.type:
+            continue
+        for k in cls.own_keys:
+            if f"task.{k}" in keys and k not in getattr(TASKS.get(task.type), "own_keys", ()):
+                raise FrodCliError(f"task.{k} is read by task.type={name} only; this task ({task.name}) is "
+                                   f"{task.type}: drop it, or train a {name} task")
+
+
 DATA_FILES = "task.data_files."
 
 

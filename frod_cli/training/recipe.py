@@ -69,6 +69,7 @@ class FinetuneRecipe:
         self.user_overrides, self.hydra_files, self.run_log = list(user_overrides), hydra_files, run_log
         apply_per_method(cfg, user_overrides)
         preflight.apply_task_defaults(cfg.task, user_overrides)
+        preflight.check_task_keys(cfg.task, user_overrides)
         preflight.apply_user_data(cfg.task, user_overrides)
         preflight.validate(cfg)
         from omegaconf import OmegaConf
@@ -227,8 +228,10 @@ class FinetuneRecipe:
         self.optimizer = B.build_optimizer(self.cfg.optimizer, groups)
         if self.main:
             c = self.counts
-            log.info("%s on %s with %s: %s trainable of %s (%.3f%%); groups %s; adapt %.1fs",
-                     self.cfg.model.name_or_path, self.cfg.task.name, self.cfg.method.name,
+            quant = str(self.cfg.model.get("quantization", "none") or "none")
+            log.info("%s%s on %s with %s: %s trainable of %s (%.3f%%); groups %s; adapt %.1fs",
+                     self.cfg.model.name_or_path, "" if quant == "none" else f" (frozen weights in {quant.upper()})",
+                     self.cfg.task.name, self.cfg.method.name,
                      f"{c['trainable_params']:,}", f"{c['total_params']:,}", c["trainable_percent"],
                      {k: sum(p.numel() for p in v) for k, v in groups.items()}, self.adapt_s)
 
