@@ -197,3 +197,7 @@ def test_sigkill_then_resume_a_streamed_run_matches_uninterrupted(files, tmp_pat
     assert ppl(got_rows) == pytest.approx(ppl(ref_rows), rel=1e-6) and len(ppl(ref_rows)) == 2
     assert m["validation"] == pytest.approx(ref_m["validation"], rel=1e-6)
     assert m["data_counts"]["stream"] == ref_m["data_counts"]["stream"]  # the counts travelled with the position
+    # frod eval on a streamed run: the default splits are those it has (validation: a stream holds no test split)
+    assert main(["eval", f"path={reference}", "use_adapter=true"]) == 0
+    ev = json.loads((reference / "eval.json").read_text())
+    assert "test" not in ev and ev["validation"]["loss"] == pytest.approx(ref_m["validation"]["loss"], rel=1e-5)

@@ -2,6 +2,7 @@
 (its merged/ model, or base model + adapter/) or any saved model directory."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Dict, Sequence
 
@@ -10,6 +11,7 @@ from frod_cli.commands import Prepared, register_verb
 
 
 SPLITS = ("train", "validation", "test")
+log = logging.getLogger("frod.eval")
 
 
 def prepare(args: Sequence[str]) -> Prepared:
@@ -66,7 +68,14 @@ def run(cfg: Any) -> Dict[str, Any]:
     model = acc.prepare(model)
     evaluator = Evaluator(task, acc, encoded, task.collate(pre), int(cfg.batch_size), method=t.method)
     results: Dict[str, Any] = {"path": os.path.abspath(cfg.path), "model": what, "task": task.cfg.name}
-    for split in cfg.splits:
+    splits = list(cfg.splits)
+    named = any(o.lstrip("+~").split("=", 1)[0] == "splits" for o in HydraConfig.get().overrides.task)
+    if not named:  # the default [validation, test]: those the task has (a streamed run holds out validation only)
+        splits = [s for s in splits if evaluator.has(s)]
+        if splits != list(cfg.splits):
+            log.info("splits: %s (task %s has no %s split)", ", ".join(splits) or "none", task.cfg.name,
+                     " or ".join(s for s in cfg.splits if s not in splits))
+    for split in splits or list(cfg.splits):
         if not evaluator.has(split):
             raise FrodCliError(f"task {task.cfg.name} has no {split!r} split (has {', '.join(encoded)})")
         res = evaluator.split(model, split)
@@ -76,7 +85,7 @@ def run(cfg: Any) -> Dict[str, Any]:
             results[f"{split}_majority_class_accuracy"] = maj
     if acc.is_main_process:
         atomic_write_json(out, results)
-        for split in cfg.splits:
+        for split in splits:
             print(f"{split:<10} {fmt_metrics(results[split])}")
         print(f"wrote {out}")
     return results
