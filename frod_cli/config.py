@@ -9,7 +9,7 @@ travels one line: recipe YAML -> `FrodMethodConfig` -> `FrodMethod.frod_config` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from omegaconf import MISSING
 
@@ -335,6 +335,11 @@ class CacheRunConfig:
     dir: Optional[str] = None  # default: $FROD_CACHE_DIR, else ~/.cache/frod/basis
 
 
+def override_keys(overrides: Sequence[str]) -> Set[str]:
+    """The keys a command line sets, whatever its Hydra prefix (`+key=`, `++key=`, `~key`)."""
+    return {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+
+
 def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
     """A recipe's `per_method.<name>` settings apply to that method only, below the command line: a recipe
     can tune FRoD (`per_method.frod.sparse_rate`) and still run `method=lora` unchanged."""
@@ -346,7 +351,7 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
     from frod_cli import FrodCliError
 
     settings = (cfg.get("per_method") or {}).get(cfg.method.name) or {}
-    given = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    given = override_keys(user_overrides)
     applied = {}
     for key, value in OmegaConf.to_container(OmegaConf.create(dict(settings))).items():
         if f"method.{key}" in given:

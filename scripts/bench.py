@@ -1047,10 +1047,15 @@ def build_main(args, log) -> int:
         shutil.rmtree(work, ignore_errors=True)
     env["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result.update(environment=env, wall_s=time.perf_counter() - t0)
-    out = Path(args.out or f"bench_out/build-{args.build_shape}.json")
+    return write_result(result, build_table(result), args.out or f"bench_out/build-{args.build_shape}.json")
+
+
+def write_result(result: Dict[str, Any], table: str, path: str) -> int:
+    """Every mode's ending: the JSON written, the table printed, where it went."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
-    print(build_table(result))
+    print(table)
     print(f"# wrote {out} ({result['wall_s']:.0f} s)")
     return 0
 
@@ -1417,12 +1422,7 @@ def quant_main(args, log) -> int:
         rows = quant_generation(args, log)
         text = quant_generation_table(rows)
     result = {"environment": env, "mode": args.quantized, "rows": rows, "wall_s": time.perf_counter() - t0}
-    out = Path(args.out or f"bench_out/quantized-{args.quantized}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(text)
-    print(f"# wrote {out} ({result['wall_s']:.0f} s)")
-    return 0
+    return write_result(result, text, args.out or f"bench_out/quantized-{args.quantized}.json")
 
 
 def add_quant_args(ap: argparse.ArgumentParser) -> None:
@@ -1542,12 +1542,7 @@ def main(argv=None) -> int:
         text = table(result)
         default_out = f"bench_out/{args.preset}.json"
     result["environment"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out = Path(args.out or default_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    print(text)
-    print(f"# wrote {out} ({result['wall_s']:.0f} s)")
-    return 0
+    return write_result(result, text, args.out or default_out)
 
 
 if __name__ == "__main__":

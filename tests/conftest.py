@@ -53,6 +53,22 @@ def basis_cache(tmp_path_factory, monkeypatch):
     return path
 
 
+def digest(d, skip=()) -> dict:
+    """Every file under the directory d (train.log and .hydra/ included, unless named in skip) -> its sha256."""
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def one_error_line(capsys) -> str:
+    """The refusal a command printed: exactly one line on stderr, no traceback."""
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
 def train_run(tmp_path_factory, name: str, args) -> tuple:
     """A finished `frod train <args>` run in a fresh temp directory (for module fixtures): (run dir, objective)."""
     from frod_cli.cli import run_verb

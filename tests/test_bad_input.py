@@ -3,7 +3,6 @@ written is changed: every case runs next to (or into) finished run directories w
 before and after, train.log and .hydra/ included (docs/RELIABILITY.md lists the cases and their messages)."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -11,21 +10,8 @@ import pytest
 
 from frod_cli.cli import main
 
-from conftest import train_run  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import digest, one_error_line, train_run  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_reliability import tiny, write_csv  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-def one_error_line(capsys) -> str:
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    return err[0]
-
-
-def digest(d: Path) -> dict:
-    """Every file under d (train.log and .hydra/ included) -> its sha256."""
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _write(path: Path, text: str) -> Path:

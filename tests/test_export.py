@@ -4,7 +4,6 @@ by PEFT and by transformers' load_adapter), as a merged checkpoint in another dt
 nothing and change nothing in the run."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from frod_cli import FrodCliError
 from frod_cli.cli import main, run_verb
 from frod_cli.export import align, energy_rank, lora_adapter, lora_pair, write_peft_frod
 from frod_cli.export.peft_frod import moved_pattern, to_peft_values
-from conftest import train_run  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import digest, one_error_line, train_run  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 # PEFT's own basis agrees with frod's up to the mixing of near-equal HO-GSVD eigenvalues, and not at all in a
@@ -24,17 +23,6 @@ from conftest import train_run  # noqa: E402  (tests/ is on sys.path under pytes
 # LLaMA's k/v/down_proj with 2 layers): the BERT run leaves those out, the LLaMA run has 4 layers.
 BERT_TARGETS = "method.target_modules=[query,key,value,attention.output.dense,intermediate.dense]"
 TOLERANCE = 1e-3  # the export's default (docs/SERVING.md)
-
-
-def digest(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def one_error_line(capsys) -> str:
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

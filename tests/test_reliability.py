@@ -4,7 +4,6 @@ Tiny models (tiny:bert, hidden 32), a local 80-row CSV, temp dirs."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import torch
 
 from frod_cli.training import checkpoint as ck
 from frod_cli.cli import main, run_verb
+from conftest import digest, one_error_line  # noqa: E402  (tests/ is on sys.path under pytest)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad great awful fine ok terrible nice happy sad".split()
@@ -45,16 +45,8 @@ def tiny(data: Path, *extra: str) -> list:
             "train.save_merged=false", *extra]
 
 
-def one_error_line(capsys) -> str:
-    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
-    assert len(err) == 1, err
-    assert "Traceback" not in err[0]
-    return err[0]
-
-
 def tree_digest(d: Path) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file() and p.name != "train.log"}
+    return digest(d, skip=("train.log",))
 
 
 def jsonl_rows(run: Path) -> list:
@@ -123,16 +115,22 @@ def kill_when(p: subprocess.Popen, log: Path, step: int, timeout: float = 240) -
         p.wait()
 
 
+def train_then_kill(args, log: Path, step: int, cwd: Path) -> None:
+    """`frod train <args>` in a process of its own (one thread), SIGKILLed once its metrics.jsonl `log` has
+    logged `step`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *args], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    kill_when(p, log, step)
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(reference, data, tmp_path):
     run = tmp_path / "killed"
     seed = kill_seed()
     kill_at = random.Random(seed).randint(2, 7)
     print(f"FROD_TEST_SEED={seed}: kill after step {kill_at}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *tiny(data, *RESUME), f"hydra.run.dir={run}"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    kill_when(p, run / "metrics.jsonl", kill_at)
+    train_then_kill([*tiny(data, *RESUME), f"hydra.run.dir={run}"], run / "metrics.jsonl", kill_at, tmp_path)
     assert not (run / "metrics.json").exists()
     assert ck.latest_checkpoint(str(run)) is not None
     code, _ = run_verb("train", [*tiny(data, *RESUME), f"resume={run}"])
@@ -175,15 +173,11 @@ def test_overwrite_replaces_a_finished_run_only_when_the_new_one_finishes(refere
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     (run / "eval.json").write_text("{}")
-    before = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    before = digest(run)
     args = [*tiny(data, *RESUME), "train.seed=7", "train.overwrite=true", f"hydra.run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     staging = tmp_path / ".run.frod-overwrite"
-    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *args], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    kill_when(p, staging / "metrics.jsonl", 3)
-    after = {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
-    assert after == before
+    train_then_kill(args, staging / "metrics.jsonl", 3, tmp_path)
+    assert digest(run) == before
     code, _ = run_verb("train", args)
     assert code == 0
     assert not staging.exists() and not (run / "eval.json").exists()

@@ -5,10 +5,7 @@ run killed with SIGKILL resumes to the uninterrupted run's values (1e-6)."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from frod_cli.models import load_model
 from frod_cli.tasks import get_task
 from frod_cli.training import checkpoint as ck
 from frod_cli.training.streaming import StreamBatches
-from test_reliability import assert_rows_close, final_values, jsonl_rows, kill_seed, kill_when
+from test_reliability import assert_rows_close, final_values, jsonl_rows, kill_seed, train_then_kill
 
 DATA = Path(__file__).resolve().parents[1] / "frod_cli" / "tasks" / "data"
 
@@ -175,10 +172,7 @@ def test_sigkill_then_resume_a_streamed_run_matches_uninterrupted(files, tmp_pat
     seed = kill_seed()
     kill_at = random.Random(seed).randint(2, 4)
     print(f"FROD_TEST_SEED={seed}: kill after step {kill_at}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "frod_cli.cli", "train", *streamed(files), f"hydra.run.dir={run}"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    kill_when(p, run / "metrics.jsonl", kill_at)
+    train_then_kill([*streamed(files), f"hydra.run.dir={run}"], run / "metrics.jsonl", kill_at, tmp_path)
     assert not (run / "metrics.json").exists() and ck.latest_checkpoint(str(run)) is not None
     code, _ = run_verb("train", [*streamed(files), f"resume={run}"])
     assert code == 0

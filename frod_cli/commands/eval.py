@@ -8,6 +8,7 @@ from typing import Any, Dict, Sequence
 
 from frod_cli import FrodCliError
 from frod_cli.commands import Prepared, register_verb
+from frod_cli.config import override_keys
 
 
 SPLITS = ("train", "validation", "test")
@@ -69,13 +70,13 @@ def run(cfg: Any) -> Dict[str, Any]:
     evaluator = Evaluator(task, acc, encoded, task.collate(pre), int(cfg.batch_size), method=t.method)
     results: Dict[str, Any] = {"path": os.path.abspath(cfg.path), "model": what, "task": task.cfg.name}
     splits = list(cfg.splits)
-    named = any(o.lstrip("+~").split("=", 1)[0] == "splits" for o in HydraConfig.get().overrides.task)
-    if not named:  # the default [validation, test]: those the task has (a streamed run holds out validation only)
-        splits = [s for s in splits if evaluator.has(s)]
-        if splits != list(cfg.splits):
-            log.info("splits: %s (task %s has no %s split)", ", ".join(splits) or "none", task.cfg.name,
-                     " or ".join(s for s in cfg.splits if s not in splits))
-    for split in splits or list(cfg.splits):
+    present = [s for s in splits if evaluator.has(s)]
+    if "splits" not in override_keys(HydraConfig.get().overrides.task) and present and present != splits:
+        # the default [validation, test]: those the task has (a streamed run holds out validation only)
+        log.info("splits: %s (task %s has no %s split)", ", ".join(present), task.cfg.name,
+                 " or ".join(s for s in splits if s not in present))
+        splits = present
+    for split in splits:
         if not evaluator.has(split):
             raise FrodCliError(f"task {task.cfg.name} has no {split!r} split (has {', '.join(encoded)})")
         res = evaluator.split(model, split)

@@ -33,10 +33,8 @@ def user_data_args(args: Sequence[str]) -> List[str]:
     return out
 
 
-# Directories named on the command line that existed before Hydra created its run directory (empty ones too).
-PREEXISTING: set = set()
 # The directories Hydra makes for a single run's hydra.run.dir (it and its missing parents, as noted before Hydra
-# creates them): a refused run removes those still empty.
+# creates them): a refused run removes those still empty. A sweep's job directories are new by construction.
 HYDRA_MADE: List[str] = []
 
 try:
@@ -72,9 +70,6 @@ def prepare(args: Sequence[str]) -> Prepared:
             raise FrodCliError(f"resume: no such run directory: {resume}")
         if "hydra.run.dir" not in names:
             args.append(f"hydra.run.dir={resume}")
-    run_dir = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0] == "hydra.run.dir"), None)
-    if run_dir and os.path.isdir(run_dir):
-        PREEXISTING.add(os.path.abspath(run_dir))
     if distributed_rank() > 0 and not multirun:
         tmp = tempfile.mkdtemp(prefix="frod-rank-")
         args = [a for a in args if a.split("=", 1)[0] not in ("hydra.run.dir", "hydra.output_subdir")]
@@ -90,14 +85,14 @@ def run(cfg: Any) -> float:
     refused or replaced at the end, frod_cli/runs/directory.py) and writes nothing there before it accepts the
     run. A directory Hydra created for a run that was then refused is removed again."""
     from hydra.core.hydra_config import HydraConfig
-    from frod_cli.runs.directory import RunLog
-    from frod_cli.training import recipe_main
+    from hydra.types import RunMode
 
-    from frod_cli.runs.directory import remove_if_empty
+    from frod_cli.runs.directory import RunLog, remove_if_empty
+    from frod_cli.training import recipe_main
 
     hc = HydraConfig.get()
     hydra_dir = hc.runtime.output_dir
-    existed = _nonempty(hydra_dir) or hydra_dir in PREEXISTING
+    made = list(HYDRA_MADE) if hc.mode == RunMode.RUN else [hydra_dir]
     overrides = list(hc.overrides.task)
     hydra_files = {"hydra_config": hc, "overrides": overrides}
     run_log = RunLog() if distributed_rank() == 0 else None
@@ -106,11 +101,5 @@ def run(cfg: Any) -> float:
     finally:
         if run_log is not None:
             run_log.close()
-        if not existed and os.path.isdir(hydra_dir) and not os.listdir(hydra_dir):
-            os.rmdir(hydra_dir)  # created by Hydra for a run that went elsewhere or was refused
-            remove_if_empty(HYDRA_MADE)  # and the parents it made for it (a sweep's job dirs are the launcher's)
+        remove_if_empty(made)  # made by Hydra for a run that went elsewhere or was refused (only while empty)
         HYDRA_MADE.clear()
-
-
-def _nonempty(path: str) -> bool:
-    return os.path.isdir(path) and bool(os.listdir(path))

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from frod_cli import FrodCliError
+from frod_cli import FrodCliError, one_line
 
 from .base import register_task
 from .common import DataTask, keep_configured_splits
@@ -547,7 +547,7 @@ def _read_reference(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
             values = {k: f.get_tensor(k) for k in f.keys()}
         return values, json.loads(meta.get("fingerprints", "{}"))
     except (OSError, ValueError, SafetensorError) as e:
-        raise FrodCliError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+        raise FrodCliError(f"{path} cannot be read ({one_line(e)}): "
                            "delete it to compute the reference again") from e
 
 

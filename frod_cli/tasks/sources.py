@@ -30,7 +30,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -194,11 +194,14 @@ def json_error(path: str) -> Optional[str]:
     return None
 
 
-def _load_local(cfg: Any) -> datasets.DatasetDict:
+def _local_files(cfg: Any, streaming: bool = False) -> Tuple[str, Dict[str, str], Dict[str, Any]]:
+    """task.data_files checked (one format, each file readable): (datasets builder, data_files, its kwargs)."""
     files = dict(cfg.data_files or {})
     if not files:
         raise ValueError("task.source=local needs task.data_files, e.g. {train: data/train.csv}")
     formats = {_local_format(p, cfg.format) for p in files.values()}
+    if streaming and (len(formats) > 1 or formats & {"imagefolder"}):
+        raise ValueError(f"task.streaming reads csv, json or parquet files of one format, got {sorted(formats)}")
     if len(formats) > 1:
         raise ValueError(f"task.data_files mix formats {sorted(formats)}: use one format or set task.format")
     fmt = formats.pop()
@@ -212,6 +215,21 @@ def _load_local(cfg: Any) -> datasets.DatasetDict:
         files = {s: os.path.join(p, "**") if os.path.isdir(p) else p for s, p in files.items()}
     if fmt == "csv" and all(str(p).lower().endswith(".tsv") for p in files.values()):
         kwargs["delimiter"] = "\t"
+    return fmt, files, kwargs
+
+
+def _load_hub(cfg: Any, streaming: bool = False) -> Any:
+    if not cfg.dataset:
+        raise ValueError("task.source=hub needs task.dataset (a Hub dataset id)")
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.subset, **({"streaming": True} if streaming else {}))
+    except OSError as e:  # ConnectionError under HF_HUB_OFFLINE, DatasetNotFoundError, ...
+        raise ValueError(f"could not {'stream' if streaming else 'load'} Hub dataset {cfg.dataset!r} ({cfg.subset}): "
+                         f"{_first_line(e)}") from e
+
+
+def _load_local(cfg: Any) -> datasets.DatasetDict:
+    fmt, files, kwargs = _local_files(cfg)
     try:
         with _quiet_datasets():
             raw = datasets.load_dataset(fmt, data_files=files, **kwargs)
@@ -286,12 +304,7 @@ def describe_source(cfg: Any) -> str:
 def load_raw(cfg: Any) -> datasets.DatasetDict:
     """The source's own splits, unmodified (apart from an offline source's documented cleaning)."""
     if cfg.source == "hub":
-        if not cfg.dataset:
-            raise ValueError("task.source=hub needs task.dataset (a Hub dataset id)")
-        try:
-            raw = datasets.load_dataset(cfg.dataset, cfg.subset)
-        except OSError as e:  # ConnectionError under HF_HUB_OFFLINE, DatasetNotFoundError, ...
-            raise ValueError(f"could not load Hub dataset {cfg.dataset!r} ({cfg.subset}): {_first_line(e)}") from e
+        raw = _load_hub(cfg)
     elif cfg.source == "local":
         raw = _load_local(cfg)
     elif cfg.source == "offline":
@@ -316,23 +329,9 @@ def load_stream(cfg: Any) -> datasets.IterableDatasetDict:
     """task.streaming: the source's splits as streams, read as they are iterated (Hub, local files; an offline
     source is streamed from memory)."""
     if cfg.source == "hub":
-        if not cfg.dataset:
-            raise ValueError("task.source=hub needs task.dataset (a Hub dataset id)")
-        try:
-            return datasets.load_dataset(cfg.dataset, cfg.subset, streaming=True)
-        except OSError as e:
-            raise ValueError(f"could not stream Hub dataset {cfg.dataset!r} ({cfg.subset}): {_first_line(e)}") from e
+        return _load_hub(cfg, streaming=True)
     if cfg.source == "local":
-        files = dict(cfg.data_files or {})
-        if not files:
-            raise ValueError("task.source=local needs task.data_files, e.g. {train: data/train.jsonl}")
-        formats = {_local_format(p, cfg.format) for p in files.values()}
-        if len(formats) > 1 or formats & {"imagefolder"}:
-            raise ValueError(f"task.streaming reads csv, json or parquet files of one format, got {sorted(formats)}")
-        fmt = formats.pop()
-        for split, path in files.items():
-            _check_file(split, path, fmt)
-        kwargs = {"delimiter": "\t"} if fmt == "csv" and all(str(p).lower().endswith(".tsv") for p in files.values()) else {}
+        fmt, files, kwargs = _local_files(cfg, streaming=True)
         return datasets.load_dataset(fmt, data_files=files, streaming=True, **kwargs)
     raw = load_raw(cfg)
     return datasets.IterableDatasetDict({s: ds.to_iterable_dataset() for s, ds in raw.items()})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from frod_cli import FrodCliError
+from frod_cli.config import override_keys
 
 log = logging.getLogger("frod.preflight")
 
@@ -74,7 +75,7 @@ def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
 
     from frod_cli.tasks import get_task
 
-    keys = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    keys = override_keys(user_overrides)
     if "task.type" not in keys:
         return
     try:
@@ -94,7 +95,7 @@ def check_task_keys(task: Any, user_overrides: Sequence[str]) -> None:
     silently ignored by this one: refused in one line."""
     from frod_cli.tasks import TASKS
 
-    keys = {o.lstrip("+~").split("=", 1)[0] for o in user_overrides}
+    keys = override_keys(user_overrides)
     for name, cls in sorted(TASKS.items()):
         if name == task.type:
             continue
@@ -114,8 +115,8 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
     that split (validation / test), and any other split name is refused."""
     from omegaconf import open_dict
 
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in user_overrides]
-    given = [k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES)]
+    keys = override_keys(user_overrides)
+    given = sorted(k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES))
     if not given:
         return
     if "task.source" in keys and task.source != "local":

@@ -415,7 +415,7 @@ class FinetuneRecipe:
         if rng is not None:  # the RNG streams (dropout, ...) as they were at the checkpoint
             ck.set_rng_state(*rng)
         self.t_train = self.t_window = time.time()
-        self.first_step, self.steps_window = self.state.step, 0
+        self.first_step = self.state.step
         try:
             while self.state.step < self.total_steps and not self.stop:
                 self._train_stream() if self.streaming else self._train_epoch()
@@ -507,7 +507,6 @@ class FinetuneRecipe:
 
     def _after_step(self) -> None:
         st, tc = self.state, self.tc
-        self.steps_window += 1
         if st.step % int(tc.log_every) == 0 or st.step == self.total_steps:
             self._log_training()
         if self.progress:
@@ -541,7 +540,7 @@ class FinetuneRecipe:
             self.progress.update(self.ptask, loss=f"{mean_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
                                  sps=f"{sps:.0f}")
         self.window_loss.zero_()
-        self.t_window, self.steps_window, self.samples_window = time.time(), 0, 0
+        self.t_window, self.samples_window = time.time(), 0
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> bool:
