@@ -155,7 +155,7 @@ def test_skip_malformed_drops_and_counts(tmp_path, chat_tok, caplog):
     task = local(tmp_path, rows, data_format="chat", skip_malformed=True)
     enc = task.encode(task.load_data(), chat_tok)
     assert len(enc["train"]) == 2
-    assert task.data_stats()["sources"]["d"]["read"]["train"] == {"rows": 4, "malformed": 2}
+    assert task.data_stats()["sources"]["d"]["read"]["train"] == {"rows": 4, "malformed": 2, "converted": 0}
     assert "dropped 2 of 4 rows that cannot be read" in caplog.text
 
 

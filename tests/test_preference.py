@@ -272,7 +272,8 @@ def test_dpo_smoke_writes_the_preference_metrics(smoke_run):
     assert ref["computed"] is True and ref["pairs"] == 320 and ref["seconds"] > 0 and ref["peak_memory_mb"] > 0
     assert (run / "reference_logps.safetensors").is_file()
     assert m["data_counts"]["splits"]["train"] == {"pairs": 256, "kept": 256, "truncated": 0, "dropped": 0,
-                                                   "malformed": 0}
+                                                   "prompts_shortened": 0, "prompt_turns_dropped": 0, "identical": 0,
+                                                   "converted": 0, "malformed": 0}
     rows = rows_of(run)
     assert rows[0]["step"] == 2 and abs(rows[0]["loss"] - math.log(2)) < 0.01  # the first steps start at ln 2
     evals = [r for r in rows if r.get("split") == "validation"]
