@@ -128,7 +128,8 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
     files, whatever source the recipe's task had (a packaged set, a Hub dataset). The recipe's own files, Hub id
     and separate test set are dropped, each with a log line; a file for a split the task does not name becomes
     that split (validation / test), and any other split name is refused. The task is then named after the data
-    (the train file's stem: logs, metrics.json, the loss plot), unless the command line names it (task.name)."""
+    (the train file's stem: logs, metrics.json, the loss plot) and its layout read from the files' columns
+    (data_format auto), unless the command line names them (task.name, task.data_format)."""
     from omegaconf import open_dict
 
     keys = override_keys(user_overrides)
@@ -155,6 +156,10 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
             task.test_dataset = None
         if task.format and "task.format" not in keys:
             task.format = None  # guessed from your files' suffix
+        if task.get("data_format", "auto") != "auto" and "task.data_format" not in keys:
+            log.info("task.data_format %s -> auto: the layout of your files is read from their columns "
+                     "(task.data_format=... names it)", task.data_format)
+            task.data_format = "auto"
         if "task.name" not in keys:
             from frod_cli.tasks.mixture import default_name
 
