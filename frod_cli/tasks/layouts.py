@@ -7,15 +7,28 @@ Layouts (`task.data_format`; `auto` picks one from the columns, `resolve_format`
                      template: one user turn (instruction, a blank line, input) and one assistant turn; without
                      one, the plain layout `[system\\n\\n]### Instruction:\\n...\\n\\n[### Input:\\n...\\n\\n]### Response:\\n`.
   chat               task.messages_field: OpenAI-style turns {role, content}; content may be a string or a list
-                     of {type: text, text} parts.
-  sharegpt           task.conversations_field: turns {from, value}; `from` goes through task.role_map
-                     (default human->user, gpt->assistant, system->system; user/assistant map to themselves).
+                     of {type: text, text} parts; an assistant turn may call tools (`tool_calls`, or OpenAI's
+                     older single `function_call`; content then may be null), a `tool` turn gives a result.
+  sharegpt           task.conversations_field: turns {from, value}; `from` goes through task.role_map (default
+                     human->user, gpt->assistant, system->system, observation->tool, function_call->function_call:
+                     an assistant turn whose value is its call, or a JSON list of calls, as LLaMA-Factory writes
+                     them; user/assistant/tool map to themselves). Targets: system, user, assistant, tool,
+                     function_call.
   prompt_completion  TRL's task.prompt_field / task.completion_field: two strings (concatenated as they are,
                      never through a chat template, as TRL does) or two message lists (the prompt's turns are
                      context; the completion's assistant turns are trained).
   text, template     (causal_lm only) one plain document trained whole; or task.prompt_template /
                      task.response_template format strings over any columns. Both raw, like string prompt/completion.
 task.system_prompt becomes a system turn when a conversation has none (a first paragraph in plain layouts).
+Number and boolean cells are written out as text in every layout (`Cells`; counted, and the tasks log the count).
+
+Tool calling (frod_cli/tasks/tool_calls.py has the forms read): a turn's calls and a row's tool schemas
+(task.tools_field, `tools`: read by chat, sharegpt and prompt_completion with turns, passed to the template as
+`apply_chat_template(messages, tools=...)` does) are stored as JSON strings in every turn's fixed keys
+MESSAGE_KEYS and decoded before rendering. The loss covers the assistant's turns, their calls included, never a
+tool's output. A tools column that the layout does not read is refused (task.tools_field=null trains without
+it); so is a call with arguments that are not a JSON object, a call on a turn that is not the assistant's, and
+a template that leaves a call or a tool out of its rendering.
 
 A row that cannot be read raises `MalformedRow` naming the field and the reason; `read_rows` counts them per
 split and refuses the split in one line naming the first (row numbers count from 1) and how many, or drops
@@ -29,8 +42,14 @@ alternate, an unknown role) makes that row malformed. Plain and raw renderings c
 `token_segments` puts the tokenizer's leading specials (BOS) before them and an EOS after the last segment
 unless the rendering already ends with it.
 
+Fitting max_length: a conversation whose answers follow a prompt (preference pairs; a prompt-only RL task)
+shortens its prompt by `fit_prompt`, the one rule for prompts: oldest whole turns first (a system turn kept),
+then the answer is cut. causal_lm's own rule for long multi-turn conversations (keep every whole trained turn
+that fits) is in frod_cli/tasks/lm_data.py.
+
 `task.chat_template` (`apply_chat_template_setting`): null keeps the tokenizer's own, `chatml` (or another
-built-in of frod_cli.chat_templates) installs it with its special tokens, anything else is a Jinja string.
+built-in of frod_cli.chat_templates; chatml renders tools, calls and tool turns) installs it with its special
+tokens, anything else is a Jinja string.
 """
 from __future__ import annotations
 

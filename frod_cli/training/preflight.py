@@ -129,12 +129,16 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
     and separate test set are dropped, each with a log line; a file for a split the task does not name becomes
     that split (validation / test), and any other split name is refused. The task is then named after the data
     (the train file's stem: logs, metrics.json, the loss plot) and its layout read from the files' columns
-    (data_format auto), unless the command line names them (task.name, task.data_format)."""
+    (data_format auto), unless the command line names them (task.name, task.data_format). A data set named on the
+    command line (task.dataset=...) names the task too."""
     from omegaconf import open_dict
 
     keys = override_keys(user_overrides)
     given = user_data_splits(user_overrides)
     if not given:
+        if "task.dataset" in keys and "task.name" not in keys and not task.get("mixture"):
+            with open_dict(task):
+                _name_after_data(task)  # another data set named on the command line: the same rule
         return
     if "task.source" in keys and task.source != "local":
         raise FrodCliError(f"task.data_files are local files but task.source={task.source}: drop one of the two")
@@ -161,12 +165,17 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
                      "(task.data_format=... names it)", task.data_format)
             task.data_format = "auto"
         if "task.name" not in keys:
-            from frod_cli.tasks.mixture import default_name
+            _name_after_data(task)
 
-            name = default_name(task)
-            if name != task.name:
-                log.info("task.name %s -> %s: the name of your data (task.name=... names it otherwise)", task.name, name)
-                task.name = name
+
+def _name_after_data(task: Any) -> None:
+    """task.name from the data the command line gave (a file's stem, a data set's id or offline name)."""
+    from frod_cli.tasks.mixture import default_name
+
+    name = default_name(task)
+    if name != task.name:
+        log.info("task.name %s -> %s: the name of your data (task.name=... names it otherwise)", task.name, name)
+        task.name = name
 
 
 def _name_user_splits(task: Any, given: Sequence[str], keys: Any) -> None:
