@@ -241,14 +241,18 @@ def local_pairs(tmp_path: Path, rows: List[dict], *extra: str):
 
 
 def test_identical_pairs_are_counted_and_dropped_with_skip_malformed(tmp_path, caplog):
+    from omegaconf import open_dict
+
     rows = good_rows(20)
     for i in (3, 7, 11):
         rows[i]["rejected"] = rows[i]["chosen"]
     with caplog.at_level("WARNING", logger="frod_cli.tasks.preference"):
-        task, encoded, _ = local_pairs(tmp_path, rows)
+        task, encoded, tok = local_pairs(tmp_path, rows)
     assert sum(task.stats[s]["identical"] for s in task.stats) == 3 and sum(len(d) for d in encoded.values()) == 20
     assert "have the same chosen and rejected answer: they carry no preference" in caplog.text
-    task, encoded, _ = local_pairs(tmp_path, rows, "task.skip_malformed=true")
+    with open_dict(task.cfg):
+        task.cfg.skip_malformed = True
+    encoded = task.encode(task.load_data(), tok)
     assert sum(len(d) for d in encoded.values()) == 17
     assert all(c != r for d in encoded.values() for c, r in zip(d["chosen"], d["rejected"]))
     assert sum(task.stats[s]["kept"] for s in task.stats) == 17
