@@ -81,15 +81,13 @@ class GenerationConfig(SamplingConfig):
 
 
 def open_map() -> Any:
-    """The default of a Dict field whose keys are the user's (split names, roles, label aliases, column renames):
-    Hydra closes the whole config (struct mode) before it applies the command line, so `task.role_map={bot:
-    assistant}` would be refused as "Key 'bot' is not in struct" on an empty typed dict; this node stays open, so
-    new keys merge in as printed (the value type is still checked)."""
-    from omegaconf import OmegaConf
+    """The default of a Dict[str, str] field whose keys are the user's (split names, roles, label aliases, column
+    renames): Hydra closes the whole config (struct mode) before it applies the command line, so `task.role_map=
+    {bot: assistant}` would be refused as "Key 'bot' is not in struct" on an empty typed dict; this node stays
+    open, so new keys merge in as printed, and keeps its str -> str types (`task.role_map.bot=[1]` is refused)."""
+    from omegaconf import DictConfig
 
-    node = OmegaConf.create({})
-    OmegaConf.set_struct(node, False)
-    return node
+    return DictConfig({}, key_type=str, element_type=str, flags={"struct": False})
 
 
 @dataclass
