@@ -145,6 +145,8 @@ def test_refusals(run, tasks, tmp_path, capsys):
         ([f"path={run}", "harness.tasks=[frod_arith]", f"harness.include_path={tmp_path / 'no'}"], "no such directory"),
         ([f"path={run}", "harness.tasks=[frod_arith]", f"output={tmp_path / 'taken.json'}"], "exists"),
         ([f"path={classifier}", "harness.tasks=[frod_arith]"], "scores causal language models"),
+        ([f"path={run}", "harness.tasks=[frod_arith]", "harness.apply_chat_template=true", f"output={tmp_path / 'c'}"],
+         "has no chat template"),
     ]
     for args, expected in cases:
         code, _ = run_verb("eval", args)

@@ -78,6 +78,24 @@ def task_manager(tasks: List[str], include_path: Optional[str]) -> Any:
 
 
 @contextlib.contextmanager
+def quiet_git(evaluator: Any):
+    """lm-eval records `git describe` of the working directory, and outside a repository git prints "fatal: not a
+    git repository" on stderr, which reads like frod failing: the same record with git's stderr silenced."""
+    import subprocess
+
+    def git_hash() -> Optional[str]:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        return done.stdout.strip() or None
+
+    with contextlib.ExitStack() as stack:
+        if hasattr(evaluator, "get_git_commit_hash"):
+            from unittest import mock
+
+            stack.enter_context(mock.patch.object(evaluator, "get_git_commit_hash", git_hash))
+        yield
+
+
+@contextlib.contextmanager
 def quiet(name: str, level: int = logging.WARNING):
     """A library's chatter (INFO lines per task and request) down to warnings while it runs."""
     logger = logging.getLogger(name)
@@ -141,9 +159,12 @@ def limit(value: Optional[float]) -> Any:
 def simple_evaluate(cfg: Any, trained: Any, device: Any) -> Dict[str, Any]:
     """lm_eval.simple_evaluate on the model object, inside the method's evaluation context (FRoD: W + dW held)."""
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
     h = cfg.harness
+    if h.apply_chat_template and not getattr(trained.preprocessor, "chat_template", None):
+        raise FrodCliError(f"harness.apply_chat_template=true: the tokenizer of {trained.what} has no chat template")
     tasks = [str(t) for t in h.tasks]
     manager = task_manager(tasks, h.include_path)
     model = trained.model.to(device).eval()
@@ -152,7 +173,7 @@ def simple_evaluate(cfg: Any, trained: Any, device: Any) -> Dict[str, Any]:
     seeds = {} if cfg.seed is None else {k: int(cfg.seed) for k in ("random_seed", "numpy_random_seed",
                                                                    "torch_random_seed", "fewshot_random_seed")}
     context = trained.method.evaluation_context(model) if trained.method is not None else contextlib.nullcontext()
-    with context, quiet("lm_eval"), quiet("lm_eval.api.task", logging.ERROR):  # its note on custom_dataset
+    with context, quiet("lm_eval"), quiet("lm_eval.api.task", logging.ERROR), quiet_git(lm_eval.evaluator):
         try:
             return lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, num_fewshot=h.num_fewshot, limit=limit(h.limit), task_manager=manager,

@@ -413,10 +413,12 @@ def run_artifact(run_dir: str, kind: str, model_id: Optional[str] = None, final_
     train.overwrite's staging sibling)."""
     from frod_cli.runs import load_run_config, read_metrics
 
+    run_dir = os.path.abspath(run_dir)
     results = {name: read_json(os.path.join(run_dir, name)) for name in RUN_RESULTS}
     return Artifact(os.path.join(run_dir, kind), kind, str(run_dir), load_run_config(run_dir),
                     read_metrics(run_dir) or {}, {k: v for k, v in results.items() if v}, model_id=model_id,
-                    location=os.path.join(final_dir, kind) if final_dir else None, run_location=final_dir)
+                    location=os.path.join(os.path.abspath(final_dir), kind) if final_dir else None,
+                    run_location=os.path.abspath(final_dir) if final_dir else None)
 
 
 def export_artifact(directory: str, report: Dict[str, Any], model_id: Optional[str] = None,
