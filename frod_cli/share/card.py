@@ -245,7 +245,7 @@ def trained_rows(a: Artifact, base: Base) -> List[Tuple[str, str]]:
              ("Batch", f"{tc.batch_size} per process x {tc.grad_accum} accumulated x {f.get('num_processes', 1)} "
                        "processes"),
              ("Optimizer", f"{cfg.optimizer.name}, lr {cfg.optimizer.lr:g}" +
-              (f", group lr {dict(cfg.optimizer.group_lr)}" if cfg.optimizer.group_lr else "") +
+              (f", per group {group_rates(a)}" if group_rates(a) else "") +
               f", {cfg.optimizer.scheduler} schedule, seed {tc.seed}"),
              ("Precision", f"weights {cfg.model.dtype}" + (f" ({cfg.model.quantization} 4-bit base)"
                                                            if cfg.model.quantization != "none" else "") +
@@ -298,6 +298,22 @@ def reproduce(a: Artifact) -> str:
     return "\n".join(lines)
 
 
+def group_rates(a: Artifact) -> Dict[str, float]:
+    """optimizer.group_lr for the parameter groups the run had (metrics.jsonl's lr records name them)."""
+    from frod_cli.runs import read_log
+
+    groups = next((set(r["lr"]) for r in read_log(a.run_dir) if isinstance(r.get("lr"), dict)), set())
+    return {k: v for k, v in (a.cfg.optimizer.group_lr or {}).items() if k in groups}
+
+
+def head_kwargs(a: Artifact) -> str:
+    """`, num_labels=K` for a classifier's base (its head is in the adapter, sized by the labels)."""
+    if a.cfg.task.type not in ("seq_cls", "image_cls"):
+        return ""
+    labels = a.cfg.task.labels or (read_json(os.path.join(a.run_dir, "merged", "config.json")) or {}).get("id2label")
+    return f", num_labels={len(labels)}" if labels else ", num_labels=<the run's number of labels>"
+
+
 def adapter_base(a: Artifact, base: Base) -> str:
     """The base a PEFT adapter names (adapter_config.json's base_model_name_or_path), else the run's base."""
     path = os.path.join(a.directory, "adapter_config.json")
@@ -320,7 +336,7 @@ def usage(a: Artifact, base: Base) -> str:
              "not by that name"] if base.name.startswith("tiny:") else [])
     if a.form == "peft":
         text = ["With PEFT (the adapter in PEFT's format):", "", "```python", f"from transformers import {auto}",
-                "from peft import PeftModel", "", *tiny, f'base = {auto}.from_pretrained("{base_name}")',
+                "from peft import PeftModel", "", *tiny, f'base = {auto}.from_pretrained("{base_name}"{head_kwargs(a)})',
                 f'model = PeftModel.from_pretrained(base, "{a.where}")', "```"]
         if auto == CAUSAL and a.kind == "export" and a.export["format"] == "lora":
             r = int(a.export.get("r") or 1)
@@ -336,7 +352,7 @@ def usage(a: Artifact, base: Base) -> str:
                       "vLLM (`frod export path=<the run> format=peft|lora|merged`).", "", "```python",
                       f"from transformers import {auto}", loader,
                       *(["from huggingface_hub import snapshot_download"] if a.model_id else []), "", *tiny,
-                      f'model = load_adapter({auto}.from_pretrained("{base.name}"), {fetch})', "```"])
+                      f'model = load_adapter({auto}.from_pretrained("{base.name}"{head_kwargs(a)}), {fetch})', "```"])
 
 
 def usage_merged(where: str, auto: str) -> str:
