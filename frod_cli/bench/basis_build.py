@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from frod_cli.bench.common import PeakRSS, environment, loadavg, refuse, rss_bytes, write_result
+from frod_cli.bench.common import PeakRSS, environment, int_list, loadavg, rss_bytes, write_result
 
 BUILD_SHAPES = {  # hidden, intermediate, k/v rows (GQA); the real layer shapes of each model
     "llama7b": (4096, 11008, 4096),
@@ -226,10 +226,7 @@ def selected(args) -> bool:
 
 
 def run(args, log) -> int:
-    try:
-        args.blocks_list = [int(b) for b in str(args.blocks).split(",")]
-    except ValueError:
-        refuse(f"--blocks takes a comma list of block counts, got {args.blocks!r}")
+    args.blocks_list = int_list(args.blocks, "--blocks")
     if args.build_worker:
         return build_worker(args)
     torch.set_num_threads(args.threads)

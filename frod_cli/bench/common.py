@@ -57,6 +57,14 @@ def frozen_heap():
         gc.unfreeze()
 
 
+def int_list(text, flag: str) -> List[int]:
+    """A comma list of integers (--blocks 2,4), or a refusal naming the flag."""
+    try:
+        return [int(v) for v in str(text).split(",")]
+    except ValueError:
+        refuse(f"{flag} takes a comma list of integers, got {text!r}")
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device, so that a wall-clock reading covers the work queued before it."""
     if device.type == "cuda":

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from frod_cli.bench.adapters import adapt, adapt_shape_only
-from frod_cli.bench.common import (DevicePeak, environment, fmt_bytes, malloc_trim, optimizer_state_bytes,
+from frod_cli.bench.common import (DevicePeak, environment, fmt_bytes, int_list, malloc_trim, optimizer_state_bytes,
                                    params_buffers_bytes, ratio, refuse, storage_bytes, summarize, write_result)
 from frod_cli.bench.presets import LLAMA_TARGETS, llama_config
 
@@ -316,7 +316,7 @@ def run(args, log) -> int:
         for m in methods:
             if m not in Q_METHODS:
                 refuse(f"unknown --q-methods name {m!r}; use {', '.join(Q_METHODS)}")
-        rows = [quant_memory_row(args, b, base, m, log) for b in (int(x) for x in args.q_blocks.split(","))
+        rows = [quant_memory_row(args, b, base, m, log) for b in int_list(args.q_blocks, "--q-blocks")
                 for base in ("bf16", "nf4") for m in methods]
         text = quant_memory_table(rows)
     else:

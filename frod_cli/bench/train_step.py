@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from frod_cli.bench.adapters import build, check_names, frod_accumulation, frod_available, is_our_frod
-from frod_cli.bench.common import (PeakRSS, environment, fmt_bytes, fmt_r, loadavg, malloc_trim,
+from frod_cli.bench.common import (PeakRSS, environment, fmt_bytes, fmt_r, int_list, loadavg, malloc_trim,
                                    optimizer_state_bytes, params_buffers_bytes, ratio, refuse, rss_bytes, summarize,
                                    sync, write_result)
 from frod_cli.bench.presets import PRESETS, Preset
@@ -564,7 +564,7 @@ def chosen_methods(args) -> List[str]:
 def sweep(args, preset: Preset, methods: List[str], log):
     """One run per value of --sweep-hidden / --sweep-tokens / --sweep-grad-accum: (points, key)."""
     key = "hidden" if args.sweep_hidden else ("tokens" if args.sweep_tokens else "grad_accum")
-    values = [int(v) for v in (args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum).split(",")]
+    values = int_list(args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum, f"--sweep-{key.replace('_', '-')}")
     points = []
     for v in values:
         a = copy.copy(args)
