@@ -91,7 +91,7 @@ def test_frod_method_names(capsys):
     # bad names are refused in one line before anything is built
     for bad, says in (("peft_frod:offload", "runtime_offload_base_weight"), ("qlora", "unknown method 'qlora'")):
         with pytest.raises(SystemExit) as e:
-            main(["--preset", "tiny", "--methods", f"full,{bad}", "--quiet"])
+            main(["--preset", "tiny", "--methods", f"full,{bad}", "--threads", "1", "--quiet"])
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1

@@ -87,7 +87,7 @@ def quant_adapt(model, method: str, args, targets: Sequence[str] = QUANT_TARGETS
         return adapt("frod", model, args, targets)
     if method == "lora":
         return adapt("lora", model, args, targets)
-    refuse(f"unknown --q-methods name {method!r}; use {', '.join(Q_METHODS)}")
+    raise ValueError(f"no 4-bit benchmark method {method!r} (run() checks --q-methods against {Q_METHODS})")
 
 
 def quant_state_bytes(model: torch.nn.Module) -> int:
@@ -309,15 +309,14 @@ def selected(args) -> bool:
 
 
 def run(args, log) -> int:
+    methods, blocks = args.q_methods.split(","), int_list(args.q_blocks, "--q-blocks")
+    unknown = [m for m in methods if m not in Q_METHODS]
+    if unknown:
+        refuse(f"unknown --q-methods name {unknown[0]!r}; use {', '.join(Q_METHODS)}")
     torch.set_num_threads(args.threads)
     env, t0 = environment(args.device), time.perf_counter()
     if args.quantized == "memory":
-        methods = args.q_methods.split(",")
-        for m in methods:
-            if m not in Q_METHODS:
-                refuse(f"unknown --q-methods name {m!r}; use {', '.join(Q_METHODS)}")
-        rows = [quant_memory_row(args, b, base, m, log) for b in int_list(args.q_blocks, "--q-blocks")
-                for base in ("bf16", "nf4") for m in methods]
+        rows = [quant_memory_row(args, b, base, m, log) for b in blocks for base in ("bf16", "nf4") for m in methods]
         text = quant_memory_table(rows)
     else:
         rows = quant_generation(args, log)

@@ -582,8 +582,8 @@ def sweep(args, preset: Preset, methods: List[str], log):
 
 
 def run(args, log) -> int:
-    torch.set_num_threads(args.threads)
     methods = chosen_methods(args)
+    torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     env, t0 = environment(args.device), time.perf_counter()
     if args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum:
