@@ -1,6 +1,7 @@
 """accumulate(model): dW built once per gradient-accumulation window, its gradient projected once, exactly."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -283,3 +284,100 @@ def test_bfloat16_model_sums_in_float32():
         assert all(p.G.dtype == torch.float32 and p.W_eff.dtype == torch.bfloat16 for p in w.parts)
     # both paths see the same bfloat16 weight gradients; only the order of the float32 sums differs
     assert_grads_close(frod_grads(model), frod_grads(ref_model), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windows over FSDP-sharded weights (accumulate.py, "Sharded weights")
+# ---------------------------------------------------------------------------------------------------
+def _saved_grads(out, tag, variant, rank):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / f"grads-{tag}-{variant}-{rank}.safetensors"))
+
+
+def _relative_error(got, ref):
+    a, b = torch.cat([got[k] for k in ref]), torch.cat([ref[k] for k in ref])
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.slow
+def test_sharded_window_grads_equal_micro_batch_and_unsharded(tmp_path):
+    """One 2-process launch (tests/fsdp_window_grads.py: a tiny LLaMA with uneven shards, every layer windowed, U
+    recomputed from the shard's rows or stored): lambda's and S's gradients after a window over FSDP-sharded
+    weights, averaged over the ranks, equal FSDP's per-micro-batch ones and one process's window over all the data
+    (float32, 1e-5 relative), with gradient checkpointing too; every sharded weight is back bit for bit and frozen;
+    each rank held one shard of W and of G per layer, window_buffer_bytes' figure. Under bf16 mixed precision
+    (FSDP gathering and reducing in bf16, as Accelerate sets it) the window's error against float32 is measured."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(root / "tests" / "fsdp_window_grads.py"), str(tmp_path)], env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for tag in ("recomputed", "stored"):
+        ref = _saved_grads(tmp_path, tag, "one", 0)
+        variants = ["one_window", "fsdp", "fsdp_window"] + (["fsdp_window_checkpointing"] if tag == "recomputed" else [])
+        for variant in variants:
+            for rank in (0, 1):
+                assert_grads_close(_saved_grads(tmp_path, tag, variant, rank), ref)
+    ref = _saved_grads(tmp_path, "recomputed", "one", 0)
+    window_bf16 = _relative_error(_saved_grads(tmp_path, "recomputed", "fsdp_window_bf16", 0), ref)
+    micro_batch_bf16 = _relative_error(_saved_grads(tmp_path, "recomputed", "fsdp_bf16", 0), ref)
+    print(f"bf16 mixed precision, relative error against float32: window {window_bf16:.2e}, "
+          f"per micro-batch {micro_batch_bf16:.2e}")
+    assert window_bf16 < 2e-2 and window_bf16 < micro_batch_bf16
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        for key, v in info.items():
+            assert v["weights_restored"] and v["weights_frozen"], key
+            if "window" in key:
+                assert v["windowed"] == v["layers"] == 14 and v["held_after"] == 0, key
+                # one shard of W (float32) and of G per layer: about half the unsharded window's buffers; rank 0
+                # holds the larger share of an uneven split, the figure window_buffer_bytes plans with
+                assert (v["held"] == v["planned"]) if rank == 0 else (v["held"] < v["planned"]), key
+                assert 0.45 < v["planned"] / v["unsharded"] <= 0.55, key
+
+
+def test_auto_takes_the_window_only_where_its_buffers_fit(monkeypatch, caplog):
+    """method.accumulate=auto: the window when its buffers (window_buffer_bytes) take under half the free memory,
+    counting the processes that share it; per micro-batch otherwise; the check says so in the log."""
+    import logging
+
+    from frod_cli.methods import frod as frod_method
+    from frod_cli.methods.base import method_config
+
+    model, _ = adapted("llama", mode="materialize")
+    need = window_buffer_bytes(model)
+    choices = {}
+    for free, sharing in ((4 * need, 1), (int(1.5 * need), 1), (4 * need, 2), (None, 1)):
+        monkeypatch.setattr(frod_method, "_free_memory", lambda m, free=free: free)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(sharing))
+        method = frod_method.FrodMethod(method_config("frod"))
+        with caplog.at_level(logging.INFO, logger="frod.methods.frod"):
+            caplog.clear()
+            context = method.accumulation(model, 4)
+        choices[(free, sharing)] = method.window_choice
+        assert f"method.accumulate=auto: {method.window_choice}" in caplog.text
+        assert isinstance(context, contextlib.nullcontext) == (method.window_choice == "micro_batch")
+    assert choices == {(4 * need, 1): "window", (int(1.5 * need), 1): "micro_batch", (4 * need, 2): "micro_batch",
+                       (None, 1): "window"}
+    method = frod_method.FrodMethod(method_config("frod"))
+    assert isinstance(method.accumulation(model, 1), contextlib.nullcontext)  # K = 1: no window to take
+
+
+def test_sharded_window_buffers_are_one_shard_per_weight():
+    """window_buffer_bytes(model, world): per layer ceil(m / world) rows of W (weights' dtype) and of G (float32);
+    Conv1D layers, sharded by columns, cannot take a window over shards and count nothing."""
+    model, _ = adapted("llama", mode="materialize")
+    shapes = [(layer.out_features, layer.in_features) for _, layer in frod_layers(model)]
+    assert any(m % 3 for m, _ in shapes)  # uneven shards somewhere
+    assert window_buffer_bytes(model, world=3) == sum(-(-m // 3) * n * 8 for m, n in shapes)
+    assert window_buffer_bytes(model, world=1) == window_buffer_bytes(model) == sum(m * n * 8 for m, n in shapes)
+    gpt2, _ = adapted("gpt2", mode="materialize")
+    assert window_buffer_bytes(gpt2, world=2) == 0 and window_buffer_bytes(gpt2) > 0

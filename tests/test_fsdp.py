@@ -51,14 +51,20 @@ def train_two_processes(work: Path, args: List[str]) -> Tuple[Path, str]:
     return runs[0], r.stdout + r.stderr
 
 
-def assert_same_training(one: Path, two: Path, stderr: str, loss_rtol: float = 1e-3) -> None:
+def assert_same_training(one: Path, two: Path, stderr: str, loss_rtol: float = 1e-3,
+                         accumulate: str = "micro_batch") -> None:
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m1["num_processes"] == 1 and m2["num_processes"] == 2
     # the frozen weights were sharded: each rank held half of them
     assert "sharded elements on this rank (50.0%)" in stderr, stderr[-3000:]
     # the FRoD basis and pattern (and the initial trainables) are the same on both ranks and in one process
     assert len(m2["rank_fingerprints"]) == 2 and set(m2["rank_fingerprints"]) == set(m1["rank_fingerprints"])
-    assert m2["method_details"].get("accumulate", "micro_batch") == "micro_batch"
+    details = m2["method_details"]
+    assert details.get("accumulate", "micro_batch") == accumulate
+    if accumulate == "window":  # accumulation windows over the sharded weights: every FRoD layer took them
+        taken, _, layers = details["window_layers"].partition(" of ")
+        assert taken == layers and int(layers) > 0, details
+        assert "FRoD layers took it" in stderr
     r1, r2 = rows(one), rows(two)
     assert [(r.get("step"), r.get("split")) for r in r1] == [(r.get("step"), r.get("split")) for r in r2]
     for a, b in zip(r1, r2):
@@ -89,9 +95,10 @@ def test_fsdp_two_processes_match_one_bert(tmp_path, debug_args, method):
     one = tmp_path / "one"
     code, _ = run_verb("train", [*args, "train.batch_size=16", f"hydra.run.dir={one}"])  # fsdp ignored: 1 process
     assert code == 0
-    # 2 processes x 4 examples x 2 micro-batches: the first backward of each window runs under no_sync
+    # 2 processes x 4 examples x 2 micro-batches: the first backward of each window runs under no_sync; FRoD
+    # takes accumulation windows over the sharded weights (method.accumulate=auto)
     two, stderr = train_two_processes(tmp_path / "two", [*args, "train.batch_size=4", "train.grad_accum=2"])
-    assert_same_training(one, two, stderr)
+    assert_same_training(one, two, stderr, accumulate="window" if method == "frod" else "micro_batch")
     assert "units: BertLayer" in stderr  # BertEmbeddings (in _no_split_modules) left to Accelerate's embedding unit
 
 
@@ -99,15 +106,18 @@ def test_fsdp_two_processes_match_one_bert(tmp_path, debug_args, method):
 def test_fsdp_two_processes_match_one_causal_llama(tmp_path):
     """recipe=sft_smoke (tiny LLaMA, causal_lm): validation loss and perplexity of every evaluation (whose
     greedy generation runs on the sharded model), and the final values equal one process's; the sharded
-    side recomputes its decoder layers in the backward (gradient checkpointing)."""
+    side accumulates in windows over its shards and recomputes its decoder layers in the backward (gradient
+    checkpointing)."""
     args = ["recipe=sft_smoke", "train.cpu=true", "train.keep_checkpoints=true", "train.progress=false",
             "train.fsdp.enabled=true"]
     one = tmp_path / "one"
     code, _ = run_verb("train", [*args, "train.batch_size=8", f"hydra.run.dir={one}"])
     assert code == 0
-    two, stderr = train_two_processes(tmp_path / "two", [*args, "train.batch_size=4",
+    # 2 processes x 2 examples x 2 micro-batches: accumulation windows over the sharded weights, whose backward
+    # recomputes the layers' forwards with W + dW gathered from the shards
+    two, stderr = train_two_processes(tmp_path / "two", [*args, "train.batch_size=2", "train.grad_accum=2",
                                                          "train.gradient_checkpointing=true"])
-    assert_same_training(one, two, stderr)
+    assert_same_training(one, two, stderr, accumulate="window")
     assert "units: LlamaDecoderLayer" in stderr
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m2["validation"]["loss"] == pytest.approx(m1["validation"]["loss"], rel=1e-3)
@@ -154,16 +164,15 @@ def test_fsdp_settings_are_checked(cfg_debug, monkeypatch, change, message):
         D.check_fsdp_config(fsdp_cfg(cfg_debug, **change))
 
 
-def test_window_accumulation_is_refused_and_auto_takes_micro_batch(cfg_debug, monkeypatch):
+@pytest.mark.parametrize("accumulate", ["window", "auto", "micro_batch"])
+def test_accumulation_windows_are_kept_under_fsdp(cfg_debug, monkeypatch, accumulate):
+    """Windows go into the shards (frod/accumulate.py): train.fsdp leaves method.accumulate as given."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = fsdp_cfg(cfg_debug)
     with open_dict(cfg):
-        cfg.method.accumulate = "window"
-    with pytest.raises(FrodCliError, match="accumulate=window"):
-        D.check_fsdp_config(cfg)
-    cfg.method.accumulate = "auto"
+        cfg.method.accumulate = accumulate
     assert D.check_fsdp_config(cfg) is True
-    assert cfg.method.accumulate == "micro_batch"
+    assert cfg.method.accumulate == accumulate
 
 
 def test_full_fine_tuning_is_refused_under_fsdp(monkeypatch):

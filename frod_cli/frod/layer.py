@@ -36,6 +36,9 @@ from .config import FrodError
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
+# prefers_window's "many tokens per micro-batch", where the per-token terms decide (fixed parts only break ties)
+MANY_TOKENS = 2 ** 40
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's transformers.pytorch_utils.Conv1D (weight stored fan_in x fan_out), without importing transformers."""
@@ -248,6 +251,9 @@ class FrodLinear(_KeepOwnTensors):
     # The open accumulate() window this layer belongs to (accumulate.py sets and clears it); a class-level
     # default so that the per-micro-batch path only pays one attribute read.
     _window = None
+    # Tokens of this layer's last training forward in a window over sharded weights: the next such window
+    # decides before its first forward (accumulate.py), from these.
+    window_tokens: Optional[int] = None
     # Set by evaluation_cache() (inference.py) for the block: calls without gradients may hold W + dW.
     hold = False
 
@@ -288,24 +294,31 @@ class FrodLinear(_KeepOwnTensors):
         """U_i^T (n x m), float32: stored, or recomputed as diag(1/sigma_i) V^-1 W_i^T (U_i = W_i V^-T diag(1/sigma_i))."""
         if self.frod_U_t is not None:
             return self.frod_U_t
-        W = weight_of(self.base_layer).detach()
-        return (self.category.V_inv_T.T @ W.T.float()) * self.inv_sigma[:, None]
+        return self.U_t_rows(weight_of(self.base_layer).detach(), slice(None))
+
+    def U_t_rows(self, W_rows: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Columns `rows` of U_i^T (n x r), given W_rows = those rows of W_i (r x n): U_i = W_i V^-T diag(1/sigma_i)
+        holds row by row, so a rank holding some rows of W_i (a shard) forms the same rows of U_i."""
+        if self.frod_U_t is not None:
+            return self.frod_U_t[:, rows]
+        return (self.category.V_inv_T.T @ W_rows.T.float()) * self.inv_sigma[:, None]
 
     @property
     def U(self) -> torch.Tensor:
         return self.U_t().T
 
-    def um_t(self) -> torch.Tensor:
-        """(U_i M_i)^T (n x m, float32), differentiable in lambda_i and s_i."""
-        Ut = self.U_t()
+    def um_t(self, Ut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(U_i M_i)^T (n x m, float32), differentiable in lambda_i and s_i; of some rows of U_i when given their U^T."""
+        Ut = self.U_t() if Ut is None else Ut
         d = self.frod_lambda - self.frod_sigma
         cat = self.category
         # (U M)^T = M^T U^T: diag part scales rows of U^T, entry (r, c) of S moves row r into row c.
         return Ut * d[:, None] + sparse_rows(Ut, self.frod_s, cat.by_col, cat.by_row)
 
-    def delta_weight(self) -> torch.Tensor:
-        """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i."""
-        return self.um_t().T @ self.category.V.T  # (U M) V^T, written straight into the m x n layout of W
+    def delta_weight(self, Ut: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """dW_i = U_i M_i V^T (m x n, float32), differentiable in lambda_i and s_i; given Ut = columns of U_i^T
+        (`U_t_rows`), those rows of dW_i."""
+        return self.um_t(Ut).T @ self.category.V.T  # (U M) V^T, written straight into the m x n layout of W
 
     def version_key(self) -> tuple:
         """Changes whenever lambda_i, S_i or the base weight do: the key of anything built from W + dW."""
@@ -322,14 +335,16 @@ class FrodLinear(_KeepOwnTensors):
             return weight_of(base).add_(dW)  # a fresh dequantized W: add in place, one m x n less
         return base.weight + (dW.T if is_conv1d(base) else dW)
 
-    def backward_delta_weight(self, G: torch.Tensor) -> None:
+    def backward_delta_weight(self, G: torch.Tensor, Ut: Optional[torch.Tensor] = None) -> None:
         """Add dL/dlambda_i and dL/ds_i to their .grad, given G = dL/d(dW_i) (m x n, any float dtype).
 
         dW_i = (U_i M_i) V^T, so dL/d(U_i M_i) = G V; autograd carries it through (U_i M_i)^T = M_i^T U_i^T
         to the diagonal (lambda_i) and the pattern entries (s_i): dL/dM_i = U_i^T G V, the same products the
-        per-micro-batch backward runs. M_i enters dW_i linearly, so G may be a sum over micro-batches."""
+        per-micro-batch backward runs. M_i enters dW_i linearly, so G may be a sum over micro-batches.
+        Given Ut (columns of U_i^T, `U_t_rows`) and G of the same rows only, it adds that rows' share of the
+        sum U_i^T G V = sum_r u_r^T g_r V: the shares of all rows add up to the gradient."""
         with torch.enable_grad():
-            CT = self.um_t()
+            CT = self.um_t(Ut)
             torch.autograd.backward(CT, (G.float() @ self.category.V).T)
 
     def delta_grads(self, G: torch.Tensor, need_lambda: bool = True, need_s: bool = True):
@@ -391,7 +406,7 @@ class FrodLinear(_KeepOwnTensors):
         mat, proj = self._step_costs(tokens) if training else self._call_costs(tokens)
         return "materialize" if mat <= proj else "project"
 
-    def prefers_window(self, tokens: int, micro_batches: Optional[float]) -> bool:
+    def prefers_window(self, tokens: Optional[int], micro_batches: Optional[float], shards: int = 1) -> bool:
         """Whether building W_i + dW_i once for a window of `micro_batches` micro-batches of `tokens` tokens
         costs less than this layer's own per-micro-batch order (choose_mode) over the window.
 
@@ -403,16 +418,20 @@ class FrodLinear(_KeepOwnTensors):
         So with U stored the window wins for any K > 1; recomputing U it wins for K >= 2 wherever
         materialize wins per micro-batch, and against project (4 T n^2 per micro-batch) only while
         T m n + fixed / K < 4 T n^2, never for m >= 4 n (BERT's intermediate.dense keeps projecting).
-        A forced mode="project" keeps its order. micro_batches=None means "many": fixed / K -> 0."""
+        A forced mode="project" keeps its order. micro_batches=None means "many": fixed / K -> 0.
+        Sharded weights (FSDP, `shards` ranks): each rank builds and projects only its rows, fixed / shards,
+        while the per-token terms stay whole (every rank runs its own micro-batches). tokens=None: not known
+        yet (before a window's first forward), taken as many, where the per-token terms decide."""
         if self.mode == "project":
             return False
-        m, n, T = self.out_features, self.in_features, tokens
+        m, n = self.out_features, self.in_features
+        T = MANY_TOKENS if tokens is None else tokens
         u = 0 if self.frod_U_t is not None else m * n * n
-        fixed = 2 * u + 2 * m * n * n
+        fixed = (2 * u + 2 * m * n * n) / max(1, shards)
         K = math.inf if micro_batches is None else max(1, micro_batches)
         window = fixed / K + T * m * n
-        mat, proj = self._step_costs(tokens)
-        per_micro_batch = mat if self.choose_mode(tokens, True) == "materialize" else proj
+        mat, proj = self._step_costs(T)
+        per_micro_batch = mat if self.choose_mode(T, True) == "materialize" else proj
         return window < per_micro_batch
 
     # ---- forward ----------------------------------------------------------------------------------

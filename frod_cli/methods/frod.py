@@ -5,7 +5,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, List, Optional
+from typing import Any, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ class FrodMethod(Method):
         if cfg.accumulate not in ACCUMULATE:
             raise FrodCliError(f"method.accumulate must be one of {', '.join(ACCUMULATE)}, got {cfg.accumulate!r}")
         self.window_choice: Optional[str] = None
+        self.window_layers: Optional[str] = None  # "N of M": the FRoD layers that took the first window
         self.eval_logged = False
         self.basis: Optional[Dict[str, Any]] = None  # how adapt got the bases (describe)
 
@@ -148,11 +149,25 @@ class FrodMethod(Method):
             self.window_choice = self._choose_window(model, micro_batches)
         if self.window_choice != "window":
             return contextlib.nullcontext()
+        return self._window(model, micro_batches)
+
+    @contextlib.contextmanager
+    def _window(self, model: nn.Module, micro_batches: int) -> Iterator[Any]:
+        """frod_cli.frod.accumulate; how many layers took the first window is logged (and in describe): each
+        layer decides by its own costs (FrodLinear.prefers_window), so method.accumulate=window is no promise."""
         from frod_cli.frod import accumulate
 
-        return accumulate(model, micro_batches=micro_batches)
+        with accumulate(model, micro_batches=micro_batches) as window:
+            yield window
+        if self.window_layers is None:
+            self.window_layers = f"{len(window.layers)} of {len(window.parts)}"
+            log.info("accumulation window of %d micro-batches: %s FRoD layers took it (the others keep their "
+                     "per-micro-batch order, cheaper for them)", micro_batches, self.window_layers)
 
     def _choose_window(self, model: nn.Module, micro_batches: int) -> str:
+        """auto: the window where K > 1 and its buffers (`window_buffer_bytes`: per layer W + dW and the float32
+        gradient sum, or one shard of W and of the sum where FSDP shards the weights) take under half the free
+        memory, counting every process that shares it (the ranks of a CPU launch share the host's)."""
         from frod_cli.frod import window_buffer_bytes
 
         mode = self.cfg.accumulate
@@ -160,18 +175,45 @@ class FrodMethod(Method):
             return mode
         if micro_batches <= 1:
             return "micro_batch"
-        need = window_buffer_bytes(model)  # W + dW and the float32 gradient sum per layer, at most
-        free = _free_memory(model)
-        choice = "window" if free is None or need < 0.5 * free else "micro_batch"
-        log.info("method.accumulate=auto: %s (window buffers %.1f MiB, free memory %s)", choice, need / 2**20,
-                 "unknown" if free is None else f"{free / 2**20:.0f} MiB")
+        need = window_buffer_bytes(model)  # on this process: sharded layers count their shards only
+        free, sharing = _free_memory(model), _processes_sharing_memory(model)
+        fits = free is None or need * sharing < 0.5 * free
+        # every process takes the same path (the loop's gradient syncing differs between them; sharded windows
+        # gather each other's rows): the window only where it fits on every one
+        choice = "window" if _on_every_process(fits, model) else "micro_batch"
+        log.info("method.accumulate=auto: %s (window buffers %.1f MiB per process x %d process(es) on this "
+                 "memory, free memory %s; the window needs under half of it on every process)", choice,
+                 need / 2**20, sharing, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
         return choice
 
     def describe(self) -> Dict[str, Any]:
         details: Dict[str, Any] = {"accumulate": self.window_choice or "micro_batch"}
+        if self.window_layers is not None:
+            details["window_layers"] = self.window_layers
         if self.basis is not None:
             details["basis"] = self.basis
         return details
+
+
+def _on_every_process(flag: bool, model: nn.Module) -> bool:
+    """`flag` and'ed over the processes of a distributed launch (one all-reduce); `flag` itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=next(model.parameters()).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _processes_sharing_memory(model: nn.Module) -> int:
+    """The processes of this launch on the memory `_free_memory` reads: one per GPU, every local rank on the CPU."""
+    if next(model.parameters()).device.type == "cuda":
+        return 1
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _free_memory(model: nn.Module) -> Optional[int]:

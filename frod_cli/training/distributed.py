@@ -41,9 +41,12 @@ weights are shards, so:
   - merged/: rank 0 rebuilds the model on CPU (the base as loaded at the start, plus the adapter of the
     current values; no basis is recomputed) and merges that; the merge check compares it with the
     sharded model's own outputs (`FinetuneRecipe._write_merged_sharded`).
-  - accumulation windows (method.accumulate=window, frod/accumulate.py) build W + dW outside the
-    forward's gather and keep it for every adapted layer for the whole window: an unsharded copy of all
-    adapted weights. Refused under FSDP; `auto` takes the per-micro-batch path (logged).
+  - accumulation windows (method.accumulate=window|auto, frod/accumulate.py) go into the shards: at the
+    window's open each rank writes its rows of W + dW into its shard of W (FSDP then gathers W + dW), the
+    weight requires grad for the window so that FSDP reduce-scatters its gradient into the ranks' rows after
+    every micro-batch (the window keeps that on inside the loop's no_sync), and at the exit each rank
+    restores its rows and projects its rows' share; the loop's average over the ranks after the window
+    sums the shares. Memory: one shard of W and of its float32 gradient per windowed weight.
   - FrodLinear's evaluation cache keeps one m x n dW per layer across calls (an unsharded copy again):
     dropped after each forward of a sharded model (`drop_frod_caches`).
 Also: after a forward without gradients every unit is resharded, so that code run on rank 0 alone (PEFT's
@@ -112,15 +115,6 @@ def check_fsdp_config(cfg: Any) -> bool:
         raise FrodCliError(f"train.fsdp: method={cfg.method.name} trains every weight, so its trainables and "
                            "optimizer state would be sharded; frod train shards frozen weights only (FRoD, LoRA "
                            "family) for now. Use DDP (train.fsdp.enabled=false) for full fine-tuning")
-    accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
-    if accumulate == "window":
-        raise FrodCliError("method.accumulate=window needs every adapted layer's full W + dW outside the forward "
-                           "for the whole window, which sharding forbids: use method.accumulate=micro_batch (or "
-                           "auto) with train.fsdp")
-    if accumulate == "auto":
-        cfg.method.accumulate = "micro_batch"
-        log.info("train.fsdp: method.accumulate=auto takes micro_batch (a window would hold an unsharded "
-                 "W + dW per adapted layer)")
     return True
 
 
