@@ -60,7 +60,9 @@ def loss_of(model, ids):
     return (logits * readout).sum() / K
 
 
-def sharded(model, mixed: bool = False, checkpointing: bool = False):
+def sharded(model, mixed: bool = False, checkpointing: bool = False, keep: bool = False):
+    """fully_shard per decoder layer and the root; keep: the layers' gathered weights kept from the forward to the
+    backward (reshard_after_forward=False, train.fsdp.reshard_after_forward=false)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if checkpointing:
@@ -71,7 +73,7 @@ def sharded(model, mixed: bool = False, checkpointing: bool = False):
     # the trainables whole on every rank, as frod train's
     kw["ignored_params"] = {p for p in model.parameters() if p.requires_grad}
     for layer in model.model.layers:
-        fully_shard(layer, **kw)
+        fully_shard(layer, reshard_after_forward=not keep, **kw)
     fully_shard(model, **kw)
     return model
 
@@ -124,13 +126,15 @@ def run_variants(out: Path, rank: int, world: int) -> None:
         one_process(ref_window, every_rank, window=True)
         save_file(grads(ref), str(out / f"grads-{tag}-one-{rank}.safetensors"))
         save_file(grads(ref_window), str(out / f"grads-{tag}-one_window-{rank}.safetensors"))
-        variants = {"fsdp": (False, False, False), "fsdp_window": (True, False, False),
-                    "fsdp_window_checkpointing": (True, False, True), "fsdp_bf16": (False, True, False),
-                    "fsdp_window_bf16": (True, True, False)}
-        for name, (window, mixed, checkpointing) in variants.items():
+        # name: (window, bf16 mixed precision, gradient checkpointing, gathered weights kept for the backward)
+        variants = {"fsdp": (False, False, False, False), "fsdp_window": (True, False, False, False),
+                    "fsdp_window_checkpointing": (True, False, True, False),
+                    "fsdp_window_kept": (True, False, False, True),
+                    "fsdp_bf16": (False, True, False, False), "fsdp_window_bf16": (True, True, False, False)}
+        for name, (window, mixed, checkpointing, keep) in variants.items():
             if store_u and name not in ("fsdp", "fsdp_window"):
                 continue
-            model = sharded(adapted(store_u), mixed, checkpointing)
+            model = sharded(adapted(store_u), mixed, checkpointing, keep)
             before, planned = full_weights(model), window_buffer_bytes(model)
             w, held = step(model, every_rank[rank], window, mixed)
             after = full_weights(model)

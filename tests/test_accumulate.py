@@ -305,7 +305,8 @@ def test_sharded_window_grads_equal_micro_batch_and_unsharded(tmp_path):
     """One 2-process launch (tests/fsdp_window_grads.py: a tiny LLaMA with uneven shards, every layer windowed, U
     recomputed from the shard's rows or stored): lambda's and S's gradients after a window over FSDP-sharded
     weights, averaged over the ranks, equal FSDP's per-micro-batch ones and one process's window over all the data
-    (float32, 1e-5 relative), with gradient checkpointing too; every sharded weight is back bit for bit and frozen;
+    (float32, 1e-5 relative), with gradient checkpointing and with the gathered weights kept from the forward to the
+    backward (reshard_after_forward=False) too; every sharded weight is back bit for bit and frozen;
     each rank held one shard of W and of G per layer, window_buffer_bytes' figure. Under bf16 mixed precision
     (FSDP gathering and reducing in bf16, as Accelerate sets it) the window's error against float32 is measured."""
     import json
@@ -322,7 +323,9 @@ def test_sharded_window_grads_equal_micro_batch_and_unsharded(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     for tag in ("recomputed", "stored"):
         ref = _saved_grads(tmp_path, tag, "one", 0)
-        variants = ["one_window", "fsdp", "fsdp_window"] + (["fsdp_window_checkpointing"] if tag == "recomputed" else [])
+        variants = ["one_window", "fsdp", "fsdp_window"]
+        if tag == "recomputed":
+            variants += ["fsdp_window_checkpointing", "fsdp_window_kept"]
         for variant in variants:
             for rank in (0, 1):
                 assert_grads_close(_saved_grads(tmp_path, tag, variant, rank), ref)

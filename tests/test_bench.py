@@ -144,3 +144,37 @@ def test_shape_only_basis_is_read_from_the_cache_by_the_registry_method(monkeypa
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)
     assert not (tmp_path / "user-cache").exists()
+
+
+def test_fsdp_step_worker_in_one_process(tmp_path, monkeypatch, capsys):
+    """--fsdp's worker (what torchrun starts per rank) in this process as a 1-rank gloo group: full fine-tuning on
+    the shards, FRoD per micro-batch and with windows over the shards, measured by the train step's machinery; the
+    window's held bytes are its plan's; the table renders. The launch itself: docs/PERFORMANCE.md; its refusals."""
+    import socket
+
+    from frod_cli.bench.fsdp_step import fsdp_table
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "FROD_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    methods = ["full", "frod:micro_batch", "frod:window"]
+    assert main(["--fsdp-worker", "--preset", "tiny", "--methods", ",".join(methods), "--grad-accum", "2",
+                 "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    res = json.loads((tmp_path / "rank-0.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == methods and res["config"]["processes"] == 1 and res["config"]["grad_accum"] == 2
+    assert rows["full"]["trainable"] > 100 * rows["frod:window"]["trainable"] > 0
+    assert rows["frod:micro_batch"]["vs_frod_micro_batch"] == 1.0 and rows["frod:window"]["vs_full"]["step"] > 0
+    w, held = rows["frod:window"]["window"], rows["frod:window"]["held"]
+    assert 0 < w["layers"] <= w["of"] and held["counted"]["total"] == held["planned"] > 0
+    assert "window_extra_vs_planned" in held and rows["full"]["held"]["counted"] is None
+    text = fsdp_table(dict(res, processes=1, rank_step_s=[{m: r["step_s"]["total"]["median"] for m, r in rows.items()}]))
+    assert "| frod:window |" in text and "x frod:micro_batch" in text
+    for argv, says in ((["--fsdp", "--fsdp-procs", "1"], "--fsdp-procs"), (["--fsdp", "--device", "cuda"], "CPU"),
+                       (["--fsdp", "--methods", "full,frod:sideways"], "unknown frod mode")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err

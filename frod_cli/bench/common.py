@@ -188,11 +188,14 @@ class DevicePeak:
 
 # ---- bytes ---------------------------------------------------------------------------------------------
 def storage_bytes(tensors: Iterable[Optional[torch.Tensor]]) -> int:
-    """Bytes of the distinct storages under `tensors` (a tensor sharing another's storage counts once)."""
+    """Bytes of the distinct storages under `tensors` (a tensor sharing another's storage counts once; of a sharded
+    DTensor, this process's shard)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        if hasattr(t, "to_local"):  # a DTensor (FSDP's shards): this process's part
+            t = t.to_local()
         st = t.untyped_storage()
         key = (t.device.type, st.data_ptr())
         if key in seen:

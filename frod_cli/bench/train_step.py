@@ -70,6 +70,8 @@ class Runner:
     mem: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
     window: Optional[Callable] = None  # Method.accumulation(model, K) for the frod ...:window methods
+    # after the micro-batches (and the window's exit), before the optimizer: e.g. the average over the ranks
+    after_backward: Optional[Callable] = None
 
 
 @dataclass
@@ -120,9 +122,9 @@ def step_segments(r: Runner, batches, loss_fn, device, window_k: Optional[int] =
     """One optimizer step as a generator that yields after each micro-batch: forward + loss and backward
     of each micro-batch in `batches` (loss / K when K > 1), inside r.window's accumulation window when set
     (told window_k micro-batches, default len(batches); entered in the first forward, its exit, the
-    projection, is timed as backward), then opt.step() and zero_grad. Only its own segments are timed (wall
-    and process CPU time), so that steps of several methods can be interleaved micro-batch by micro-batch.
-    Returns the phase times."""
+    projection, is timed as backward, as is r.after_backward), then opt.step() and zero_grad. Only its own
+    segments are timed (wall and process CPU time), so that steps of several methods can be interleaved
+    micro-batch by micro-batch. Returns the phase times."""
     K = len(batches)
     t = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "window_exit": 0.0, "cpu": 0.0}
     losses: List[torch.Tensor] = []
@@ -148,13 +150,17 @@ def step_segments(r: Runner, batches, loss_fn, device, window_k: Optional[int] =
     if w is not None:
         window.__exit__(None, None, None)
         sync(device)
+    tw = time.perf_counter()
+    if r.after_backward is not None:
+        r.after_backward()
+        sync(device)
     t2 = time.perf_counter()
     r.opt.step()
     r.opt.zero_grad(set_to_none=True)
     sync(device)
     t3 = time.perf_counter()
     t["cpu"] += time.process_time() - c0
-    t["window_exit"] = t2 - te
+    t["window_exit"] = tw - te
     t["backward"] += t2 - te
     t["optimizer"] = t3 - t2
     t["total"] = t["forward"] + t["backward"] + t["optimizer"]

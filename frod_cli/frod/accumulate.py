@@ -281,15 +281,17 @@ def shard_rows(layer: FrodLinear) -> Optional[Tuple[slice, int]]:
     return (rows, world) if rows.stop == min(start + chunk, m) else None
 
 
-def window_buffer_bytes(model: nn.Module, world: Optional[int] = None) -> int:
+def window_buffer_bytes(model: nn.Module, world: Optional[int] = None, layers: Optional[List[str]] = None) -> int:
     """What a window holds at most on this process (every adapted layer windowed), for deciding whether one fits
     before it opens. Per layer (m x n): W_i + dW_i in the weights' dtype and the float32 gradient sum G_i, both
     m x n; on a 4-bit base W_i + dW_i is in the compute dtype: four times the packed weight or more. A layer
     sharded by FSDP (`shard_rows`) holds one shard of each: ceil(m / world) rows, rank 0's share, the largest.
     world: count every layer as sharded over this many processes (for planning a launch; Conv1D and 4-bit
-    layers cannot be, and count 0); None: as the model is."""
+    layers cannot be, and count 0); None: as the model is. layers: only these (names, e.g. a Window's `layers`)."""
     total = 0
-    for _, layer in frod_layers(model):
+    for name, layer in frod_layers(model):
+        if layers is not None and name not in layers:
+            continue
         base = layer.base_layer
         m, n = weight_shape(base)
         if world is None:
