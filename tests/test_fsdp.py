@@ -175,6 +175,19 @@ def test_accumulation_windows_are_kept_under_fsdp(cfg_debug, monkeypatch, accumu
     assert cfg.method.accumulate == accumulate
 
 
+def test_accumulation_windows_on_a_4bit_base_under_fsdp(cfg_debug):
+    """A 4-bit base's packed shards cannot hold W + dW: window refused in one line, auto takes micro_batch."""
+    cfg = fsdp_cfg(cfg_debug)
+    with open_dict(cfg):
+        cfg.model.quantization = "nf4"
+        cfg.method.accumulate = "window"
+    with pytest.raises(FrodCliError, match="accumulate=window with train.fsdp on a nf4 base"):
+        D.check_fsdp_accumulation(cfg)
+    cfg.method.accumulate = "auto"
+    D.check_fsdp_accumulation(cfg)
+    assert cfg.method.accumulate == "micro_batch"
+
+
 def test_full_fine_tuning_is_refused_under_fsdp(monkeypatch):
     from conftest import compose_train
 

@@ -6,6 +6,8 @@ Layout, one module per question over shared helpers:
                   (--preset, --methods, --grad-accum, the sweeps);
 - basis_build.py  --build: the FRoD basis build, cold, from the cache, split over processes (torchrun);
 - quantized.py    --quantized memory|generation: FRoD on a 4-bit base next to QLoRA;
+- fsdp_step.py    --fsdp: the train step under FSDP2 (torchrun processes over gloo): full fine-tuning on the shards
+                  against FRoD per micro-batch and with accumulation windows over the shards, and what a window holds;
 - common.py       what they share: the resident-set peak (`PeakRSS`: VmHWM after clear_refs, a sampling thread
                   elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),
                   `params_buffers_bytes` / `optimizer_state_bytes` / `storage_bytes` (each storage once),
@@ -22,7 +24,8 @@ How to add a benchmark:
    `selected(args) -> bool` (that flag is set) and `run(args, log) -> int`, which ends with
    `write_result(result, table, args.out or "bench_out/<name>.json")`, `result` holding
    `environment(args.device)` and `wall_s`.
-2. Add the module to `cli.benchmarks()` (before train_step, the default).
+2. Add the module to `cli.benchmarks()` (before train_step, the default). A benchmark over several processes
+   starts torchrun on its own hidden worker flag (basis_build.py, fsdp_step.py).
 3. Build models with `presets` (or its own shapes), methods with `adapters.build` / `adapters.adapt`, measure with
    `common` (extend `environment` there when every result should record something new, e.g. CPU capabilities).
 4. Its test calls `cli.main([...])` in-process on tiny shapes (tests/test_bench.py), asserting the JSON's keys and

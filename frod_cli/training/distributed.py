@@ -115,7 +115,25 @@ def check_fsdp_config(cfg: Any) -> bool:
         raise FrodCliError(f"train.fsdp: method={cfg.method.name} trains every weight, so its trainables and "
                            "optimizer state would be sharded; frod train shards frozen weights only (FRoD, LoRA "
                            "family) for now. Use DDP (train.fsdp.enabled=false) for full fine-tuning")
+    check_fsdp_accumulation(cfg)
     return True
+
+
+def check_fsdp_accumulation(cfg: Any) -> None:
+    """method.accumulate under train.fsdp: a window goes into each rank's shard of the adapted weights
+    (frod/accumulate.py), which a 4-bit base's packed shards cannot hold: there `window` is refused and `auto`
+    takes micro_batch (logged)."""
+    accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
+    quantization = str(cfg.model.get("quantization", "none") or "none")
+    if accumulate not in ("window", "auto") or quantization == "none":
+        return
+    if accumulate == "window":
+        raise FrodCliError(f"method.accumulate=window with train.fsdp on a {quantization} base: a window writes W + dW "
+                           "into each rank's shard of the weights, which packed 4-bit shards cannot hold; use "
+                           "method.accumulate=micro_batch (or auto), or DDP")
+    cfg.method.accumulate = "micro_batch"
+    log.info("train.fsdp: method.accumulate=auto takes micro_batch on a %s base (a window writes W + dW into the "
+             "weights' shards, which 4-bit shards cannot hold)", quantization)
 
 
 def make_plugin(fc: Any, on_cpu: bool = False):
