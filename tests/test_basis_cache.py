@@ -234,6 +234,23 @@ with warnings.catch_warnings():
     model = apply_frod(base(), config(basis_build="streamed"))
 save_adapter(model, f"{out}/streamed-{rank}")
 reports["streamed"] = basis_report(model)
+# sharded weights (DTensor, as FSDP2 holds them): every rank gathers each layer and builds every category
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from frod_cli.frod.adapter import find_targets, group_categories
+from frod_cli.frod.build import build_bases
+from frod_cli.frod.cache import BasisCache
+mesh = init_device_mesh("cpu", (2,))
+groups = group_categories(find_targets(base(), config()))
+for members in groups.values():
+    for _, m in members:
+        m.weight = torch.nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Shard(0)]), requires_grad=False)
+for phase in ("sharded-cold", "sharded-hit"):
+    bases, reports[phase] = build_bases(groups, 1e-3, "float32", "fp", build="streamed", cache=BasisCache(cache))
+    save_file({f"{k}.{name}": t.contiguous() for k, b in bases.items() for name, t in
+               [("V", b.V), ("sigma", torch.stack(b.sigma))] + ([("V_inv_T", b.V_inv_T)] if b.U is None else [])},
+              f"{out}/{phase}-{rank}.safetensors")
 try:  # rank 1 asks for another regularization: refused on both ranks, no hang
     apply_frod(base(), config(regularization=1e-3 if rank == 0 else 2e-3))
     reports["mismatch"] = "accepted"
@@ -304,9 +321,27 @@ def test_two_processes_split_the_categories_and_equal_one_process(tmp_path, basi
         assert {r["rank"] for r in rep["streamed"]} == {0, 1}
         assert "the processes adapt different models" in rep["mismatch"]
     assert "another process refused" in reports[0]["failure"] and reports[1]["failure"] == "refused on purpose"
+    for rep in reports:  # sharded: each rank built every category itself, the second time from the cache
+        assert {(r["rank"] == rep["sharded-cold"][0]["rank"], r["source"]) for r in rep["sharded-cold"]} == \
+            {(True, "computed")} and {r["source"] for r in rep["sharded-hit"]} == {"cache"}
+    from frod_cli.frod.adapter import find_targets, group_categories
+    from frod_cli.frod.build import build_bases
+
+    torch.set_num_threads(1)
+    try:
+        plain, _ = build_bases(group_categories(find_targets(base(), config())), 1e-3, "float32", "fp",
+                               build="streamed")
+    finally:
+        torch.set_num_threads(threads)
+    for phase in ("sharded-cold", "sharded-hit"):
+        for rank in (0, 1):
+            got = load_file(str(tmp_path / f"{phase}-{rank}.safetensors"))
+            for k, b in plain.items():
+                assert torch.equal(got[f"{k}.V"], b.V) and torch.equal(got[f"{k}.sigma"], torch.stack(b.sigma)), k
     owners = [[(r["category"], r["rank"]) for r in rep["plain"]] for rep in reports]
     assert owners[0] == owners[1]  # one plan on both ranks
-    assert len(list_entries(basis_cache)) == 7  # each entry written once, by the rank that computed it
+    # each entry written once, by the rank that computed it (sharded: by rank 0); the streamed ones key apart
+    assert sorted(e["build"] for e in list_entries(basis_cache)) == ["memory"] * 7 + ["streamed"] * 7
 
 
 @pytest.mark.cuda

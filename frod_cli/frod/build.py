@@ -128,6 +128,7 @@ def build_category(key: str, source: WeightSource, regularization: float, dtype:
     writing the entry."""
     shapes = list(source.shapes)
     mode, where = choose_build(build, shapes, dtype, torch.device(device) if device is not None else source.device)
+    mode = "memory" if collective_min(mode == "memory", source, where) else "streamed"
     report = {"category": key, "layers": len(shapes), "n": int(shapes[0][1]), "rank": world_and_rank()[1],
               "source": "computed", "build": mode, **{m: 0.0 for m in MEASURES}}
     basis, entry = None, None
@@ -135,7 +136,8 @@ def build_category(key: str, source: WeightSource, regularization: float, dtype:
         c0, t0 = time.process_time(), time.perf_counter()
         entry = source_key(key, source, regularization, str(dtype).replace("torch.", ""), streamed=mode == "streamed")
         t1 = time.perf_counter()
-        basis = agree_on_hit(cache.load(entry, shapes, dtype), source, where)
+        basis = cache.load(entry, shapes, dtype)
+        basis = basis if collective_min(basis is not None, source, where) else None
         report.update(hash_s=t1 - t0, load_s=time.perf_counter() - t1, cache_cpu_s=time.process_time() - c0,
                       source="computed" if basis is None else "cache")
     if basis is None:
@@ -156,18 +158,18 @@ def build_category(key: str, source: WeightSource, regularization: float, dtype:
     return to_device(basis, source.device), report
 
 
-def agree_on_hit(basis: Optional[CategoryBasis], source: WeightSource,
-                 device: torch.device) -> Optional[CategoryBasis]:
-    """A collective source is decomposed by every rank together: all use the cache only if all found the entry
-    (a rank that missed would otherwise wait in a gather the others never join)."""
+def collective_min(flag: bool, source: WeightSource, device: torch.device) -> bool:
+    """For a collective source, which every rank reads in the same order: whether `flag` holds on every rank (a
+    rank alone taking another branch, a cache hit or the in-memory build, would wait in a gather the others
+    never join). Other sources: `flag` as it is."""
     world, _ = world_and_rank()
     if not source.collective or world == 1:
-        return basis
+        return flag
     import torch.distributed as dist
 
-    found = torch.tensor([0 if basis is None else 1], dtype=torch.int64, device=comm_device(device))
-    dist.all_reduce(found, op=dist.ReduceOp.MIN)
-    return basis if int(found.item()) == 1 else None
+    mine = torch.tensor([int(bool(flag))], dtype=torch.int64, device=comm_device(device))
+    dist.all_reduce(mine, op=dist.ReduceOp.MIN)
+    return bool(int(mine.item()))
 
 
 def workspace_bytes(shapes: Sequence[Tuple[int, int]], dtype: torch.dtype) -> int:
