@@ -253,3 +253,19 @@ def test_a_sharded_weight_is_gathered_one_layer_at_a_time(tmp_path):
         assert reconstruction(basis, [W.double()]) < 1e-12
     finally:
         dist.destroy_process_group()
+
+
+def test_the_streamed_build_benchmark_runs_on_tiny_shapes(tmp_path, capsys):
+    """The benchmark's memory/time points (each build in its own process) reach its JSON and table; nothing
+    timed is asserted."""
+    import json
+
+    from frod_cli.bench.basis_stream import main
+
+    out = tmp_path / "stream.json"
+    assert main(["--build-shape", "tiny", "--blocks", "3", "--build-mode", "streamed", "--stream-roles",
+                 "gate_proj", "--quiet", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["memory"]["rows"]
+    assert (row["blocks"], row["build"], row["weights_bytes"]) == (3, "streamed", 3 * 160 * 64 * 2)
+    assert row["peak_bytes"] >= row["rss_loaded_bytes"] > row["weights_bytes"]
+    assert "| tiny | gate_proj | 3 | streamed |" in capsys.readouterr().out

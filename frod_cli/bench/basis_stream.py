@@ -117,27 +117,34 @@ def point(args, shape: str, role: str, blocks: int, mode: str, log) -> Dict[str,
     return row
 
 
-def memory_and_time(args, log) -> Dict[str, Any]:
-    """Every (role, blocks, mode) point of --build-shape, and per role the targets' ratios."""
+def memory_and_time(args, log, save=lambda partial: None) -> Dict[str, Any]:
+    """Every (role, blocks, mode) point of --build-shape, and per role the targets' ratios; `save` gets the rows
+    so far after each point (a long run keeps what it measured)."""
     modes = [m.strip() for m in args.build_mode.split(",")]
     roles = [r.strip() for r in args.stream_roles.split(",")]
     blocks = [int(b) for b in str(args.blocks).split(",")]
-    rows = [point(args, args.build_shape, role, b, mode, log) for role in roles for b in blocks for mode in modes]
-    summary = {}
+    rows: List[Dict[str, Any]] = []
     for role in roles:
-        by = {(r["mode"], r["blocks"]): r for r in rows if r["role"] == role}
-        s: Dict[str, Any] = {}
-        for mode in modes:
-            first, last = by[(mode, blocks[0])], by[(mode, blocks[-1])]
-            s[f"{mode}_peak_growth"] = last["peak_beyond_weights_bytes"] / max(1, first["peak_beyond_weights_bytes"])
-            s[f"{mode}_peak_max_bytes"] = max(by[(mode, b)]["peak_beyond_weights_bytes"] for b in blocks)
-        if {"memory", "streamed"} <= set(modes):
-            s["streamed_vs_memory_cpu"] = {b: by[("streamed", b)]["decomposition_cpu_s"]
-                                           / by[("memory", b)]["decomposition_cpu_s"] for b in blocks}
-            s["streamed_vs_memory_wall"] = {b: by[("streamed", b)]["decomposition_s"]
-                                            / by[("memory", b)]["decomposition_s"] for b in blocks}
-        summary[role] = s
-    return {"rows": rows, "summary": summary}
+        for b in blocks:
+            for mode in modes:
+                rows.append(point(args, args.build_shape, role, b, mode, log))
+                save({"rows": rows})
+    return {"rows": rows, "summary": {role: role_summary(rows, role, modes, blocks) for role in roles}}
+
+
+def role_summary(rows: List[Dict[str, Any]], role: str, modes: List[str], blocks: List[int]) -> Dict[str, Any]:
+    """Peak growth from the fewest to the most blocks per build, and streamed / memory decomposition time."""
+    by = {(r["mode"], r["blocks"]): r for r in rows if r["role"] == role}
+    s: Dict[str, Any] = {}
+    for mode in modes:
+        first, last = by[(mode, blocks[0])], by[(mode, blocks[-1])]
+        s[f"{mode}_peak_growth"] = last["peak_beyond_weights_bytes"] / max(1, first["peak_beyond_weights_bytes"])
+        s[f"{mode}_peak_max_bytes"] = max(by[(mode, b)]["peak_beyond_weights_bytes"] for b in blocks)
+    if {"memory", "streamed"} <= set(modes):
+        for key, what in (("streamed_vs_memory_cpu", "decomposition_cpu_s"), ("streamed_vs_memory_wall",
+                                                                               "decomposition_s")):
+            s[key] = {b: by[("streamed", b)][what] / by[("memory", b)][what] for b in blocks}
+    return s
 
 
 def memory_table(result: Dict[str, Any]) -> str:
@@ -261,18 +268,18 @@ def run(args, log) -> int:
         return worker(args)
     torch.set_num_threads(args.threads)
     result: Dict[str, Any] = {"threads": args.threads, "load_start": os.getloadavg()}
+    out = Path(args.out or f"bench_out/build-stream-{args.build_shape}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tables = []
     if args.build_mode:
-        result["memory"] = memory_and_time(args, log)
+        result["memory"] = memory_and_time(args, log, lambda partial: out.write_text(json.dumps(
+            {**result, "memory": partial}, indent=2)))
         tables.append(memory_table(result["memory"]))
     if args.build_precision:
         result["precision"] = precision([n.strip() for n in args.build_precision.split(",")], log)
         tables.append(precision_table(result["precision"]))
     result["load_end"] = os.getloadavg()
-    text = "\n\n".join(tables)
-    print(text)
-    out = Path(args.out or f"bench_out/build-stream-{args.build_shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print("\n\n".join(tables))
     out.write_text(json.dumps(result, indent=2))
     return 0
 
