@@ -157,6 +157,30 @@ def test_the_checkpoint_source_equals_the_module_source_bit_for_bit(tmp_path, fa
         assert_same_adapter(from_files, apply_frod(model, config))
 
 
+def test_a_model_on_the_meta_device_gets_its_factors_from_the_checkpoint(tmp_path):
+    """A process that holds no weights (a meta-device model, as FSDP's non-loading ranks start) builds the bases
+    from the files, on the CPU: the loaded model's bases, bit for bit."""
+    from transformers import LlamaForCausalLM
+
+    from frod_cli.frod.adapter import find_targets, group_categories
+    from frod_cli.frod.build import build_bases
+
+    loaded = FAMILIES["llama"][0]()[0]
+    loaded.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        empty = LlamaForCausalLM(loaded.config)
+    config = FrodConfig(target_modules=TARGETS, layers_to_transform=[0, 1], basis_build="streamed")
+    groups = group_categories(find_targets(empty, config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, _ = build_bases(groups, 1e-3, "float32", "fp", build="streamed",
+                             sources=checkpoint_sources(groups, tmp_path))
+        want, _ = build_bases(group_categories(find_targets(loaded, config)), 1e-3, "float32", "fp", build="streamed")
+    for key, basis in want.items():
+        assert got[key].V.device.type == "cpu" and torch.equal(got[key].V, basis.V), key
+        assert all(torch.equal(a, b) for a, b in zip(got[key].sigma, basis.sigma))
+
+
 def test_the_checkpoint_source_refuses_what_is_not_the_model(tmp_path):
     FAMILIES["llama"][0]()[0].save_pretrained(tmp_path)
     other = FAMILIES["llama"][0]()[0]

@@ -174,7 +174,8 @@ def checkpoint_tensor(index: Dict[str, str], module_name: str) -> str:
 def checkpoint_sources(groups: Dict[str, List[Tuple[str, nn.Module]]], directory) -> Dict[str, SafetensorsSource]:
     """One SafetensorsSource per category, reading the layers from the checkpoint in `directory`, in the dtype
     of the model's weights (so its bytes, and the cache key, are the module source's when the model was loaded
-    from these files). A 4-bit layer is refused: the file holds W, the adapter is defined on dequant(W_q)."""
+    from these files). The model may sit on the meta device (nothing loaded): its factors then go to the CPU.
+    A 4-bit layer is refused: the file holds W, the adapter is defined on dequant(W_q)."""
     index = checkpoint_index(directory)
     sources = {}
     for key, members in groups.items():
@@ -186,7 +187,9 @@ def checkpoint_sources(groups: Dict[str, List[Tuple[str, nn.Module]]], directory
             tensor = checkpoint_tensor(index, name)
             entries.append((index[tensor], tensor, is_conv1d(module)))
             dtypes.append(weight_dtype(module))
-        source = SafetensorsSource([n for n, _ in members], entries, dtypes, device=members[0][1].weight.device)
+        home = members[0][1].weight.device
+        source = SafetensorsSource([n for n, _ in members], entries, dtypes,
+                                   device="cpu" if home.type == "meta" else home)
         for (name, module), shape in zip(members, source.shapes):
             if shape != weight_shape(module):
                 raise FrodError(f"the checkpoint's {name} is {shape[0]} x {shape[1]}, the model's "
