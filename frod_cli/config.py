@@ -80,6 +80,16 @@ class GenerationConfig(SamplingConfig):
     batch_size: int = 16
 
 
+def open_map() -> Any:
+    """The default of a Dict[str, str] field whose keys are the user's (split names, roles, label aliases, column
+    renames): Hydra closes the whole config (struct mode) before it applies the command line, so `task.role_map=
+    {bot: assistant}` would be refused as "Key 'bot' is not in struct" on an empty typed dict; this node stays
+    open, so new keys merge in as printed, and keeps its str -> str types (`task.role_map.bot=[1]` is refused)."""
+    from omegaconf import DictConfig
+
+    return DictConfig({}, key_type=str, element_type=str, flags={"struct": False})
+
+
 @dataclass
 class TaskConfig:
     type: str = MISSING  # task registry key: seq_cls | image_cls | multiple_choice
@@ -87,14 +97,14 @@ class TaskConfig:
     source: str = "hub"  # hub | local | offline
     dataset: Optional[str] = None  # hub: dataset id; offline: source name (frod_cli.tasks.sources)
     subset: Optional[str] = None  # hub config name, e.g. "cola"
-    data_files: Dict[str, str] = field(default_factory=dict)  # local: split -> path
+    data_files: Dict[str, str] = field(default_factory=open_map)  # local: split -> path
     format: Optional[str] = None  # local: csv | json | parquet | imagefolder (guessed from suffix if None)
     # Columns
     text_fields: List[str] = field(default_factory=lambda: ["text"])  # 1 or 2 (paired) text columns
     image_field: str = "image"
     label_field: str = "label"
     labels: Optional[List[str]] = None  # class names; inferred from the data when None
-    label_aliases: Dict[str, str] = field(default_factory=dict)  # e.g. ARC's answerKey {"1": "A", ...}
+    label_aliases: Dict[str, str] = field(default_factory=open_map)  # e.g. ARC's answerKey {"1": "A", ...}
     regression: bool = False  # e.g. STS-B
     # multiple choice: question column and choice columns (or one list column)
     question_field: str = "question"
@@ -111,7 +121,7 @@ class TaskConfig:
     test_dataset: Optional[str] = None
     test_subset: Optional[str] = None
     test_dataset_split: str = "test"
-    test_rename: Dict[str, str] = field(default_factory=dict)
+    test_rename: Dict[str, str] = field(default_factory=open_map)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     dedupe: bool = False  # drop exact duplicate inputs before splitting
@@ -130,8 +140,13 @@ class TaskConfig:
     output_field: str = "output"
     messages_field: str = "messages"
     conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
-    # sharegpt `from` -> role, over the defaults human->user, gpt->assistant, system->system (user, assistant kept)
-    role_map: Dict[str, str] = field(default_factory=dict)
+    # sharegpt `from` -> role (system, user, assistant, tool, or function_call: an assistant turn whose value is a
+    # tool call), over the defaults human->user, gpt->assistant, system->system, function_call->function_call,
+    # observation->tool (user, assistant, tool kept)
+    role_map: Dict[str, str] = field(default_factory=open_map)
+    # chat / sharegpt / prompt_completion (lists of turns): a column of tool schemas (a list, or its JSON string)
+    # passed to the chat template as apply_chat_template(tools=...) does; null: no tools column is read
+    tools_field: Optional[str] = "tools"
     completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
     # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
     chat_template: Optional[str] = None
@@ -223,6 +238,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Sharded data parallelism (FSDP2 through Accelerate) for multi-process launches
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    # Upload the finished run to this Hugging Face Hub repo (<owner>/<name>), as `frod push` does
+    # (frod_cli/share/hub.py); checked before training (a valid id, a token, not offline)
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False  # a new repo is created private
+    hub_revision: Optional[str] = None  # the branch to push to (created if missing); None: main
 
 
 @dataclass
@@ -264,8 +284,21 @@ class FrodRunConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """`frod eval path=<run> harness.tasks=[...]`: lm-evaluation-harness on the run's model, in process
+    (frod_cli/harness/); results in harness.json. Empty tasks: frod's own evaluation instead."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task or group names (recipes/harness/ lists some)
+    num_fewshot: Optional[int] = None  # None: each task's own default (0 for most)
+    limit: Optional[float] = None  # examples per task (a fraction when < 1); None: all. For trying, not reporting
+    include_path: Optional[str] = None  # a directory of your own task YAMLs (lm-eval's --include_path)
+    log_samples: bool = False  # per-example inputs, log-likelihoods and scores into harness.json ("samples")
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+
+
+@dataclass
 class EvalRunConfig:
-    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`."""
+    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`; with harness.tasks, lm-evaluation-harness."""
 
     path: str = MISSING  # a run directory (uses merged/ or base + adapter/) or a saved model directory
     task: Optional[TaskConfig] = None  # default: the run's task (a checkpoint without a run needs task=...)
@@ -273,9 +306,10 @@ class EvalRunConfig:
     batch_size: int = 64
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
     use_adapter: bool = False  # run dir: evaluate base model + adapter/ instead of merged/
-    output: Optional[str] = None  # default: <run dir>/eval.json, or <checkpoint>/eval.json
+    output: Optional[str] = None  # default: <path>/eval.json (with harness.tasks: <path>/harness.json)
     overwrite: bool = False  # replace an existing output (refused otherwise)
     cpu: bool = False
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass
@@ -324,6 +358,20 @@ class ExportRunConfig:
     tolerance: Optional[float] = None  # format=peft: largest relative difference of PEFT's reload (default 1e-3)
     check_batch_size: int = 8  # validation examples the exported model's outputs are compared on
     cpu: bool = False
+
+
+@dataclass
+class PushRunConfig:
+    """`frod push path=<run dir | export dir> repo=<owner>/<name>`: upload to the Hugging Face Hub (share/hub.py)."""
+
+    path: str = MISSING  # a finished run directory (or its merged/ or adapter/), or a `frod export` output
+    repo: str = MISSING  # the Hub repo id, <owner>/<name> (created if missing)
+    private: bool = False  # create the repo private (an existing repo keeps its visibility)
+    revision: Optional[str] = None  # the branch to push to (created if missing); None: main
+    upload: str = "auto"  # a run: auto (merged/ if the run has it, else adapter/) | merged | adapter
+    include_checkpoints: bool = False  # also upload the run's checkpoints/ (train.keep_checkpoints=true runs)
+    keep_card: bool = False  # upload the directory's own README.md as it is, not a card written afresh
+    dry_run: bool = False  # print what would be uploaded; upload nothing (needs no token)
 
 
 @dataclass
@@ -380,6 +428,7 @@ def register_configs() -> None:
     cs.store(name="frod_generate_schema", node=GenerateRunConfig)
     cs.store(name="frod_export_schema", node=ExportRunConfig)
     cs.store(name="frod_cache_schema", node=CacheRunConfig)
+    cs.store(name="frod_push_schema", node=PushRunConfig)
     from frod_cli.methods import register_schemas
 
     register_schemas()
