@@ -280,16 +280,19 @@ def test_a_sharded_weight_is_gathered_one_layer_at_a_time(tmp_path):
 
 
 def test_the_streamed_build_benchmark_runs_on_tiny_shapes(tmp_path, capsys):
-    """The benchmark's memory/time points (each build in its own process) reach its JSON and table; nothing
-    timed is asserted."""
+    """scripts/bench.py --build --build-mode: a point (its own process) reaches the JSON and the table; nothing
+    timed is asserted. A bad --build-mode is refused in one line."""
     import json
 
-    from frod_cli.bench.basis_stream import main
+    from frod_cli.bench.cli import main
 
     out = tmp_path / "stream.json"
-    assert main(["--build-shape", "tiny", "--blocks", "3", "--build-mode", "streamed", "--stream-roles",
-                 "gate_proj", "--quiet", "--out", str(out)]) == 0
+    assert main(["--build", "--build-shape", "tiny", "--blocks", "3", "--build-mode", "streamed", "--targets",
+                 "gate_proj", "--threads", "1", "--quiet", "--out", str(out)]) == 0
     [row] = json.loads(out.read_text())["memory"]["rows"]
     assert (row["blocks"], row["build"], row["weights_bytes"]) == (3, "streamed", 3 * 160 * 64 * 2)
     assert row["peak_bytes"] >= row["rss_loaded_bytes"] > row["weights_bytes"]
     assert "| tiny | gate_proj | 3 | streamed |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--build", "--build-mode", "stream", "--out", str(out)])
+    assert e.value.code == 2 and "--build-mode takes a comma list of memory, streamed" in capsys.readouterr().err

