@@ -20,7 +20,7 @@ def compose_train(overrides):
     from hydra.core.global_hydra import GlobalHydra
 
     from frod_cli.cli import recipes_dir
-    from frod_cli.config import register_configs
+    from frod_cli.schemas import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -3,14 +3,15 @@ import pytest
 import torch
 
 from frod_cli import models
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.tasks import get_task
 
 
 def task_for(type_name, seed=0, **kw):
     if type_name != "multiple_choice":
         kw.setdefault("labels", ["a", "b", "c"])
-    return get_task(type_name)(TaskConfig(type=type_name, name="t", **kw), seed)
+    return get_task(type_name)(task_config(type_name, name="t", **kw), seed)
 
 
 @pytest.mark.parametrize("name,type_name,cls", [
