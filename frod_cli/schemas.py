@@ -12,6 +12,9 @@ def register_configs() -> None:
     from frod_cli.methods import register_schemas
     from frod_cli.tasks import register_task_schemas
 
+    from frod_cli.paths import register_resolver
+
+    register_resolver()  # ${frod_dir:runs} in the recipes
     cs = ConfigStore.instance()
     for name, node in (("frod_train_schema", C.FrodRunConfig), ("frod_eval_schema", C.EvalRunConfig),
                        ("frod_merge_schema", C.MergeRunConfig), ("frod_generate_schema", C.GenerateRunConfig),

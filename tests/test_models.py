@@ -99,7 +99,7 @@ def test_refusals(tmp_path, monkeypatch):
     for name, msg in cases:
         with pytest.raises(ValueError, match=msg):
             models.load_model(ModelConfig(name_or_path=name), task)
-    monkeypatch.setattr(models, "SMOLLM2_DIR", tmp_path / "smollm2-135m")
+    monkeypatch.setenv("FROD_CACHE", str(tmp_path))  # nothing prepared there
     with pytest.raises(ValueError, match="scripts/prepare_smollm2.py"):
         models.load_model(ModelConfig(name_or_path="offline:smollm2-135m"), task_for("multiple_choice"))
     with pytest.raises(ValueError, match="unknown model.dtype 'fp8'"):

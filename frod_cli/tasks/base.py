@@ -69,6 +69,7 @@ class Task(ABC):
         type(self).check_config(cfg)  # a task exists only with keys its type can use
         self.cfg = cfg
         self.seed = seed
+        self.check_objective()
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -88,8 +89,10 @@ class Task(ABC):
 
         cfg, names = self.cfg, self.metric_names()
         if names is not None and cfg.objective not in names:
+            more = " or add it to task.metrics" if "metrics" in cfg else ""
             raise FrodCliError(f"task.objective {cfg.objective!r} is not among the metrics this task reports "
-                               f"({', '.join(names)}): set task.objective to one of them or add it to task.metrics")
+                               f"({', '.join(names)}; it is not a {self.type_name} metric): set task.objective to one "
+                               f"of them{more}")
         if cfg.objective in self.lower_is_better and cfg.objective_mode != "min":
             raise FrodCliError(f"task.objective={cfg.objective} is minimised: set task.objective_mode=min")
 

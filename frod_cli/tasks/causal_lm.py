@@ -142,7 +142,6 @@ class CausalLM(DataTask):
     def __init__(self, cfg: Any, seed: int = 0):
         super().__init__(cfg, seed)
         self.extract = answer_rule(cfg.answer_pattern)
-        self.known_metrics = list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if cfg.labels else [])
         self.sources = sources_of(cfg)  # refuses a bad mixture now, before any data is read
         for src in self.sources:
             if src.cfg.data_format not in FORMATS:
@@ -171,7 +170,7 @@ class CausalLM(DataTask):
         return [s.name for s in self.sources]
 
     def metric_names(self) -> Optional[List[str]]:
-        return list(self.known_metrics)
+        return list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if self.cfg.labels else [])  # accuracy: over labels
 
     # ------------------------------------------------------------------------------------------- data
     def model_kwargs(self) -> Dict[str, Any]:

@@ -176,8 +176,6 @@ class FinetuneRecipe:
         self.task = B.build_task(self.cfg.task, seed)
         if self.task.streaming:
             TS.check_config(self.cfg)  # before any data or model is read
-        with B.user_input(f"task {self.cfg.task.name}"):
-            self.task.check_objective()
         self.data = B.load_task_data(self.task)
 
     def _setup_model(self) -> None:
