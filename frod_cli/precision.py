@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -69,26 +70,28 @@ def cpu_flags() -> Tuple[str, ...]:
     return ()
 
 
+def matmul_seconds(name: str, n: int, repeats: int) -> float:
+    """The fastest of `repeats` n x n by n x n products in dtype `name` on the CPU (load inflates none of them
+    less than the others, so the minimum is the cleanest reading). Kernel selection happens on an 8 x 8 product
+    first: a full-size warm-up would double the cost where the dtype is emulated."""
+    dtype = dtype_of(name)
+    torch.mm(torch.ones(8, 8, dtype=dtype), torch.ones(8, 8, dtype=dtype))
+    a = torch.randn(n, n).to(dtype)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_slowdown(name: str) -> float:
     """How many times slower a PROBE_SIZE-square matmul runs in dtype `name` than in float32 on this CPU (timed
-    once per process, at torch's current thread count; the best of a few runs, so that load inflates neither)."""
+    once per process, at torch's current thread count)."""
     if name == "float32":
         return 1.0
-
-    def best(dtype: torch.dtype, repeats: int) -> float:
-        a = torch.randn(PROBE_SIZE, PROBE_SIZE).to(dtype)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, a)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    dtype = dtype_of(name)
-    torch.mm(torch.ones(8, 8, dtype=dtype), torch.ones(8, 8, dtype=dtype))  # kernel selection off the clock
-    reference = best(torch.float32, 4)
-    return best(dtype, 2) / max(reference, 1e-9)
+    return matmul_seconds(name, PROBE_SIZE, 2) / max(matmul_seconds("float32", PROBE_SIZE, 4), 1e-9)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,3 +195,41 @@ def _compute_dtype(model_cfg: Any, kind: str) -> str:
             named = "float32"
         model_cfg.compute_dtype = named
     return str(named)
+
+
+# ------------------------------------------------------------------------------------ the table in PERFORMANCE.md
+def matmul_rates(sizes: Tuple[int, ...], repeats: int = 3) -> Dict[int, Dict[str, float]]:
+    """size -> dtype -> GFLOP/s of an n x n by n x n product on this CPU (`matmul_seconds`)."""
+    return {n: {name: 2 * n ** 3 / matmul_seconds(name, n, repeats) / 1e9 for name in DTYPES} for n in sizes}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python -m frod_cli.precision [--sizes 256,1024] [--out f.json]`: what this CPU computes natively, and a
+    matmul table per dtype (slow where a dtype is emulated: the largest product takes minutes there)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m frod_cli.precision", description=main.__doc__)
+    ap.add_argument("--sizes", default="256,512", help="matrix sizes n of the n x n products, comma-separated")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=None, help="also write the record and the rates as JSON here")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    record = {**cpu_record(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(json.dumps(record))
+    rates = matmul_rates(tuple(int(s) for s in args.sizes.split(",")))
+    print("| n | " + " | ".join(f"{d} GFLOP/s" for d in DTYPES) + " | " + " | ".join(f"{d} x float32 time" for d in LOW) + " |")
+    print("|---|" + "---|" * (len(DTYPES) + len(LOW)))
+    for n, r in rates.items():
+        slower = [f"{r['float32'] / r[d]:.2f}" for d in LOW]
+        print(f"| {n} | " + " | ".join(f"{r[d]:.1f}" for d in DTYPES) + " | " + " | ".join(slower) + " |")
+    if args.out:
+        from frod_cli.runs.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({**record, "gflops": rates}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

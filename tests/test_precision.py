@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import compose_train, one_error_line
+from conftest import compose_train
 from frod_cli import FrodCliError
 from frod_cli import precision as P
 
@@ -92,17 +92,13 @@ def test_native_changes_nothing(native, caplog):
     assert cfg.model.dtype == "bfloat16"
 
 
-def test_refusals(emulated, tmp_path, capsys):
-    from frod_cli.cli import main
-
+def test_refusals(emulated):
+    """Before anything loads (frod train settles right after its accelerator exists: one line, exit 2)."""
     for overrides, what in ((["model.compute_dtype=float32"], "applies to a 4-bit base"),
                             (["model.dtype=fp8"], "model.dtype must be one of float32, bfloat16, float16, auto"),
                             (["recipe=qfrod_smoke", "model.compute_dtype=auto"], "model.compute_dtype must be")):
         with pytest.raises(FrodCliError, match=what):
             P.settle(compose_train(["debug=default", *overrides]).model, torch.device("cpu"))
-    run = tmp_path / "run"
-    assert main(["train", "debug=default", "model.compute_dtype=bfloat16", f"hydra.run.dir={run}"]) == 2
-    assert "applies to a 4-bit base" in one_error_line(capsys) and not run.exists()
 
 
 @pytest.mark.slow
@@ -137,3 +133,15 @@ def test_an_avx2_cpu_is_found_emulating_bfloat16():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     dtypes, auto = json.loads(out.stdout.strip().splitlines()[-1])
     assert dtypes == {"bfloat16": "emulated", "float16": "emulated"} and auto == "float32"
+
+
+def test_the_table_command(tmp_path, capsys):
+    """`python -m frod_cli.precision`: the CPU's record, then one row per size with each dtype's rate (JSON too)."""
+    out = tmp_path / "precision.json"
+    assert P.main(["--sizes", "16,32", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0])["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert [line.split(" | ")[0] for line in lines[3:]] == ["| 16", "| 32"]
+    saved = json.loads(out.read_text())
+    assert set(saved["gflops"]) == {"16", "32"} and set(saved["gflops"]["16"]) == set(P.DTYPES)
+    assert saved["cpu_dtypes"] == {name: "native" if P.cpu_native(name) else "emulated" for name in P.LOW}
