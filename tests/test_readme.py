@@ -84,6 +84,15 @@ COMMANDS = {
     "frod train recipe=sft_smoke +model.config_overrides.num_hidden_layers=4 hydra.run.dir=runs/sft_smoke_4blocks":
         "lm",
     "frod export path=runs/sft_smoke_4blocks format=peft output=exports/peft": "lm",
+    "frod push path=runs/sft_smoke/<date_time> repo=me/sft-smoke-frod dry_run=true": "lm",
+    "frod push path=runs/sft_smoke/<date_time> repo=me/sft-smoke-frod private=true": "hub",
+    "frod push path=exports/lora16 repo=me/sft-smoke-lora16 revision=rank16": "hub",
+    "frod train recipe=sft_smoke train.push_to_hub=me/sft-smoke-frod": "hub",
+    "frod eval path=runs/sft_smoke/<date_time> harness=smoke": "lm",
+    "frod eval path=runs/sft_smoke/<date_time> harness=smoke use_adapter=true output=harness_adapter.json": "lm",
+    "frod eval path=<run dir> harness=commonsense": "hub",
+    "frod eval path=<run dir> harness.tasks=[arc_easy,hellaswag] harness.num_fewshot=5 harness.limit=200": "hub",
+    "frod eval path=runs/sft_smoke/<date_time> harness.tasks=[my_task] harness.include_path=my_tasks output=my_task.json": "lm",
 }
 STARTS = ("frod", "make", "OMP_NUM_THREADS", "torchrun", "accelerate")
 
@@ -147,6 +156,13 @@ def write_user_files(cwd: Path) -> None:
              for a in range(36)]
     (cwd / "share.jsonl").write_text("".join(json.dumps(r) + "\n" for r in share))
     (cwd / "questions.txt").write_text("What is 2 plus 3?\nName a colour.\n")
+    tasks = cwd / "my_tasks"  # the README's own lm-evaluation-harness task (section 11)
+    tasks.mkdir()
+    mc = [{"question": f"What is {a} plus {a}?", "choices": [str(2 * a), str(a + 3)], "gold": 0} for a in range(6)]
+    (tasks / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    task_yaml = re.search(r"```yaml\n(task: my_task\n.*?)```", readme, re.S).group(1)
+    (tasks / "my_task.yaml").write_text(task_yaml.replace("/abs/path/to/rows.jsonl", str(tasks / "rows.jsonl")))
 
 
 def _png(pixels) -> bytes:

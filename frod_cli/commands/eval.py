@@ -1,5 +1,6 @@
 """`frod eval path=<run dir | model dir> [task=...]`: the metrics the end of training reports, for a run
-(its merged/ model, or base model + adapter/) or any saved model directory."""
+(its merged/ model, or base model + adapter/) or any saved model directory. With harness.tasks=[...] (or
+harness=<recipes/harness/ name>), lm-evaluation-harness's tasks instead (frod_cli/harness/, harness.json)."""
 from __future__ import annotations
 
 import logging
@@ -39,7 +40,8 @@ def check(cfg: Any) -> str:
     unknown = [s for s in cfg.splits if s not in SPLITS]
     if unknown:
         raise FrodCliError(f"splits: unknown split {unknown[0]!r}; use {', '.join(SPLITS)}")
-    out = os.path.abspath(os.path.expanduser(str(cfg.output or os.path.join(str(cfg.path), "eval.json"))))
+    default = "harness.json" if cfg.harness.tasks else "eval.json"  # harness.tasks: lm-evaluation-harness
+    out = os.path.abspath(os.path.expanduser(str(cfg.output or os.path.join(str(cfg.path), default))))
     check_output(out, bool(cfg.overwrite))
     return out
 
@@ -57,6 +59,10 @@ def run(cfg: Any) -> Dict[str, Any]:
     from frod_cli.training.preflight import apply_user_data
 
     out = check(cfg)
+    from frod_cli import harness
+
+    if harness.check(cfg, HydraConfig.get().overrides.task):  # lm-evaluation-harness (frod_cli/harness/)
+        return harness.evaluate(cfg, out)
     if cfg.task is not None:
         apply_user_data(cfg.task, list(HydraConfig.get().overrides.task))
     B.quiet_libraries()

@@ -154,8 +154,11 @@ def copy_peft_adapter(src: Source, out: str) -> Dict[str, Any]:
               "note": "the run's PEFT adapter, copied unchanged"}
 
     def write(tmp: str) -> None:
+        from frod_cli.share.card import write_export_card
+
         shutil.copytree(os.path.join(src.run_dir, "adapter"), tmp, dirs_exist_ok=True)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # the export's card, not the run adapter/'s
 
     atomic_dir(out, write)
     print(f"copied the {src.run.method.name} run's PEFT adapter: PeftModel.from_pretrained(base, {out!r})")

@@ -12,6 +12,7 @@ import torch
 
 from frod_cli.export.build import (TASK_TYPES, check_lora, check_peft_frod, compare_outputs, frod_layer_names,
                                    head_states, lora_adapter, target_names, write_peft_frod)
+from frod_cli.share.card import write_export_card
 
 EXPORT_JSON = "export.json"
 
@@ -128,6 +129,7 @@ def export_peft(job: Job, tolerance: float) -> Dict[str, Any]:
         report.update(check_peft_frod(L.model, loaded, alignments, compared["relative_diff"], tolerance))
         report["check"] = check_info(L, compared)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print(f"PEFT FRoD adapter of {len(report['layers'])} layers (+ {', '.join(report['modules_to_save']) or 'no'} "
@@ -171,6 +173,7 @@ def export_lora(job: Job, rank: Optional[int], energy: Optional[float]) -> Dict[
         report["check"] = check_info(L, compare_outputs(L.model, loaded, L.batch, outputs(L)))
         report["metrics"] = {"split": L.split, "frod": frod_metrics, "lora": evaluate(L, loaded)}
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print_lora(report)
@@ -220,6 +223,7 @@ def export_merged(job: Job, dtype: str) -> Dict[str, Any]:
         if L.preprocessor is not None and hasattr(L.preprocessor, "save_pretrained"):
             L.preprocessor.save_pretrained(tmp)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print(f"merged {dtype} checkpoint of the {job.run.method.name} run ({job.kind}/): "

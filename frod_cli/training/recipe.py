@@ -39,6 +39,8 @@ from frod_cli.console import fmt_metrics, print_final, progress_bar
 from frod_cli.precision import settle
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
 from frod_cli.runs.plots import plot_loss_curve
+from frod_cli.share.card import describe_hardware, write_run_cards
+from frod_cli.share.hub import check_push_settings, push_finished_run
 from frod_cli.tasks.sources import describe_source
 from frod_cli.training import builders as B
 from frod_cli.training import checkpoint as ck
@@ -73,6 +75,7 @@ class FinetuneRecipe:
         preflight.check_task_keys(cfg.task, user_overrides)
         preflight.apply_user_data(cfg.task, user_overrides)
         preflight.validate(cfg)
+        check_push_settings(cfg.train)  # train.push_to_hub: refused now, not after the training
         from omegaconf import OmegaConf
 
         OmegaConf.resolve(cfg)
@@ -585,6 +588,7 @@ class FinetuneRecipe:
         if self.main:
             self.jsonl.close()
             atomic_write_json(str(self.paths.metrics), final)
+            write_run_cards(self.output_dir, self.plan.final_dir)  # README.md model cards in merged/, adapter/
             plot_loss_curve(str(self.paths.log), str(self.paths.loss_png),
                             title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {final['data']}")
             print_final(final, self.plan.final_dir)
@@ -599,6 +603,8 @@ class FinetuneRecipe:
         D.shutdown(self.acc)
         if self.main and self.plan.replaces:
             self._replace_finished_run()
+        if self.main and self.tc.push_to_hub:
+            push_finished_run(self.plan.final_dir, self.tc)
         return float(st.best) if st.best is not None else float("nan")
 
     def _replace_finished_run(self) -> None:
@@ -711,6 +717,7 @@ class FinetuneRecipe:
             "rank_fingerprints": self.fingerprints, "resumed_from": self.resume_from,
             "mixed_precision": self.mixed, "method_details": self.method.describe(),
             "task_preparation": self.task_prep, "data_counts": self._data_counts(),
+            "hardware": describe_hardware(self.acc.device, self.acc.num_processes),
             **self.precision.record(),  # compute_dtype; on a CPU run its capability and what it emulates
         }
 
