@@ -365,7 +365,13 @@ def test_bench_quantized_memory_smoke(tmp_path):
     out = tmp_path / "q.json"
     assert main(["--quantized", "memory", "--q-shape", "tiny", "--q-blocks", "1", "--q-steps", "1",
                  "--q-seq", "8", "--threads", "1", "--quiet", "--out", str(out)]) == 0
-    rows = {(r["base"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    rows = {(r["base"], r["method"]): r for r in result["rows"]}
     assert set(rows) == {("bf16", "frod"), ("bf16", "lora"), ("nf4", "frod"), ("nf4", "lora")}
+    from frod_cli.precision import cpu_native  # the record says which CPU kind the figures need
+
+    env = result["environment"]
+    assert env["compute_dtypes"] == {"bfloat16": "native" if cpu_native("bfloat16") else "emulated"}
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert rows["nf4", "frod"]["blocks_bytes"] < 0.5 * rows["bf16", "frod"]["blocks_bytes"]
     assert rows["nf4", "frod"]["trainable"] == rows["bf16", "frod"]["trainable"] > 0
