@@ -1,10 +1,10 @@
 """What the machine computes fast, and the dtypes a run uses because of it: the one place that knows.
 
 A CPU multiplies float32 at full speed everywhere, but bfloat16 and float16 only where torch's CPU matmul has
-a oneDNN kernel for them; elsewhere torch falls back to a scalar loop. Measured on 2-core AMD EPYCs: bfloat16
-about 380x slower than float32 in a 2048 x 2048 product where torch reports the CPU capability AVX2 (no
-AVX512), and float16 40-80x slower in 256-512 products where it reports AVX512 without AVX512-FP16 (there
-bfloat16 runs at twice float32's speed). The slowdown grows with the size of the product.
+a oneDNN kernel for them; elsewhere torch falls back to a scalar loop. Measured on 2-core AMD EPYCs
+(docs/PERFORMANCE.md, "Precision"): bfloat16 about 380x slower than float32 in a 2048 x 2048 product where torch
+reports the CPU capability AVX2 (no AVX512); where it reports AVX512 without AVX512-FP16, float16 60-190x slower
+in 256-2048 products and bfloat16 2-3x faster than float32. The slowdown grows with the size of the product.
 
 How the answer is found: torch's own check, `torch.ops.mkldnn._is_mkldnn_{bf16,fp16}_supported()`, which is
 the condition under which its CPU GEMM takes the oneDNN kernel (oneDNN: AVX512-core or AVX2-VNNI-2 for
@@ -71,9 +71,9 @@ def cpu_flags() -> Tuple[str, ...]:
 
 
 def matmul_seconds(name: str, n: int, repeats: int) -> float:
-    """The fastest of `repeats` n x n by n x n products in dtype `name` on the CPU (load inflates none of them
-    less than the others, so the minimum is the cleanest reading). Kernel selection happens on an 8 x 8 product
-    first: a full-size warm-up would double the cost where the dtype is emulated."""
+    """The fastest of `repeats` n x n by n x n products in dtype `name` on the CPU (the fastest is the one other
+    jobs disturbed least). Kernel selection happens on an 8 x 8 product first: a full-size warm-up would double
+    the cost where the dtype is emulated."""
     dtype = dtype_of(name)
     torch.mm(torch.ones(8, 8, dtype=dtype), torch.ones(8, 8, dtype=dtype))
     a = torch.randn(n, n).to(dtype)
@@ -116,7 +116,8 @@ def cpu_record() -> Dict[str, Any]:
 
 
 def emulation_note(name: str) -> str:
-    """'this CPU emulates bfloat16 (torch CPU capability AVX2): a matmul runs 380x slower than in float32'."""
+    """'this CPU emulates bfloat16 (torch CPU capability AVX2; no oneDNN bfloat16 kernel): a 256x256 matmul runs
+    60x slower than in float32, larger ones slower still'."""
     return (f"this CPU emulates {name} (torch CPU capability {cpu_capability()}; no oneDNN {name} kernel): a "
             f"{PROBE_SIZE}x{PROBE_SIZE} matmul runs {cpu_slowdown(name):.0f}x slower than in float32, larger ones "
             f"slower still")
