@@ -20,10 +20,18 @@ class ModelConfig:
     # or "tiny:<family>" (a small random model built from a config, for tests and smoke runs).
     name_or_path: str = MISSING
     revision: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen weights' dtype
-    # none | nf4 | fp4: the frozen weights in 4 bits (bitsandbytes, double quantization), computed in `dtype`;
-    # the LM head and the task head stay in `dtype` (frod_cli/models.py)
+    # float32 | bfloat16 | float16 | auto: the frozen weights' dtype, which they compute in, and merged/'s.
+    # auto: bfloat16 where the device computes it natively (a CPU with a oneDNN bfloat16 kernel, a GPU that
+    # supports it), else float32 (float16 on a GPU without bfloat16); frod train writes what it picked into the
+    # run's config. A dtype the CPU emulates is kept as asked, with a warning (frod_cli/precision.py).
+    dtype: str = "float32"
+    # none | nf4 | fp4: the frozen linear weights in 4 bits (bitsandbytes, double quantization); merged/ is
+    # the dequantized base plus the update, in `dtype` (frod_cli/models.py)
     quantization: str = "none"
+    # A 4-bit base only: the dtype its 4-bit layers dequantize to and multiply in, and in which its other
+    # weights (embeddings, norms, LM head, task head) are held. None: `dtype`, except on a CPU that emulates
+    # `dtype`, where it is float32 (the run's log says so; metrics.json has compute_dtype).
+    compute_dtype: Optional[str] = None
     trust_remote_code: bool = False  # remote code from the Hub only when asked for explicitly
     # Overrides applied to the model config (e.g. hidden_size for tiny:* models, dropout rates).
     config_overrides: Dict[str, Any] = field(default_factory=dict)
