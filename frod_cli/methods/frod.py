@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, ContextManager, Dict, List, Optional
 
@@ -44,17 +43,8 @@ class FrodMethodConfig(FrodKeys):
     # auto: window when train.grad_accum > 1 and the window's buffers fit the free memory.
     accumulate: str = "auto"
     # Keep each category's decomposition on disk and reuse it on the same base weights (sweeps, compare,
-    # repeated runs): FROD_CACHE_DIR, else ~/.cache/frod/basis; `frod cache` lists and clears it.
+    # repeated runs): $FROD_BASIS_CACHE, else $FROD_CACHE/basis (frod_cli/paths.py); `frod cache` lists and clears it.
     basis_cache: bool = True
-
-
-def basis_cache_dir() -> str:
-    """The basis cache's directory: $FROD_CACHE_DIR, else $XDG_CACHE_HOME/frod/basis (~/.cache/frod/basis)."""
-    explicit = os.environ.get("FROD_CACHE_DIR", "").strip()
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    root = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "frod", "basis")
 
 
 @register_method("frod", config=FrodMethodConfig)
@@ -95,6 +85,8 @@ class FrodMethod(Method):
         from frod_cli.frod import apply_frod, basis_report
 
         self.count_base(model)
+        from frod_cli.paths import basis_cache_dir
+
         cache_dir = basis_cache_dir() if self.cfg.basis_cache else None
         model = apply_frod(model, self.frod_config(model), device=self.device, cache_dir=cache_dir)
         report = basis_report(model)
