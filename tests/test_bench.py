@@ -27,6 +27,8 @@ def _check_common(res, methods):
     assert res["config"]["tokens_per_step"] == res["config"]["batch"] * res["config"]["seq"]
     assert res["base_params_buffers_bytes"] > 0
     assert "torch" in res["environment"] and "date_utc" in res["environment"]
+    assert res["environment"]["compute_dtypes"] == {"float32": "native"}  # what its figures need of the CPU
+    assert res["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == methods
     for r in rows.values():
@@ -128,7 +130,7 @@ def test_shape_only_basis_is_read_from_the_cache_by_the_registry_method(monkeypa
     from frod_cli.frod import basis_report, frod_layers
     from tiny_models import FAMILIES
 
-    monkeypatch.setenv("FROD_CACHE_DIR", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("FROD_BASIS_CACHE", str(tmp_path / "user-cache"))
     model, targets = FAMILIES["llama"][0]()[0], FAMILIES["llama"][1]
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -158,7 +160,7 @@ def test_fsdp_step_worker_in_one_process(tmp_path, monkeypatch, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "FROD_CACHE_DIR": str(tmp_path / "cache")}.items():
+                       "LOCAL_RANK": "0", "FROD_BASIS_CACHE": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
     methods = ["full", "frod:micro_batch", "frod:window"]
     assert main(["--fsdp-worker", "--preset", "tiny", "--methods", ",".join(methods), "--grad-accum", "2",

@@ -40,6 +40,7 @@ from frod_cli.bench.adapters import build, check_names, frod_accumulation, is_ou
 from frod_cli.bench.common import (environment, fmt_bytes, fmt_r, loadavg, malloc_trim, params_buffers_bytes, ratio,
                                    refuse, rss_bytes, write_result)
 from frod_cli.bench.presets import PRESETS
+from frod_cli.paths import BASIS_CACHE
 
 DEFAULT_METHODS = "full,frod:micro_batch,frod:window"
 FORWARDED = ("preset", "methods", "batch", "seq", "steps", "warmup", "dtype", "threads", "sparse_rate", "lora_r", "lr",
@@ -70,7 +71,7 @@ def run(args, log) -> int:
         refuse("--grad-accum must be >= 1")
     args.methods = args.methods or DEFAULT_METHODS
     check_names([m.strip() for m in args.methods.split(",") if m.strip()])
-    env, t0 = environment(args.device), time.perf_counter()
+    env, t0 = environment(args.device, [args.dtype]), time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="frod-fsdp-bench-"))
     try:
         ranks = launch(args, work)
@@ -95,7 +96,7 @@ def launch(args, work: Path) -> List[Dict[str, Any]]:
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
     cmd += [f"--{name.replace('_', '-')}" for name in SWITCHES if getattr(args, name, False)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "FROD_CACHE_DIR": str(work / "basis-cache"),
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), BASIS_CACHE: str(work / "basis-cache"),
            "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     r = subprocess.run(cmd, env=env, stdout=None if not args.quiet else subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)

@@ -43,7 +43,7 @@ class Loaded:
 def model_config(job: Job, **changes: Any) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.merge(job.run.model, {"dtype": "float32", **changes})
+    return OmegaConf.merge(job.run.model, {"dtype": "float32", "compute_dtype": None, **changes})  # a 4-bit base too
 
 
 def load(job: Job) -> Loaded:
@@ -107,7 +107,7 @@ def load_peft(base: Any, directory: str, device: Any) -> Any:
 
 
 def check_info(L: Loaded, compared: Dict[str, float]) -> Dict[str, Any]:
-    from frod_cli.training.builders import examples_in
+    from frod_cli.tasks.steps import examples_in
 
     return {"split": L.split, "examples": examples_in(L.batch), **compared}
 
