@@ -217,8 +217,12 @@ class _ShardWindow:
         """This rank's rows' share of the projection, added to lambda_i's and S_i's .grad; the rows restored."""
         self._restore()
         G, self.G = self.G, None
-        if G is not None:
-            layer = self.layer
+        layer = self.layer
+        if G is not None and G.numel() == 0:  # no rows here (m < ranks): a zero share, but a share
+            for p in (layer.frod_lambda, layer.frod_s):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        elif G is not None:
             on = layer.frod_sigma.device
             Ut = layer.U_t_rows(self.param.to_local().to(on), self.rows)
             layer.backward_delta_weight(G.to(on).mul_(self.world), Ut)
