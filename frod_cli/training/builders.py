@@ -64,12 +64,12 @@ def encode_data(task: Any, data: Any, preprocessor: Any):
         return task.encode(data, preprocessor)
 
 
-def load_model(model_cfg: Any, task: Any):
+def load_model(model_cfg: Any, task: Any, **options: Any):
     """(model, preprocessor) for the task (frod_cli.models)."""
     from frod_cli.models import load_model as _load
 
     with user_input(f"model {model_cfg.name_or_path}"):
-        return _load(model_cfg, task)
+        return _load(model_cfg, task, **options)
 
 
 def build_method(method_cfg: Any, task: Any, model_cfg: Any):
@@ -167,13 +167,14 @@ def memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def load_base(model_cfg: Any, task: Any, seed: int):
+def load_base(model_cfg: Any, task: Any, seed: int, **options: Any):
     """(model, preprocessor) as `frod train` loads the base: the seed is set first, so a model built from a
-    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run."""
+    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run. options: how a
+    sharded launch loads it (models.load_model's empty, quant_storage, quant_device; training/distributed.py)."""
     from accelerate.utils import set_seed
 
     set_seed(int(seed))
-    return load_model(model_cfg, task)
+    return load_model(model_cfg, task, **options)
 
 
 def load_adapted(model_cfg: Any, method_cfg: Any, task: Any, seed: int, adapter_dir: str):

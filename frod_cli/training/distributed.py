@@ -102,16 +102,6 @@ def check_fsdp_config(cfg: Any) -> bool:
     if world_size_of_launch() < 2:
         log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
         return False
-    if str(cfg.model.get("quantization", "none")) != "none":
-        raise FrodCliError(f"train.fsdp with model.quantization={cfg.model.quantization}: sharding would split the "
-                           "packed 4-bit weights from their quantization state, which is not supported; a 4-bit base "
-                           "trains on one GPU per process (DDP: drop train.fsdp.enabled), see docs/SCALING.md")
-    from frod_cli.methods import get_method
-
-    if get_method(cfg.method.name).trains_everything:
-        raise FrodCliError(f"train.fsdp: method={cfg.method.name} trains every weight, so its trainables and "
-                           "optimizer state would be sharded; frod train shards frozen weights only (FRoD, LoRA "
-                           "family) for now. Use DDP (train.fsdp.enabled=false) for full fine-tuning")
     accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
     if accumulate == "window":
         raise FrodCliError("method.accumulate=window needs every adapted layer's full W + dW outside the forward "
@@ -122,6 +112,35 @@ def check_fsdp_config(cfg: Any) -> bool:
         log.info("train.fsdp: method.accumulate=auto takes micro_batch (a window would hold an unsharded "
                  "W + dW per adapted layer)")
     return True
+
+
+def loads_weights() -> bool:
+    """Whether this process reads the base's weights under train.fsdp.load_on_rank0: the first of its node."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def load_options(cfg: Any, mixed: str) -> dict:
+    """models.load_model's options for this process of a sharded launch.
+
+    A 4-bit base: its packed bytes stored in the dtype FSDP gathers the unit in (train.mixed_precision's, else
+    model.dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP would
+    leave it whole; loaded on the CPU, from where FSDP moves each rank's shard to its device. Every process
+    quantizes its own copy (bitsandbytes quantizes as the weights load; a meta-device copy has no quantization
+    state to receive the shards into).
+    Otherwise, with train.fsdp.load_on_rank0, every process but the first of its node builds the structure alone
+    on the meta device and receives rank 0's weights (`fill_from_rank0`, `load_shards_from_rank0`)."""
+    if str(cfg.model.get("quantization", "none") or "none") != "none":
+        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) or getattr(torch, str(cfg.model.dtype))
+        if bool(cfg.train.fsdp.load_on_rank0) and loads_weights() and os.environ.get("RANK", "0") == "0":
+            log.info("train.fsdp: a 4-bit base loads and quantizes on every process (packed in %s); "
+                     "train.fsdp.load_on_rank0 applies to unquantized bases", str(storage).replace("torch.", ""))
+        return {"quant_storage": storage, "quant_device": "cpu"}
+    if bool(cfg.train.fsdp.load_on_rank0) and not loads_weights():
+        return {"empty": True}
+    return {}
 
 
 def make_plugin(fc: Any, on_cpu: bool = False):
@@ -174,10 +193,12 @@ def _accelerator_class():
             self.replicated: List[nn.Parameter] = []
             self._no_sync_depth = 0
 
-        def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]]) -> None:
-            """Before `prepare`: the classes to wrap and the trainables, which FSDP leaves whole."""
+        def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]],
+                             shard_trainables: bool = False) -> None:
+            """Before `prepare`: the classes to wrap and the trainables, which FSDP leaves whole unless they are
+            every weight (method=full: sharded with their gradients and AdamW state, ZeRO-3)."""
             self.replicated = set_model_policy(self.state.fsdp_plugin, model, wrap, self.num_processes,
-                                               self.is_main_process)
+                                               self.is_main_process, shard_trainables)
 
         def prepare(self, *args: Any, **kwargs: Any) -> Any:
             result = super().prepare(*args, **kwargs)
@@ -204,9 +225,10 @@ def _accelerator_class():
 
 
 def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]], world: int,
-                     main: bool) -> List[nn.Parameter]:
+                     main: bool, shard_trainables: bool = False) -> List[nn.Parameter]:
     """Give the plugin the classes to wrap (checked against the model) and the trainables as ignored
-    parameters; returns the trainables (whole on every rank, kept in sync by FsdpAccelerator)."""
+    parameters; returns the trainables (whole on every rank, kept in sync by FsdpAccelerator). shard_trainables:
+    none is ignored, FSDP shards them with the frozen ones (and reduce-scatters their gradients)."""
     names = list(wrap) if wrap is not None else list(getattr(model, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in model.modules()}
     missing = [n for n in names if n not in present]
@@ -232,15 +254,15 @@ def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]
         # the root's outputs as the autocast forward returns them (float32, as under DDP), not recast to
         # bf16/fp16 after it (autocast_forward)
         plugin.mixed_precision_policy = dataclasses.replace(mp, output_dtype=None)
-    replicated = [p for p in model.parameters() if p.requires_grad]
+    replicated = [] if shard_trainables else [p for p in model.parameters() if p.requires_grad]
     # Accelerate reads `ignored_modules` as modules and ignores their parameters: a ParameterList that
     # is not attached to the model names exactly the trainables (a FrodLinear also holds its frozen W).
-    plugin.ignored_modules = [nn.ParameterList(replicated)]
+    plugin.ignored_modules = [nn.ParameterList(replicated)] if replicated else None
     if main:
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        log.info("train.fsdp: sharding %s frozen parameters over %d processes (units: %s); %s trainable "
-                 "parameters whole on every rank", f"{frozen:,}", world, ", ".join(names) or "the root",
-                 f"{sum(p.numel() for p in replicated):,}")
+        sharded = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in replicated)
+        log.info("train.fsdp: sharding %s %sparameters over %d processes (units: %s); %s trainable "
+                 "parameters whole on every rank", f"{sharded:,}", "" if shard_trainables else "frozen ", world,
+                 ", ".join(names) or "the root", f"{sum(p.numel() for p in replicated):,}")
     return replicated
 
 
@@ -249,6 +271,7 @@ def after_sharding(model: nn.Module, acc: Any) -> None:
     # transformers' marker of an FSDP2 model: generate() then keeps every rank stepping until all have
     # finished (synced_gpus), as each step gathers weights from all ranks
     model._is_fsdp_managed_module = True
+    place_quant_states(model, acc.device)
     reshard_after_no_grad_forward(model)
     if acc.native_amp:
         autocast_forward(model, acc)
@@ -256,6 +279,17 @@ def after_sharding(model: nn.Module, acc: Any) -> None:
         local, full = shard_sizes(model)
         log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
                  100.0 * local / max(full, 1))
+
+
+def place_quant_states(model: nn.Module, device: torch.device) -> None:
+    """A 4-bit base's quantization states (per-block scales, codebook) on the device its layers compute on: they
+    are not parameters, so FSDP moved only the packed bytes of each shard (the base loads on the CPU)."""
+    from frod_cli.frod.layer import quant_state_of
+
+    for module in model.modules():
+        state = quant_state_of(module)
+        if state is not None and state.absmax.device != device:
+            state.to(device)
 
 
 def shard_sizes(model: nn.Module) -> tuple:
@@ -346,6 +380,12 @@ def reshard_after_no_grad_forward(model: nn.Module) -> None:
                 unit.reshard()
 
     model.register_forward_hook(reshard)
+    inner = getattr(model, "get_base_model", lambda: model)()
+    if inner is not model and isinstance(model, FSDPModule):
+        # PEFT's generate() calls the wrapped transformers model, not the root's forward, so the root's own
+        # weights (the final norm, unless Accelerate made it a unit of its own) would stay sharded there
+        inner.register_forward_pre_hook(lambda module, args: model.unshard())
+        inner.register_forward_hook(reshard)
 
 
 def drop_frod_caches(model: nn.Module) -> None:

@@ -191,7 +191,8 @@ class FinetuneRecipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed))
+        options = D.load_options(cfg, self.mixed) if self.sharded else {}  # sharded: where and how it loads
+        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed), **options)
         self.method = B.build_method(cfg.method, self.task, cfg.model)
         self.method.device = self.acc.device  # FRoD decomposes on the accelerator the run trains on
         t0 = time.time()
