@@ -27,6 +27,8 @@ def _check_common(res, methods):
     assert res["config"]["tokens_per_step"] == res["config"]["batch"] * res["config"]["seq"]
     assert res["base_params_buffers_bytes"] > 0
     assert "torch" in res["environment"] and "date_utc" in res["environment"]
+    assert res["environment"]["compute_dtypes"] == {"float32": "native"}  # what its figures need of the CPU
+    assert res["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == methods
     for r in rows.values():

@@ -230,7 +230,7 @@ def run(args, log) -> int:
     if args.build_worker:
         return build_worker(args)
     torch.set_num_threads(args.threads)
-    env, t0 = environment(args.device), time.perf_counter()
+    env, t0 = environment(args.device, [args.basis_dtype]), time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="frod-build-bench-"))
     cache_dir = args.cache_dir or str(work / "cache")
     parts = {p.strip() for p in args.parts.split(",")}

@@ -239,11 +239,15 @@ def loadavg():
     return os.getloadavg() if hasattr(os, "getloadavg") else None
 
 
-def environment(device: str) -> Dict[str, Any]:
+def environment(device: str, dtypes: Iterable[str]) -> Dict[str, Any]:
     """What a result needs to be read later: date, host, versions, CPU, threads, the command line, the load
-    at the start (the caller adds loadavg_end), how the resident-set peak was read, the GPU if any."""
+    at the start (the caller adds loadavg_end), how the resident-set peak was read, the GPU if any; the dtypes its
+    figures compute in, each with how this device computes it (a CPU may emulate bfloat16 at a 100th of float32's
+    speed: frod_cli/precision.py), and the CPU's capability and native dtypes."""
     import peft
     import transformers
+
+    from frod_cli.precision import cpu_native, cpu_record
 
     env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "host": platform.node(), "machine": platform.machine(), "python": platform.python_version(),
@@ -258,7 +262,18 @@ def environment(device: str) -> Dict[str, Any]:
         pass
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+    env.update(cpu_record())
+    on_cpu = torch.device(device).type == "cpu"
+    env["compute_dtypes"] = {d: ("native" if cpu_native(d) else "emulated") if on_cpu else device for d in dtypes}
     return env
+
+
+def machine_line(env: Dict[str, Any]) -> str:
+    """The line printed above every table: which CPU kind and dtypes its figures need (docs/PERFORMANCE.md)."""
+    native = ", ".join(f"{d} {how}" for d, how in env.get("cpu_dtypes", {}).items())
+    computed = ", ".join(f"{d} ({how})" for d, how in env.get("compute_dtypes", {}).items())
+    return (f"# {env.get('cpu') or env.get('machine')}, torch CPU capability {env.get('cpu_capability')} ({native})"
+            f"{', ' + env['gpu'] if env.get('gpu') else ''}; computed in {computed}")
 
 
 def write_result(result: Dict[str, Any], table: str, path: str) -> int:
@@ -269,6 +284,7 @@ def write_result(result: Dict[str, Any], table: str, path: str) -> int:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(out), json.dumps(result, indent=1, default=str))
+    print(machine_line(result["environment"]))
     print(table)
     print(f"# wrote {out} ({result['wall_s']:.0f} s)")
     return 0

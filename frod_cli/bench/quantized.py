@@ -304,6 +304,14 @@ def quant_generation_table(rows: List[Dict[str, Any]]) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------------
+def compute_dtypes(args) -> List[str]:
+    """What the rows compute in: memory's bf16 and NF4 rows in bfloat16; generation's bases in their dtype
+    (NF4: bfloat16 compute)."""
+    if args.quantized == "memory":
+        return ["bfloat16"]
+    return sorted({"float32" if base == "float32" else "bfloat16" for base in args.q_gen_bases.split(",")})
+
+
 def selected(args) -> bool:
     return bool(args.quantized)
 
@@ -314,7 +322,7 @@ def run(args, log) -> int:
     if unknown:
         refuse(f"unknown --q-methods name {unknown[0]!r}; use {', '.join(Q_METHODS)}")
     torch.set_num_threads(args.threads)
-    env, t0 = environment(args.device), time.perf_counter()
+    env, t0 = environment(args.device, compute_dtypes(args)), time.perf_counter()
     if args.quantized == "memory":
         rows = [quant_memory_row(args, b, base, m, log) for b in blocks for base in ("bf16", "nf4") for m in methods]
         text = quant_memory_table(rows)

@@ -585,7 +585,7 @@ def run(args, log) -> int:
     methods = chosen_methods(args)
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
-    env, t0 = environment(args.device), time.perf_counter()
+    env, t0 = environment(args.device, [args.dtype]), time.perf_counter()
     if args.sweep_hidden or args.sweep_tokens or args.sweep_grad_accum:
         points, key = sweep(args, preset, methods, log)
         result = {"environment": env, "sweep": key, "points": points, "wall_s": time.perf_counter() - t0}

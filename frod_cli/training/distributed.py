@@ -126,14 +126,16 @@ def load_options(cfg: Any, mixed: str) -> dict:
     """models.load_model's options for this process of a sharded launch.
 
     A 4-bit base: its packed bytes stored in the dtype FSDP gathers the unit in (train.mixed_precision's, else
-    model.dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP would
+    the compute dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP would
     leave it whole; loaded on the CPU, from where FSDP moves each rank's shard to its device. Every process
     quantizes its own copy (bitsandbytes quantizes as the weights load; a meta-device copy has no quantization
     state to receive the shards into).
     Otherwise, with train.fsdp.load_on_rank0, every process but the first of its node builds the structure alone
     on the meta device and receives rank 0's weights (`fill_from_rank0`, `load_shards_from_rank0`)."""
     if str(cfg.model.get("quantization", "none") or "none") != "none":
-        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) or getattr(torch, str(cfg.model.dtype))
+        from frod_cli.models import loaded_dtype
+
+        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) or loaded_dtype(cfg.model)
         if bool(cfg.train.fsdp.load_on_rank0) and loads_weights() and os.environ.get("RANK", "0") == "0":
             log.info("train.fsdp: a 4-bit base loads and quantizes on every process (packed in %s); "
                      "train.fsdp.load_on_rank0 applies to unquantized bases", str(storage).replace("torch.", ""))
