@@ -146,11 +146,15 @@ def build_scheduler(optimizer, opt_cfg: Any, total_steps: int):
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank."""
+    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank. A
+    sharded parameter (method=full under FSDP) is hashed whole: a collective then, every rank calls it."""
+    from frod_cli.training.sharded import whole
+
     h = hashlib.sha256()
     items = [(n, b) for n, b in model.named_buffers() if b is not None]
     items += [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, t in sorted(items, key=lambda x: x[0]):
+        t = whole(t.detach())
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

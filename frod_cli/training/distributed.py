@@ -114,35 +114,42 @@ def check_fsdp_config(cfg: Any) -> bool:
     return True
 
 
-def loads_weights() -> bool:
-    """Whether this process reads the base's weights under train.fsdp.load_on_rank0: the first of its node."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0")) == 0
-    except ValueError:
-        return True
-
-
 def load_options(cfg: Any, mixed: str) -> dict:
     """models.load_model's options for this process of a sharded launch.
 
     A 4-bit base: its packed bytes stored in the dtype FSDP gathers the unit in (train.mixed_precision's, else
-    the compute dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP would
-    leave it whole; loaded on the CPU, from where FSDP moves each rank's shard to its device. Every process
+    the compute dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP
+    would leave it whole; loaded on the CPU, from where FSDP moves each rank's shard to its device. Every process
     quantizes its own copy (bitsandbytes quantizes as the weights load; a meta-device copy has no quantization
     state to receive the shards into).
     Otherwise, with train.fsdp.load_on_rank0, every process but the first of its node builds the structure alone
-    on the meta device and receives rank 0's weights (`fill_from_rank0`, `load_shards_from_rank0`)."""
+    on the meta device and receives rank 0's weights (training/rank0.py), unless the method initializes from the
+    base weights (`Method.needs_base_weights`)."""
+    from frod_cli.methods import get_method
+    from frod_cli.training.rank0 import loads_weights
+
     if str(cfg.model.get("quantization", "none") or "none") != "none":
         from frod_cli.models import loaded_dtype
 
         storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) or loaded_dtype(cfg.model)
-        if bool(cfg.train.fsdp.load_on_rank0) and loads_weights() and os.environ.get("RANK", "0") == "0":
-            log.info("train.fsdp: a 4-bit base loads and quantizes on every process (packed in %s); "
-                     "train.fsdp.load_on_rank0 applies to unquantized bases", str(storage).replace("torch.", ""))
+        if bool(cfg.train.fsdp.load_on_rank0):
+            first_log(f"a 4-bit base loads and quantizes on every process (packed in "
+                      f"{str(storage).replace('torch.', '')}); train.fsdp.load_on_rank0 applies to unquantized bases")
         return {"quant_storage": storage, "quant_device": "cpu"}
-    if bool(cfg.train.fsdp.load_on_rank0) and not loads_weights():
-        return {"empty": True}
-    return {}
+    if not bool(cfg.train.fsdp.load_on_rank0):
+        return {}
+    needs = get_method(cfg.method.name).needs_base_weights
+    if needs:
+        first_log(f"method={cfg.method.name}: {needs}, so every process loads the base "
+                  "(train.fsdp.load_on_rank0 does not apply)")
+        return {}
+    return {} if loads_weights() else {"empty": True}
+
+
+def first_log(message: str) -> None:
+    """A log line from the launch's first process only."""
+    if os.environ.get("RANK", "0") == "0":
+        log.info("train.fsdp: %s", message)
 
 
 def make_plugin(fc: Any, on_cpu: bool = False):
@@ -193,6 +200,7 @@ def _accelerator_class():
                 raise FrodCliError(f"train.fsdp: Accelerate did not enter FSDP on this launch "
                                    f"({self.state.distributed_type}); launch with torchrun or accelerate launch")
             self.replicated: List[nn.Parameter] = []
+            self.shard_trainables = self.meta_loaded = False
             self._no_sync_depth = 0
 
         def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]],
@@ -201,13 +209,40 @@ def _accelerator_class():
             every weight (method=full: sharded with their gradients and AdamW state, ZeRO-3)."""
             self.replicated = set_model_policy(self.state.fsdp_plugin, model, wrap, self.num_processes,
                                                self.is_main_process, shard_trainables)
+            self.shard_trainables = shard_trainables
 
         def prepare(self, *args: Any, **kwargs: Any) -> Any:
+            """Accelerate's prepare (sharding), around it the rank-0 route of training/rank0.py, and the
+            optimizer's parameters bound again by name (Accelerate matches them by storage address, which all
+            meta tensors share)."""
+            from frod_cli.training import rank0
+
+            model = next((a for a in args if isinstance(a, nn.Module)), None)
+            optimizer = next((a for a in args if isinstance(a, torch.optim.Optimizer)), None)
+            held, names = {}, None
+            if model is not None:
+                self.meta_loaded = rank0.fill_from_rank0(model, self.shard_trainables)
+                if self.meta_loaded and self.is_main_process:
+                    held = rank0.weights_to_shard(model, self.replicated)
+                names = parameter_names(optimizer, model) if optimizer is not None else None
             result = super().prepare(*args, **kwargs)
-            for obj in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(obj, nn.Module):
-                    after_sharding(obj, self)
+            objects = result if isinstance(result, (tuple, list)) else (result,)
+            prepared = next((o for o in objects if isinstance(o, nn.Module)), None)
+            if prepared is not None:
+                for obj in objects:
+                    if isinstance(obj, torch.optim.Optimizer) and names is not None:
+                        rebind_optimizer(obj, names, self.unwrap_model(prepared))
+                if self.meta_loaded:
+                    rank0.load_shards_from_rank0(prepared, held, self.shard_device())
+                after_sharding(prepared, self)
             return result
+
+        def shard_device(self) -> torch.device:
+            """Where this process's shards live: its device, or the CPU under train.fsdp.cpu_offload."""
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            offload = isinstance(self.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+            return torch.device("cpu") if offload else self.device
 
         @contextlib.contextmanager
         def no_sync(self, model: nn.Module) -> Iterator[None]:
@@ -224,6 +259,21 @@ def _accelerator_class():
                 average_gradients(self.replicated, self.num_processes)
 
     return FsdpAccelerator
+
+
+def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:
+    """The model's name of every parameter of every group of `optimizer`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def rebind_optimizer(optimizer: Any, names: List[List[str]], model: nn.Module) -> None:
+    """Each group of `optimizer` (Accelerate's wrapper or a plain one) holds the model's parameters of those names
+    (the sharded ones after prepare)."""
+    params = dict(model.named_parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, group_names in zip(inner.param_groups, names):
+        group["params"] = [params[n] for n in group_names]
 
 
 def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]], world: int,
