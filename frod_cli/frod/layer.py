@@ -273,6 +273,8 @@ class FrodLinear(_KeepOwnTensors):
             # it no longer reads back exactly (see _dequantize) and its backward is wrong; keep one format.
             base_layer.support_avx512bf16_for_cpu = False
         device = base_layer.weight.device
+        if device.type == "meta":  # a process that receives the base's weights later (train.fsdp.load_on_rank0)
+            device = sigma.device
         # The category is shared by several layers: hold it without registering it as a child.
         object.__setattr__(self, "category", category)
         self.mode = mode
