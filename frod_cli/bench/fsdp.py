@@ -96,6 +96,11 @@ def load_worker(args) -> int:
     """One rank of the loading measurement: rank-<r>.json in --out's directory."""
     from frod_cli.training.rank0 import loads_weights
 
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the code's own memory is not the model's)
+
+    import frod_cli.bench.adapters  # noqa: F401
+    import frod_cli.methods.frod  # noqa: F401
+
     torch.set_num_threads(1)
     acc = fsdp_accelerator(args.fsdp_meta)
     malloc_trim()
@@ -232,7 +237,8 @@ def bytes_part(args, work: Path, log) -> Dict[str, Any]:
 def table(result: Dict[str, Any]) -> str:
     lines = []
     if "loading" in result:
-        lines += ["| run | rank | model | bases | after loading | after the adapter | after sharding | peak |",
+        lines += ["| run (MiB above the process before loading) | rank | model | bases | after loading | after the adapter | "
+                  "after sharding | peak |",
                   "|---|---|---|---|---|---|---|---|"]
         for name in ("load_on_rank0", "every_rank_loads"):
             for r in result["loading"][name]:
@@ -241,8 +247,8 @@ def table(result: Dict[str, Any]) -> str:
                              f"{fmt_bytes(r['after_adapter'])} | {fmt_bytes(r['after_sharding'])} | "
                              f"{fmt_bytes(r['peak'])} |")
     if "bytes" in result:
-        lines += ["", "| rank | NF4 + FRoD parameters: one process | per rank | full: trainable + AdamW, one process "
-                  "| per rank |", "|---|---|---|---|---|"]
+        lines += ["", "| rank (MiB) | NF4 + FRoD parameters: one process | per rank | full: trainable + AdamW, one "
+                  "process | per rank |", "|---|---|---|---|---|"]
         for r in result["bytes"]["ranks"]:
             q, f = r["nf4_parameters"], r["full_trainable_adamw"]
             lines.append(f"| {r['rank']} | {fmt_bytes(q['one_process'])} | {fmt_bytes(q['per_rank'])} | "

@@ -99,7 +99,7 @@ def check_fsdp_config(cfg: Any) -> bool:
                            f"got {fc.state_dict_type!r}")
     if fc.wrap is not None and (isinstance(fc.wrap, str) or not all(isinstance(w, str) and w for w in fc.wrap)):
         raise FrodCliError(f"train.fsdp.wrap must be a list of module class names, got {fc.wrap!r}")
-    if world_size_of_launch() < 2:
+    if world_size_of_launch() < 2 and not offloads_one_gpu(cfg):
         log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
         return False
     accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
@@ -152,6 +152,15 @@ def first_log(message: str) -> None:
         log.info("train.fsdp: %s", message)
 
 
+def offloads_one_gpu(cfg: Any) -> bool:
+    """train.fsdp.cpu_offload on a one-GPU launch (torchrun --nproc_per_node 1): FSDP over one process, which
+    shards nothing but keeps the weights (and method=full's gradients and optimizer step) in host memory,
+    gathering each unit onto the GPU for its forward and backward: a model larger than the GPU trains on it."""
+    fc = cfg.train.fsdp
+    return bool(fc.cpu_offload) and not bool(cfg.train.cpu) and torch.cuda.is_available() and \
+        os.environ.get("LOCAL_RANK") is not None
+
+
 def make_plugin(fc: Any, on_cpu: bool = False):
     """Accelerate's FSDP2 plugin for train.fsdp (the wrap policy and ignored parameters are set once the
     model exists: `FsdpAccelerator.set_model_policy`)."""
@@ -161,6 +170,9 @@ def make_plugin(fc: Any, on_cpu: bool = False):
     if offload and on_cpu:
         log.info("train.fsdp.cpu_offload on a CPU launch: the shards are in CPU memory already")
         offload = False
+    elif offload:
+        first_log("cpu_offload: the shards (with their gradients, and method=full's optimizer step) stay in host "
+                  "memory; each unit is gathered onto the GPU for its forward and backward")
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=bool(fc.reshard_after_forward),
