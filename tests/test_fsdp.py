@@ -227,6 +227,54 @@ def test_window_accumulation_is_refused_and_auto_takes_micro_batch(cfg_debug, mo
     assert cfg.method.accumulate == "micro_batch"
 
 
+@pytest.mark.parametrize("method, local_rank, options", [
+    ("frod", "0", {}),  # the first process of a node loads
+    ("frod", "1", {"empty": True}),  # the others build the structure on meta
+    ("full", "1", {"empty": True}),
+    ("pissa", "1", {}),  # initializes from the base weights: every process loads
+    ("peft_frod", "1", {}),
+])
+def test_who_loads_the_base(monkeypatch, method, local_rank, options):
+    from conftest import compose_train
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cfg = compose_train(["debug=default", f"method={method}", "train.fsdp.enabled=true"])
+    assert D.load_options(cfg, "no") == options
+    cfg.train.fsdp.load_on_rank0 = False
+    assert D.load_options(cfg, "no") == {}
+
+
+def test_cpu_offload_shards_one_process_only_on_a_gpu_launch(cfg_debug, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = fsdp_cfg(cfg_debug, cpu_offload=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert D.check_fsdp_config(cfg) is True  # torchrun --nproc_per_node 1 on a GPU: weights in host memory
+    with open_dict(cfg):
+        cfg.train.cpu = True
+    assert D.check_fsdp_config(cfg) is False  # a CPU launch holds its weights in host memory already
+
+
+def test_70b_recipes_compose_offline(monkeypatch):
+    """The 70B recipes of docs/SCALING.md pass every check before any work, sharded as a 2- or 8-process launch
+    sees them: NF4 FRoD / QLoRA / DoRA with offloaded shards, bf16 FRoD / LoRA / full; full on NF4 is refused."""
+    from conftest import compose_train
+
+    from frod_cli.training import preflight
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for recipe, methods in (("qfrod_llama2_70b", ("frod", "lora", "dora")), ("frod_llama2_70b", ("frod", "lora", "full"))):
+        for method in methods:
+            cfg = compose_train([f"recipe={recipe}", f"method={method}"])
+            preflight.validate(cfg)
+            assert D.check_fsdp_config(cfg) is True
+    assert cfg.model.name_or_path == "meta-llama/Llama-2-70b-hf" and cfg.train.gradient_checkpointing
+    nf4 = compose_train(["recipe=qfrod_llama2_70b"])
+    assert nf4.model.quantization == "nf4" and nf4.train.fsdp.cpu_offload and nf4.per_method.frod.sparse_rate == 0.02
+    with pytest.raises(FrodCliError, match="4-bit weights cannot be trained"):
+        preflight.validate(compose_train(["recipe=qfrod_llama2_70b", "method=full"]))
+
+
 def test_wrap_classes_are_checked_against_the_model():
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import BertConfig, BertForSequenceClassification
@@ -298,3 +346,29 @@ def test_fsdp_mixed_precision_path(tmp_path):
         assert (logits, grad, policy, logits32, policy32) == ("torch.float32", "torch.float32", True,
                                                               "torch.float32", False)
         assert loss == pytest.approx(loss32, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_bench_fsdp_bytes_per_rank(tmp_path):
+    """scripts/bench.py --fsdp --fsdp-parts bytes on tiny shapes (one two-process launch): per rank, the NF4 base's
+    parameter bytes and method=full's trainable plus AdamW bytes are at most 0.6 x one process's (byte counts, not
+    timings: they hold on any machine). The loading part runs LLaMA-7B shapes (docs/PERFORMANCE.md); not here."""
+    from frod_cli.bench.cli import main
+
+    out = tmp_path / "fsdp.json"
+    assert main(["--fsdp", "--fsdp-parts", "bytes", "--fsdp-bytes-shape", "tiny", "--fsdp-blocks", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"environment", "wall_s", "bytes", "bytes_shape", "processes"}
+    targets = result["bytes"]["targets"]
+    assert 0.45 < targets["nf4_parameters_per_rank_vs_one"] <= 0.6
+    assert 0.45 < targets["full_trainable_adamw_per_rank_vs_one"] <= 0.6
+    assert [r["rank"] for r in result["bytes"]["ranks"]] == [0, 1]
+
+
+def test_bench_fsdp_refuses_unknown_parts():
+    from frod_cli.bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--fsdp", "--fsdp-parts", "load,speed"])
+    assert e.value.code == 2

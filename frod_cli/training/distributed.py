@@ -224,37 +224,7 @@ def _accelerator_class():
             self.shard_trainables = shard_trainables
 
         def prepare(self, *args: Any, **kwargs: Any) -> Any:
-            """Accelerate's prepare (sharding), around it the rank-0 route of training/rank0.py, and the
-            optimizer's parameters bound again by name (Accelerate matches them by storage address, which all
-            meta tensors share)."""
-            from frod_cli.training import rank0
-
-            model = next((a for a in args if isinstance(a, nn.Module)), None)
-            optimizer = next((a for a in args if isinstance(a, torch.optim.Optimizer)), None)
-            held, names = {}, None
-            if model is not None:
-                self.meta_loaded = rank0.fill_from_rank0(model, self.shard_trainables)
-                if self.meta_loaded and self.is_main_process:
-                    held = rank0.weights_to_shard(model, self.replicated)
-                names = parameter_names(optimizer, model) if optimizer is not None else None
-            result = super().prepare(*args, **kwargs)
-            objects = result if isinstance(result, (tuple, list)) else (result,)
-            prepared = next((o for o in objects if isinstance(o, nn.Module)), None)
-            if prepared is not None:
-                for obj in objects:
-                    if isinstance(obj, torch.optim.Optimizer) and names is not None:
-                        rebind_optimizer(obj, names, self.unwrap_model(prepared))
-                if self.meta_loaded:
-                    rank0.load_shards_from_rank0(prepared, held, self.shard_device())
-                after_sharding(prepared, self)
-            return result
-
-        def shard_device(self) -> torch.device:
-            """Where this process's shards live: its device, or the CPU under train.fsdp.cpu_offload."""
-            from torch.distributed.fsdp import CPUOffloadPolicy
-
-            offload = isinstance(self.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
-            return torch.device("cpu") if offload else self.device
+            return prepare_sharded(self, super().prepare, args, kwargs)
 
         @contextlib.contextmanager
         def no_sync(self, model: nn.Module) -> Iterator[None]:
@@ -271,6 +241,37 @@ def _accelerator_class():
                 average_gradients(self.replicated, self.num_processes)
 
     return FsdpAccelerator
+
+
+def prepare_sharded(acc: Any, prepare: Any, args: tuple, kwargs: dict) -> Any:
+    """FsdpAccelerator.prepare: Accelerate's prepare (sharding), around it the rank-0 route of training/rank0.py,
+    and the optimizer's parameters bound again by name (Accelerate matches them by storage address, which all meta
+    tensors share)."""
+    from frod_cli.training import rank0
+
+    model = next((a for a in args if isinstance(a, nn.Module)), None)
+    optimizer = next((a for a in args if isinstance(a, torch.optim.Optimizer)), None)
+    held, names = {}, None
+    if model is not None:
+        acc.meta_loaded = rank0.fill_from_rank0(model, acc.shard_trainables)
+        if acc.meta_loaded and acc.is_main_process:
+            held = rank0.weights_to_shard(model, acc.replicated)
+        names = parameter_names(optimizer, model) if optimizer is not None else None
+        with torch.no_grad():  # FSDP moves what it shards, and buffers, to the device; the whole ones are ours to move
+            for p in acc.replicated:
+                if p.device != acc.device:
+                    p.data = p.data.to(acc.device)  # the same Parameter: the optimizer holds it
+    result = prepare(*args, **kwargs)
+    objects = result if isinstance(result, (tuple, list)) else (result,)
+    prepared = next((o for o in objects if isinstance(o, nn.Module)), None)
+    if prepared is not None:
+        for obj in objects:
+            if isinstance(obj, torch.optim.Optimizer) and names is not None:
+                rebind_optimizer(obj, names, acc.unwrap_model(prepared))
+        if acc.meta_loaded:
+            rank0.load_shards_from_rank0(prepared, held, acc.shard_device())
+        after_sharding(prepared, acc)
+    return result
 
 
 def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:
