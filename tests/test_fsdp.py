@@ -372,3 +372,25 @@ def test_bench_fsdp_refuses_unknown_parts():
     with pytest.raises(SystemExit) as e:
         main(["--fsdp", "--fsdp-parts", "load,speed"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["tiny:llama", "offline:all-minilm-l6-v2"])
+def test_an_empty_base_is_the_loaded_structure_on_meta(name):
+    """What a process that receives rank 0's weights builds (models.load_model(empty=True)): the same parameters
+    and buffers, names, shapes and dtypes, all on the meta device, nothing read, and the RNG untouched."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.config import ModelConfig
+    from frod_cli.models import load_model
+    from frod_cli.training.builders import build_task
+    from conftest import compose_train
+
+    task = build_task(compose_train(["recipe=sft_smoke"]).task, 42)  # a causal LM: no labels to read first
+    spec = OmegaConf.structured(ModelConfig(name_or_path=name))
+    loaded, _ = load_model(spec, task)
+    state = torch.get_rng_state()
+    empty, _ = load_model(spec, task, empty=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    shapes = lambda m: {n: (tuple(t.shape), t.dtype) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    assert shapes(empty) == shapes(loaded)
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])

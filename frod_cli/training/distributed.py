@@ -269,9 +269,17 @@ def prepare_sharded(acc: Any, prepare: Any, args: tuple, kwargs: dict) -> Any:
             if isinstance(obj, torch.optim.Optimizer) and names is not None:
                 rebind_optimizer(obj, names, acc.unwrap_model(prepared))
         if acc.meta_loaded:
-            rank0.load_shards_from_rank0(prepared, held, acc.shard_device())
+            rank0.load_shards_from_rank0(prepared, held, shard_device(acc))
         after_sharding(prepared, acc)
     return result
+
+
+def shard_device(acc: Any) -> torch.device:
+    """Where this process's shards live: its device, or the CPU under train.fsdp.cpu_offload."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    offload = isinstance(acc.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    return torch.device("cpu") if offload else acc.device
 
 
 def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:
