@@ -13,8 +13,9 @@ such a launch, so CPU and GPU runs take the same code. The alternative (our own 
 `FinetuneRecipe.wrap_model`) would have needed Accelerate kept away from the model, which it would
 otherwise wrap in DDP on MULTI_CPU.
 
-What is sharded: the frozen weights, which are where the memory of a large model is. The trainables of a
-method that freezes its base (FRoD's lambda and S values, LoRA's factors, the task head) are given to
+What is sharded: the frozen weights, which are where the memory of a large model is. (method=full shards every
+weight with its gradient and AdamW state instead, ZeRO-3: `set_model_policy(shard_trainables=True)`, and the loop
+keeps its values as each rank's shards: training/sharded.py.) The trainables of a method that freezes its base (FRoD's lambda and S values, LoRA's factors, the task head) are given to
 `fully_shard` as `ignored_params`: they stay whole, plain tensors, identical on every rank, exactly as
 under DDP, so snapshots, checkpoints (FULL and SHARDED state dicts are then the same files: nothing
 sharded is trainable), the optimizer state (float32, whole), adapter/ and the rank fingerprint check are
@@ -25,14 +26,15 @@ V^-T, pattern rows/cols: the `frod_adapter` FrodState module; sigma, stored U) a
 never shards. They are built once for the launch, before sharding, under DDP and FSDP alike: `apply_frod`
 deals the categories to the ranks, each rank decomposes its share on its accelerator (`Method.device`, set by
 the recipe) or reads it from the basis cache, and broadcasts it (frod/build.py), so every rank holds the same
-bytes (`FinetuneRecipe._check_identical_ranks` verifies it).
+bytes (`FinetuneRecipe._check_identical_ranks` verifies it, once the weights are in place). FSDP moves what it
+shards, and the buffers, to the device; the ignored trainables are moved by `prepare_sharded`.
 
-Loading is not sharded: every rank loads the whole base into host memory before `prepare` (docs/SCALING.md
-gives the figures). Accelerate's route to load on one rank only (`cpu_ram_efficient_loading`: the model moved to
-the meta device, then rank 0's full state dict broadcast into the shards) does not fit the adapter's install:
-it moves every FrodLinear to meta (FRoD's own float32 tensors refuse that move, `_KeepOwnTensors`) and its
-loader expects every state-dict entry to be a sharded DTensor, while FRoD's trainables stay whole
-(`ignored_params`). Tried on a tiny BERT over 2 CPU processes: `acc.prepare` fails in `model.to("meta")`.
+Loading (train.fsdp.load_on_rank0, the default): one process per node reads the base, the others start from the
+meta device and receive their shards from rank 0 (`load_options`, training/rank0.py, which says why Accelerate's
+`cpu_ram_efficient_loading` does not fit the whole trainables). A 4-bit base loads on every process, packed in the
+dtype FSDP gathers it in (FSDP-QLoRA's route, `load_options`); its quantization states, which are not parameters,
+are put on the device after sharding (`place_quant_states`) and read from the module where FSDP's gathered weight
+lacks them (frod/layer.py `quant_state_of`, as bitsandbytes' own forward does).
 
 FRoD reads its layer's full weight W (U recomputed as W V^-T diag(1/sigma)): inside a forward that is
 what FSDP provides (the enclosing unit's pre-forward hook all-gathers the unit's weights; the pooler or
@@ -49,10 +51,10 @@ weights are shards, so:
 Also: after a forward without gradients every unit is resharded, so that code run on rank 0 alone (PEFT's
 save_pretrained reads the state dict) cannot leave the ranks in different gather states
 (`reshard_after_no_grad_forward`); generation steps every rank until all finish (`after_sharding`); and
-train.mixed_precision autocasts the forward as Accelerate's DDP path does (`autocast_forward`).
-Methods that train every weight (method=full) would shard their trainables and optimizer state; their
-snapshots, checkpoints and adapter would then need gathering in the loop's evaluate/restore/resume
-code: refused for now.
+train.mixed_precision autocasts the forward as Accelerate's DDP path does (`autocast_forward`). PEFT's generate()
+bypasses the root's forward, so the root's own weights are gathered on the wrapped model's forward too.
+train.fsdp.cpu_offload on a one-GPU launch runs FSDP over that one process (`offloads_one_gpu`): nothing is split,
+the weights live in host memory.
 """
 from __future__ import annotations
 

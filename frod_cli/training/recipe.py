@@ -12,8 +12,9 @@ Run directory (written by the main process only, each file atomically; see frod_
   merged/            a plain transformers model + preprocessor (AutoModelFor...from_pretrained)
   loss.png           the loss curve
   trackers/          experiment-tracker files (train.log_with, e.g. TensorBoard event files)
-  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py;
-                     for resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
+  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py; under
+                     FSDP with method=full each process's shards in shards/: training/sharded.py; for
+                     resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
 
 Hooks for what wraps this loop: `wrap_model` (sharding), `Method.accumulation` (a context around one
 optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation),
