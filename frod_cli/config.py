@@ -20,10 +20,18 @@ class ModelConfig:
     # or "tiny:<family>" (a small random model built from a config, for tests and smoke runs).
     name_or_path: str = MISSING
     revision: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen weights' dtype
-    # none | nf4 | fp4: the frozen weights in 4 bits (bitsandbytes, double quantization), computed in `dtype`;
-    # the LM head and the task head stay in `dtype` (frod_cli/models.py)
+    # float32 | bfloat16 | float16 | auto: the frozen weights' dtype, which they compute in, and merged/'s.
+    # auto: bfloat16 where the device computes it natively (a CPU with a oneDNN bfloat16 kernel, a GPU that
+    # supports it), else float32 (float16 on a GPU without bfloat16); frod train writes what it picked into the
+    # run's config. A dtype the CPU emulates is kept as asked, with a warning (frod_cli/precision.py).
+    dtype: str = "float32"
+    # none | nf4 | fp4: the frozen linear weights in 4 bits (bitsandbytes, double quantization); merged/ is
+    # the dequantized base plus the update, in `dtype` (frod_cli/models.py)
     quantization: str = "none"
+    # A 4-bit base only: the dtype its 4-bit layers dequantize to and multiply in, and in which its other
+    # weights (embeddings, norms, LM head, task head) are held. None: `dtype`, except on a CPU that emulates
+    # `dtype`, where it is float32 (the run's log says so; metrics.json has compute_dtype).
+    compute_dtype: Optional[str] = None
     trust_remote_code: bool = False  # remote code from the Hub only when asked for explicitly
     # Overrides applied to the model config (e.g. hidden_size for tiny:* models, dropout rates).
     config_overrides: Dict[str, Any] = field(default_factory=dict)
@@ -80,6 +88,16 @@ class GenerationConfig(SamplingConfig):
     batch_size: int = 16
 
 
+def open_map() -> Any:
+    """The default of a Dict[str, str] field whose keys are the user's (split names, roles, label aliases, column
+    renames): Hydra closes the whole config (struct mode) before it applies the command line, so `task.role_map=
+    {bot: assistant}` would be refused as "Key 'bot' is not in struct" on an empty typed dict; this node stays
+    open, so new keys merge in as printed, and keeps its str -> str types (`task.role_map.bot=[1]` is refused)."""
+    from omegaconf import DictConfig
+
+    return DictConfig({}, key_type=str, element_type=str, flags={"struct": False})
+
+
 @dataclass
 class TaskConfig:
     type: str = MISSING  # task registry key: seq_cls | image_cls | multiple_choice
@@ -87,14 +105,14 @@ class TaskConfig:
     source: str = "hub"  # hub | local | offline
     dataset: Optional[str] = None  # hub: dataset id; offline: source name (frod_cli.tasks.sources)
     subset: Optional[str] = None  # hub config name, e.g. "cola"
-    data_files: Dict[str, str] = field(default_factory=dict)  # local: split -> path
+    data_files: Dict[str, str] = field(default_factory=open_map)  # local: split -> path
     format: Optional[str] = None  # local: csv | json | parquet | imagefolder (guessed from suffix if None)
     # Columns
     text_fields: List[str] = field(default_factory=lambda: ["text"])  # 1 or 2 (paired) text columns
     image_field: str = "image"
     label_field: str = "label"
     labels: Optional[List[str]] = None  # class names; inferred from the data when None
-    label_aliases: Dict[str, str] = field(default_factory=dict)  # e.g. ARC's answerKey {"1": "A", ...}
+    label_aliases: Dict[str, str] = field(default_factory=open_map)  # e.g. ARC's answerKey {"1": "A", ...}
     regression: bool = False  # e.g. STS-B
     # multiple choice: question column and choice columns (or one list column)
     question_field: str = "question"
@@ -111,7 +129,7 @@ class TaskConfig:
     test_dataset: Optional[str] = None
     test_subset: Optional[str] = None
     test_dataset_split: str = "test"
-    test_rename: Dict[str, str] = field(default_factory=dict)
+    test_rename: Dict[str, str] = field(default_factory=open_map)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     dedupe: bool = False  # drop exact duplicate inputs before splitting
@@ -130,8 +148,13 @@ class TaskConfig:
     output_field: str = "output"
     messages_field: str = "messages"
     conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
-    # sharegpt `from` -> role, over the defaults human->user, gpt->assistant, system->system (user, assistant kept)
-    role_map: Dict[str, str] = field(default_factory=dict)
+    # sharegpt `from` -> role (system, user, assistant, tool, or function_call: an assistant turn whose value is a
+    # tool call), over the defaults human->user, gpt->assistant, system->system, function_call->function_call,
+    # observation->tool (user, assistant, tool kept)
+    role_map: Dict[str, str] = field(default_factory=open_map)
+    # chat / sharegpt / prompt_completion (lists of turns): a column of tool schemas (a list, or its JSON string)
+    # passed to the chat template as apply_chat_template(tools=...) does; null: no tools column is read
+    tools_field: Optional[str] = "tools"
     completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
     # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
     chat_template: Optional[str] = None

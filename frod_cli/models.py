@@ -23,9 +23,9 @@ import transformers
 from omegaconf import OmegaConf
 
 from frod_cli import one_line
+from frod_cli.precision import AUTO, DTYPES, resolve_dtype
 
 SMOLLM2_DIR = Path.home() / ".cache" / "frod" / "smollm2-135m"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _minilm_path() -> str:
@@ -107,10 +107,21 @@ def _is_image(task: Any) -> bool:
     return getattr(task, "modality", "text") == "image" or "Image" in task.auto_class
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown model.dtype {name!r}; use {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+def _dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """A dtype setting (auto: for CUDA where available, else the CPU; frod train resolves it for its device)."""
+    if name != AUTO and name not in DTYPES:
+        raise ValueError(f"unknown {key} {name!r}; use {', '.join(DTYPES)}, {AUTO}")
+    return resolve_dtype(name)
+
+
+def loaded_dtype(model_cfg: Any) -> torch.dtype:
+    """The dtype the model's unquantized weights are loaded in: model.dtype; for a 4-bit base its compute dtype
+    (model.compute_dtype, default model.dtype), so that nothing in it computes in another dtype."""
+    q = str(getattr(model_cfg, "quantization", "none") or "none")
+    compute = getattr(model_cfg, "compute_dtype", None)
+    if q != "none" and compute is not None:
+        return _dtype(str(compute), "model.compute_dtype")
+    return _dtype(str(model_cfg.dtype))
 
 
 def _resolve(name: str) -> str:
@@ -215,7 +226,7 @@ def from_pretrained_quietly(auto: Any, name: str, path: str, **kwargs: Any) -> t
 
 def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
     """(model, preprocessor) for `task`: the task's Auto class and head kwargs (`task.model_kwargs()`)."""
-    name, dtype, auto = model_cfg.name_or_path, _dtype(model_cfg.dtype), _auto_class(task)
+    name, dtype, auto = model_cfg.name_or_path, loaded_dtype(model_cfg), _auto_class(task)
     head = dict(task.model_kwargs())
     quant = quantization_config(model_cfg, task)
     overrides = model_cfg.config_overrides or {}
@@ -266,8 +277,9 @@ QUANTIZATIONS = ("none", "nf4", "fp4")
 
 def quantization_config(model_cfg: Any, task: Any) -> Any:
     """transformers' BitsAndBytesConfig for `model.quantization` (None for "none"): the frozen weights in 4 bits
-    (NF4 or FP4) with double quantization (the per-block scales quantized too), computed in `model.dtype`; the
-    LM head and the task's head (`task.default_modules_to_save`) stay in `model.dtype`."""
+    (NF4 or FP4) with double quantization (the per-block scales quantized too), computed in `loaded_dtype`
+    (model.compute_dtype, default model.dtype); the LM head and the task's head (`task.default_modules_to_save`)
+    are not quantized."""
     q = str(getattr(model_cfg, "quantization", "none") or "none")
     if q == "none":
         return None
@@ -277,7 +289,7 @@ def quantization_config(model_cfg: Any, task: Any) -> Any:
         raise ValueError(f"model.quantization={q} needs bitsandbytes: pip install bitsandbytes==0.50.2")
     skip = sorted({"lm_head", "score", "classifier", *getattr(task, "default_modules_to_save", ())})
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=_dtype(model_cfg.dtype), llm_int8_skip_modules=skip)
+                                           bnb_4bit_compute_dtype=loaded_dtype(model_cfg), llm_int8_skip_modules=skip)
 
 
 def quantized_device() -> Any:

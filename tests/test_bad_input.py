@@ -379,3 +379,45 @@ def test_bug_shows_traceback_and_asks_for_a_report(files, tmp_path, capsys, monk
 
     with pytest.raises(ConfigCompositionException):
         main(["train", *tiny(files["good"]), "train.bach_size=3", f"hydra.run.dir={tmp_path / 'run2'}"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversation and tool-calling data a new user writes by hand (issue 24): each refused in one line, exit 2,
+# on the LM recipe pointed INTO the finished LM run (train.overwrite=true), which stays as it was.
+# ---------------------------------------------------------------------------------------------------
+def _share(*turns, **columns) -> str:
+    import json
+
+    good = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5"}]}
+    bad = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, *turns], **columns}
+    return "".join(json.dumps(r) + "\n" for r in [good] * 9 + [bad] + [good] * 10)
+
+
+CALL = {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 3}}'}
+CONVERSATION_CASES = [  # (id, file text, extra overrides, expected text)
+    ("unknown_role", _share({"from": "robot", "value": "5"}), [],
+     "row 10: 'conversations' turn 2: role 'robot' is not in task.role_map"),
+    ("tool_call_with_bad_json_arguments", _share({"from": "function_call", "value": '{"name": "add", "arguments": "{a: 2}"}'}),
+     [], "row 10: 'conversations' turn 2 (function_call) 'value' (add) arguments is not valid JSON"),
+    ("tools_column_not_a_list", _share(CALL, {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"},
+                                       tools='{"name": "add"}'), [], "row 10: 'tools' is a dict, not a list of tool schemas"),
+    ("role_map_to_no_role", _share({"from": "bot", "value": "5"}), ["task.role_map={bot: robot}"],
+     "task.role_map maps 'bot' to 'robot': roles are system, user, assistant, tool, function_call"),
+    ("tools_column_the_layout_does_not_read",
+     "".join('{"instruction": "a", "output": "b", "tools": "[]"}\n' for _ in range(20)), [],
+     "has a tools column 'tools', which the instruction layout does not read"),
+    ("stream_too_short_to_hold_out_validation", _share({"from": "gpt", "value": "5"}), ["task.streaming=true"],
+     "holds 20 rows: holding out the first 100 for validation leaves none to train on"),
+]
+
+
+@pytest.mark.parametrize("case,text,extra,expected", CONVERSATION_CASES, ids=[c[0] for c in CONVERSATION_CASES])
+def test_bad_conversation_data(case, text, extra, expected, finished_lm, tmp_path, capsys):
+    data = _write(tmp_path / "calls.jsonl", text)
+    before = digest(finished_lm)
+    fmt = [] if "layout_does_not_read" in case else ["task.data_format=sharegpt"]
+    assert main(["train", "recipe=sft_smoke", *fmt, "task.chat_template=chatml", f"task.data_files.train={data}",
+                 *extra, f"hydra.run.dir={finished_lm}", "train.overwrite=true"]) == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+    assert digest(finished_lm) == before

@@ -192,9 +192,10 @@ def test_truncation_and_drops_are_counted(tmp_path, tiny, caplog):
     task = local(tmp_path, rows, max_length=24)
     with caplog.at_level(logging.WARNING, logger="frod_cli.tasks.causal_lm"):
         enc = task.encode(task.load_data(), tok)
-    assert task.stats["train"] == {"examples": 3, "kept": 2, "truncated": 1, "dropped": 1, "malformed": 0}
+    assert task.stats["train"] == {"examples": 3, "kept": 2, "whole": 1, "cut": 0, "truncated": 1, "dropped": 1,
+                                   "turns_dropped": 0, "malformed": 0}
     assert len(enc["train"]) == 2 and max(len(x) for x in enc["train"]["input_ids"]) == 24
-    assert "1 of 3 examples truncated to task.max_length=24, 1 dropped" in caplog.text
+    assert "2 of 3 examples longer than task.max_length=24: 0 cut at a turn boundary, 1 truncated" in caplog.text
     cut = enc["train"][1]
     assert cut["labels"][-1] != tok.eos_token_id and cut["labels"][: cut["prompt_len"]] == [-100] * cut["prompt_len"]
 

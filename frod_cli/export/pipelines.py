@@ -43,7 +43,7 @@ class Loaded:
 def model_config(job: Job, **changes: Any) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.merge(job.run.model, {"dtype": "float32", **changes})
+    return OmegaConf.merge(job.run.model, {"dtype": "float32", "compute_dtype": None, **changes})  # a 4-bit base too
 
 
 def load(job: Job) -> Loaded:

@@ -12,9 +12,10 @@ data and settings). In short:
   chat, sharegpt     turns rendered with the tokenizer's chat template (refused without one: task.chat_template=chatml
                      gives it one); task.system_prompt becomes a system turn when the conversation has none. Loss on
                      the assistant turns only (each turn's text as the template renders it, end-of-turn markup
-                     included); EOS appended to the last one unless the template already put it there. Turns after
-                     the last assistant turn are dropped. For generation the prompt is everything before the last
-                     assistant turn with the generation prompt, the reference that turn.
+                     included; tool calls too, never tool outputs); EOS appended to the last one unless the
+                     template already put it there. Turns after the last assistant turn are dropped. For generation
+                     the prompt is everything before the last assistant turn kept with the generation prompt, the
+                     reference that turn.
   prompt_completion  strings: prompt and completion as they are (TRL's rule: no template); message lists: through the
                      template, loss on the completion's assistant turns.
   text               task.text_fields[0] (one column): plain documents, loss on every token, EOS appended;
@@ -29,9 +30,11 @@ without content, a role not in task.role_map, a conversation the template cannot
 line naming the first such row and the count; task.skip_malformed=true drops them with a count instead.
 
 Labels: the prompt's labels are -100 (`task.train_on_prompt=false`, the default) so the loss covers the
-response (+ EOS) only. Examples longer than `task.max_length` are truncated on the right (the response is
-cut); an example whose prompt alone fills max_length is dropped. Both counts are logged per split (and kept in
-metrics.json under `data`), and a split in which every example is dropped is refused.
+response (+ EOS) only. An example longer than `task.max_length` keeps every whole assistant turn that fits (cut
+at a turn boundary), is truncated on the right inside its first assistant turn when not even that fits, and is
+dropped only when the text before its first assistant turn fills max_length (frod_cli/tasks/lm_data.py states
+the rule). The counts are logged per split (and kept in metrics.json under `data_counts`), and a split in which
+every example is dropped is refused.
 
 Packing (`task.packing=true`, the train split only): whole examples are packed in order into blocks of at
 most max_length tokens (an example is never split across blocks; a batch pads its blocks to the longest).

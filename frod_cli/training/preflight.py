@@ -108,16 +108,37 @@ def check_task_keys(task: Any, user_overrides: Sequence[str]) -> None:
 DATA_FILES = "task.data_files."
 
 
+def user_data_splits(user_overrides: Sequence[str]) -> list:
+    """The splits the command line gives files for: `task.data_files.<split>=<file>` (with or without +), or
+    `task.data_files={<split>: <file>, ...}`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = override_keys(user_overrides)
+    given = {k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES)}
+    whole = [o for o in user_overrides if o.lstrip("+").split("=", 1)[0] == DATA_FILES[:-1]]
+    for override in OverridesParser.create().parse_overrides(whole) if whole else []:
+        value = override.value()
+        if isinstance(value, dict):
+            given |= {str(k) for k in value}
+    return sorted(given)
+
+
 def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
     """The user's data wins: `task.data_files.<split>=<file>` on the command line makes the task read those local
     files, whatever source the recipe's task had (a packaged set, a Hub dataset). The recipe's own files, Hub id
     and separate test set are dropped, each with a log line; a file for a split the task does not name becomes
-    that split (validation / test), and any other split name is refused."""
+    that split (validation / test), and any other split name is refused. The task is then named after the data
+    (the train file's stem: logs, metrics.json, the loss plot) and its layout read from the files' columns
+    (data_format auto), unless the command line names them (task.name, task.data_format). A data set named on the
+    command line (task.dataset=...) names the task too."""
     from omegaconf import open_dict
 
     keys = override_keys(user_overrides)
-    given = sorted(k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES))
+    given = user_data_splits(user_overrides)
     if not given:
+        if "task.dataset" in keys and "task.name" not in keys and not task.get("mixture"):
+            with open_dict(task):
+                _name_after_data(task)  # another data set named on the command line: the same rule
         return
     if "task.source" in keys and task.source != "local":
         raise FrodCliError(f"task.data_files are local files but task.source={task.source}: drop one of the two")
@@ -125,16 +146,7 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
         raise FrodCliError(f"task.data_files names {', '.join(given)} but no {task.train_split!r} file: with your own "
                            f"files, give task.data_files.{task.train_split}=<file> too")
     with open_dict(task):
-        for split in given:
-            if split in (task.train_split, task.validation_split, task.test_split):
-                continue
-            if split == "validation" and "task.validation_split" not in keys:
-                task.validation_split = "validation"
-            elif split == "test" and "task.test_split" not in keys:
-                task.test_split = "test"
-            else:
-                raise FrodCliError(f"task.data_files.{split}: not a split of this task (train_split={task.train_split}, "
-                                   f"validation_split={task.validation_split}, test_split={task.test_split})")
+        _name_user_splits(task, given, keys)
         dropped = {k: v for k, v in task.data_files.items() if k not in given}
         if dropped:
             log.info("the recipe's task.data_files %s are not used: your files replace its data", dict(dropped))
@@ -148,6 +160,36 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
             task.test_dataset = None
         if task.format and "task.format" not in keys:
             task.format = None  # guessed from your files' suffix
+        if task.get("data_format", "auto") != "auto" and "task.data_format" not in keys:
+            log.info("task.data_format %s -> auto: the layout of your files is read from their columns "
+                     "(task.data_format=... names it)", task.data_format)
+            task.data_format = "auto"
+        if "task.name" not in keys:
+            _name_after_data(task)
+
+
+def _name_after_data(task: Any) -> None:
+    """task.name from the data the command line gave (a file's stem, a data set's id or offline name)."""
+    from frod_cli.tasks.mixture import default_name
+
+    name = default_name(task)
+    if name != task.name:
+        log.info("task.name %s -> %s: the name of your data (task.name=... names it otherwise)", task.name, name)
+        task.name = name
+
+
+def _name_user_splits(task: Any, given: Sequence[str], keys: Any) -> None:
+    """A file for validation / test becomes that split when the task names none; any other split is refused."""
+    for split in given:
+        if split in (task.train_split, task.validation_split, task.test_split):
+            continue
+        if split == "validation" and "task.validation_split" not in keys:
+            task.validation_split = "validation"
+        elif split == "test" and "task.test_split" not in keys:
+            task.test_split = "test"
+        else:
+            raise FrodCliError(f"task.data_files.{split}: not a split of this task (train_split={task.train_split}, "
+                               f"validation_split={task.validation_split}, test_split={task.test_split})")
 
 
 def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:

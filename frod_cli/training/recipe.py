@@ -36,6 +36,7 @@ import torch
 from frod_cli import FrodCliError
 from frod_cli.config import apply_per_method
 from frod_cli.console import fmt_metrics, print_final, progress_bar
+from frod_cli.precision import settle
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
 from frod_cli.runs.plots import plot_loss_curve
 from frod_cli.share.card import describe_hardware, write_run_cards
@@ -93,6 +94,8 @@ class FinetuneRecipe:
         """Every check and every load; nothing is written into the run directory before `accept`."""
         B.quiet_libraries()
         self._setup_accelerator()
+        # model.dtype=auto and a 4-bit base's compute dtype, for this device: before a checkpoint's config is compared
+        self.precision = settle(self.cfg.model, self.acc.device, self.mixed)
         self._setup_output()
         self._setup_task()
         self._setup_model()
@@ -715,6 +718,7 @@ class FinetuneRecipe:
             "mixed_precision": self.mixed, "method_details": self.method.describe(),
             "task_preparation": self.task_prep, "data_counts": self._data_counts(),
             "hardware": describe_hardware(self.acc.device, self.acc.num_processes),
+            **self.precision.record(),  # compute_dtype; on a CPU run its capability and what it emulates
         }
 
     def _data_counts(self) -> Optional[Dict[str, Any]]:
