@@ -10,10 +10,16 @@ numbers drawn so that every intermediate result is a whole number >= 0) and its 
 `steps` counts the operations. Deterministic: one seeded random.Random and no clock, so rerunning with the same
 arguments reproduces the file byte for byte. No two rows share a problem text.
 
-The packaged arith_rl_tiny.jsonl (96 one-step problems with small numbers, prompt layout) is what recipe=grpo_smoke
-trains a tiny random LLaMA on: such a model never solves them, so the smoke recipe's rising reward comes from a
-format reward (a digit in the answer) that a policy can learn in a few dozen steps; the math reward is recorded
-beside it and stays near 0.
+The packaged arith_rl_tiny.jsonl (96 one-step problems with small numbers, prompt layout) is what the GRPO smoke
+run trains a tiny random LLaMA on. Such a model never solves them: the rising reward comes from a format reward,
+`\b\d+\b` (a number in the completion), with the math reward recorded beside it (near 0). Measured on tiny:llama
+(frod_cli.rl.step collect + batch_loss in a plain AdamW loop, lr 5e-2, G = 8, 8 prompts per step, 8 new
+tokens, 20 steps, sparse_rate 0.05 for frod; mean total reward of the first five steps ->
+the last five): frod 0.31 -> 1.00, lora 0.32 -> 0.97, frod on an NF4 base 0.18 -> 0.97; with the model built at
+config_overrides={initializer_range: 1.0}. At the default init (std 0.02) the next-token distribution is nearly
+uniform (entropy 10.32 nats of ln 30522 = 10.33) and stays so whatever the adapted layers do (the LM head and the
+final norm are frozen: a logit moves by at most |h| |w_j| ~ 0.6), and 30 such steps of frod moved nothing
+(0.43 -> 0.44 with the format pattern \d); at std 1.0 the entropy is 2.2 nats and the policy can move.
 """
 from __future__ import annotations
 
