@@ -41,11 +41,11 @@ def sampling_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Inside: the RNG of `device` (and the CPU's) seeded with `seed`; outside, both as they were before."""
     device = torch.device(device)
     accelerator = device.type not in ("cpu", "meta")
-    devices = [device.index if device.index is not None else 0] if accelerator else []
+    module = torch.get_device_module(device.type) if accelerator else None
+    devices = [device.index if device.index is not None else module.current_device()] if accelerator else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
         torch.default_generator.manual_seed(int(seed))
         if accelerator:
-            module = torch.get_device_module(device.type)
             with module.device(devices[0]):
                 module.manual_seed(int(seed))
         yield
