@@ -17,6 +17,7 @@ def test_rollout_throughput_and_memory(tmp_path):
     assert main(["--rollout", "throughput", "--r-bases", "float32", "--r-repeats", "1", "--out", str(out), *SMALL]) == 0
     row = json.loads(out.read_text())["rows"][0]
     assert row["base"] == "float32" and row["tokens"] == 2 * 2 * 3  # every completion runs to the limit
+    assert row["build_s"] == row["build_s"]  # a number, not NaN (no sign assumed: a difference of two timings)
     assert row["frod_adapter_tokens_per_s"] > 0 and row["merged_tokens_per_s"] > 0 and row["adapter_vs_merged"] > 0
     out = tmp_path / "m.json"
     assert main(["--rollout", "memory", "--r-bases", "bfloat16", "--r-micro-batch", "2", "--r-steps", "1", "--out", str(out), *SMALL]) == 0

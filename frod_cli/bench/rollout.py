@@ -32,7 +32,7 @@ from frod_cli.bench.adapters import adapt, adapt_shape_only
 from frod_cli.bench.common import DevicePeak, environment, fmt_bytes, malloc_trim, params_buffers_bytes, ratio, refuse, \
     write_result
 from frod_cli.bench.presets import LLAMA_TARGETS, llama_config
-from frod_cli.bench.quantized import perturb_frod, quant_causal_lm
+from frod_cli.bench.quantized import perturb_frod, quant_causal_lm, time_build
 
 BASES = ("float32", "bfloat16", "nf4")
 
@@ -87,7 +87,8 @@ def throughput_row(args, base: str, log) -> Dict[str, Any]:
             tokens[name] = rollout_tokens(m, meth, prompts, args, step=rep)
             best[name] = min(best[name], time.perf_counter() - t0)
     row = {"base": base, **{f"{n}_tokens_per_s": tokens[n] / best[n] for n in variants},
-           **{f"{n}_s": best[n] for n in variants}, "tokens": tokens["merged"]}
+           **{f"{n}_s": best[n] for n in variants}, "tokens": tokens["merged"],
+           "build_s": time_build(model, len(prompts) * args.r_group_size)}
     row["adapter_vs_merged"] = ratio(row["frod_adapter_tokens_per_s"], row["merged_tokens_per_s"])
     log(f"# rollout {base}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})}")
     return row
@@ -169,10 +170,10 @@ def memory_table(rows: List[Dict[str, Any]]) -> str:
 
 def throughput_table(rows: List[Dict[str, Any]]) -> str:
     lines = ["| base | FRoD adapter, W+dW built and freed per rollout (tokens/s) | merged (tokens/s) | adapter / merged "
-             "| tokens per rollout |", "|" + "---|" * 5]
+             "| tokens per rollout | building W+dW alone (s) | merged rollout (s) |", "|" + "---|" * 7]
     for r in rows:
         lines.append(f"| {r['base']} | {r['frod_adapter_tokens_per_s']:.1f} | {r['merged_tokens_per_s']:.1f} | "
-                     f"{r['adapter_vs_merged']:.2f} | {r['tokens']} |")
+                     f"{r['adapter_vs_merged']:.2f} | {r['tokens']} | {r['build_s']:.2f} | {r['merged_s']:.2f} |")
     return "\n".join(lines)
 
 
