@@ -100,25 +100,19 @@ def open_map() -> Any:
 
 @dataclass
 class TaskConfig:
-    type: str = MISSING  # task registry key: seq_cls | image_cls | multiple_choice
+    """The keys every task type has: where the data comes from, its splits and sizes, and the metric that picks the
+    best checkpoint. Each task type extends it with its own keys (its config dataclass in frod_cli/tasks/<type>.py,
+    registered with the type and stored as `task/schema/<type>`; a task YAML names it in its defaults), so a key of
+    another type is refused when the config is composed, not ignored."""
+
+    type: str = MISSING  # the task registry key (frod_cli/tasks/): set by the type's schema
     name: str = MISSING  # a label for reports, e.g. "sst2", "cifar10"
     source: str = "hub"  # hub | local | offline
     dataset: Optional[str] = None  # hub: dataset id; offline: source name (frod_cli.tasks.sources)
     subset: Optional[str] = None  # hub config name, e.g. "cola"
     data_files: Dict[str, str] = field(default_factory=open_map)  # local: split -> path
     format: Optional[str] = None  # local: csv | json | parquet | imagefolder (guessed from suffix if None)
-    # Columns
-    text_fields: List[str] = field(default_factory=lambda: ["text"])  # 1 or 2 (paired) text columns
-    image_field: str = "image"
-    label_field: str = "label"
-    labels: Optional[List[str]] = None  # class names; inferred from the data when None
-    label_aliases: Dict[str, str] = field(default_factory=open_map)  # e.g. ARC's answerKey {"1": "A", ...}
-    regression: bool = False  # e.g. STS-B
-    # multiple choice: question column and choice columns (or one list column)
-    question_field: str = "question"
-    choices_field: str = "choices"
-    context_field: Optional[str] = None
-    # Splits: names in the source; missing validation/test are carved out of train, stratified, seeded
+    # Splits: names in the source; missing validation/test are carved out of train (stratified by label), seeded
     train_split: str = "train"
     validation_split: Optional[str] = "validation"
     test_split: Optional[str] = "test"
@@ -133,53 +127,8 @@ class TaskConfig:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     dedupe: bool = False  # drop exact duplicate inputs before splitting
-    # Preprocessing
-    max_length: int = 128
-    image_size: Optional[int] = None  # defaults to the model's
-    # Prompted data (causal_lm; seq_cls with a prompt_template): python format strings over the columns,
-    # e.g. prompt_template="Question: {question}\nAnswer:", response_template=" {answer}"
-    prompt_template: Optional[str] = None
-    response_template: Optional[str] = None
-    # causal_lm: data_format auto | instruction | chat | sharegpt | prompt_completion | text | template
-    # (frod_cli/tasks/layouts.py: the one reader of these layouts)
-    data_format: str = "auto"
-    instruction_field: str = "instruction"
-    input_field: Optional[str] = "input"
-    output_field: str = "output"
-    messages_field: str = "messages"
-    conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
-    # sharegpt `from` -> role (system, user, assistant, tool, or function_call: an assistant turn whose value is a
-    # tool call), over the defaults human->user, gpt->assistant, system->system, function_call->function_call,
-    # observation->tool (user, assistant, tool kept)
-    role_map: Dict[str, str] = field(default_factory=open_map)
-    # chat / sharegpt / prompt_completion (lists of turns): a column of tool schemas (a list, or its JSON string)
-    # passed to the chat template as apply_chat_template(tools=...) does; null: no tools column is read
-    tools_field: Optional[str] = "tools"
-    completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
-    # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
-    chat_template: Optional[str] = None
-    skip_malformed: bool = False  # drop rows that cannot be read (counted) instead of refusing the split
-    # Weighted mixture: a list of sources, each {name, weight, source, dataset, data_files, data_format, ...}
-    # (the keys of one source; the rest inherited from this task); trained on with probabilities weight / sum
-    mixture: List[Any] = field(default_factory=list)
-    mixture_stop: str = "first_exhausted"  # first_exhausted | all_exhausted: when the mixture's epoch ends
-    streaming: bool = False  # read and tokenize the training split while training (needs train.max_steps)
-    shuffle_buffer: int = 1000  # streaming: rows in the shuffle buffer (0: the stream's own order)
-    system_prompt: Optional[str] = None
-    train_on_prompt: bool = False  # false: loss on the response tokens only
-    packing: bool = False  # pack examples into blocks of max_length (training split only)
-    # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
-    answer_pattern: str = "full"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # preference (frod_cli/tasks/preference.py): a prompt and a chosen and a rejected answer per row
-    prompt_field: str = "prompt"  # TRL's prompt column (a string or a list of turns)
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    loss: str = "dpo"  # dpo | ipo | simpo
-    beta: Optional[float] = None  # None: 0.1 for dpo and ipo (IPO's tau), 2.0 for simpo
-    gamma: Optional[float] = None  # simpo's target reward margin; None: beta / 2
-    # Metrics: evaluate modules shipped in frod_cli/metrics; objective picks the best checkpoint
-    metrics: List[str] = field(default_factory=lambda: ["accuracy"])
+    max_length: int = 128  # tokens per example (the type says how longer ones are cut)
+    # The validation metric that picks the best checkpoint (one the task reports) and its direction
     objective: str = "accuracy"
     objective_mode: str = "max"  # max | min
 
@@ -276,7 +225,9 @@ class CompareConfig:
 @dataclass
 class FrodRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    # Each task type's own config (frod_cli/tasks/<type>.py, stored as task/schema/<type>): the task YAML names it,
+    # and `task.type=<type>` on the command line switches to it (frod train's prepare).
+    task: Any = MISSING
     # Each method's own config (frod_cli/methods/<file>.py, stored as method/<name>_schema): the method
     # group's YAML selects it, so the keys of one method are refused for another.
     method: Any = MISSING
@@ -309,7 +260,7 @@ class EvalRunConfig:
     """`frod eval path=<run dir | merged checkpoint> [task=<name>]`; with harness.tasks, lm-evaluation-harness."""
 
     path: str = MISSING  # a run directory (uses merged/ or base + adapter/) or a saved model directory
-    task: Optional[TaskConfig] = None  # default: the run's task (a checkpoint without a run needs task=...)
+    task: Any = None  # default: the run's task (a checkpoint without a run needs task=...)
     splits: List[str] = field(default_factory=lambda: ["validation", "test"])
     batch_size: int = 64
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
@@ -423,20 +374,3 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
     if applied:
         logging.getLogger("frod.config").info("the recipe's per_method.%s settings: %s", cfg.method.name,
                  ", ".join(f"{k}={v}" for k, v in applied.items()))
-
-
-def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="frod_train_schema", node=FrodRunConfig)
-    cs.store(name="frod_eval_schema", node=EvalRunConfig)
-    cs.store(name="frod_merge_schema", node=MergeRunConfig)
-    cs.store(name="frod_generate_schema", node=GenerateRunConfig)
-    cs.store(name="frod_export_schema", node=ExportRunConfig)
-    cs.store(name="frod_cache_schema", node=CacheRunConfig)
-    cs.store(name="frod_push_schema", node=PushRunConfig)
-    from frod_cli.methods import register_schemas
-
-    register_schemas()

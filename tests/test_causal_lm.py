@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
-from frod_cli.config import GenerateRunConfig, ModelConfig, TaskConfig
+from frod_cli.config import GenerateRunConfig, ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.commands.generate import run as run_generate
 from frod_cli.decoding import encode_prompt, generate_ids, generate_texts
 from frod_cli.models import load_model
@@ -32,7 +33,7 @@ CHAT_TEMPLATE = (
 
 def task_cfg(**over):
     base = {"type": "causal_lm", "name": "t", "objective": "loss", "objective_mode": "min"}
-    return OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over)
+    return task_config(base["type"], **{**base, **over})
 
 
 def make_task(**over):

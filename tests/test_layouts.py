@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.cli import run_verb
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.models import load_model
 from frod_cli.tasks import get_task, layouts, lm_data, tool_calls
 
@@ -26,7 +27,7 @@ ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def make_task(**over):
     base = {"type": "causal_lm", "name": "t", "objective": "loss", "objective_mode": "min", "max_length": 96}
-    return get_task("causal_lm")(OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over), 0)
+    return get_task("causal_lm")(task_config(base["type"], **{**base, **over}), 0)
 
 
 def local(tmp_path, rows, name="d.jsonl", **over):

@@ -89,8 +89,7 @@ def test_test_split_from_another_data_set(tmp_path):
     MetaMathQA -> GSM8K protocol, with local stand-ins in their schemas)."""
     from omegaconf import OmegaConf
 
-    from frod_cli.config import TaskConfig
-    from frod_cli.tasks import get_task
+    from frod_cli.tasks import get_task, task_config
 
     train = tmp_path / "metamath.jsonl"
     train.write_text("".join(json.dumps({"query": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. The answer is: {i + 1}"})
@@ -98,12 +97,12 @@ def test_test_split_from_another_data_set(tmp_path):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples and gets 2. How many?",
                                        "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
-    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), dict(
-        type="causal_lm", name="mm", source="local", data_files={"train": str(train)}, data_format="instruction",
+    cfg = task_config("causal_lm", **dict(
+        name="mm", source="local", data_files={"train": str(train)}, data_format="instruction",
         instruction_field="query", input_field=None, output_field="response", validation_split=None,
         test_split="test", test_dataset=str(gsm), test_dataset_split="test",
         test_rename={"question": "query", "answer": "response"}, answer_pattern="last_number",
-        metrics=["exact_match"], objective="exact_match"))
+        objective="exact_match"))
     data = get_task("causal_lm")(cfg, 0).load_data()
     assert len(data["test"]) == 6 and data["test"][0]["messages"][0]["content"].startswith("Tom has")
     assert data["test"][0]["reference"] == "0 + 2 = 2\n#### 2"  # the renamed answer column is the reference

@@ -113,7 +113,7 @@ def test_a_lora_exports_card_carries_its_own_metrics_beside_the_runs(run, lora_e
     assert index == {("validation", k): pytest.approx(v, abs=1e-6) for k, v in report["metrics"]["lora"].items()}
     assert f"| test | loss | {metrics['test']['loss']:.4f} | metrics.json |" in card.text  # the run's, in the body
     assert "PeftModel.from_pretrained(base" in card.text and "vllm serve tiny:llama --enable-lora" in card.text
-    assert f"frod export path=<the run> format=lora rank=4" in card.text
+    assert "frod export path=<the run> format=lora rank=4" in card.text
 
 
 def fake_run(src: Path, dest: Path, **changes) -> Path:

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.cli import main, run_verb
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.models import load_model
 from frod_cli.tasks import get_task
 from frod_cli.training import checkpoint as ck
@@ -27,7 +28,7 @@ DATA = Path(__file__).resolve().parents[1] / "frod_cli" / "tasks" / "data"
 def make_task(**over):
     base = {"type": "causal_lm", "name": "s", "objective": "loss", "objective_mode": "min", "max_length": 64,
             "test_split": None, "test_fraction": 0.0}
-    return get_task("causal_lm")(OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over), 0)
+    return get_task("causal_lm")(task_config(base["type"], **{**base, **over}), 0)
 
 
 @pytest.fixture(scope="module")

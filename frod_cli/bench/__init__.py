@@ -5,6 +5,9 @@ Layout, one module per question over shared helpers:
 - train_step.py   the default: one training step of full, LoRA, PEFT's FRoD and our FRoD on one model and batch
                   (--preset, --methods, --grad-accum, the sweeps);
 - basis_build.py  --build: the FRoD basis build, cold, from the cache, split over processes (torchrun);
+- basis_stream.py --build --build-mode memory,streamed: the basis build in memory against streamed (peak beyond the
+                  weights, time; each point in its own process), and --build-precision: the streamed factors
+                  against the in-memory ones on real weights (MiniLM, SmolLM2);
 - quantized.py    --quantized memory|generation: FRoD on a 4-bit base next to QLoRA;
 - common.py       what they share: the resident-set peak (`PeakRSS`: VmHWM after clear_refs, a sampling thread
                   elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),

@@ -118,7 +118,7 @@ def adapt_shape_only(model: torch.nn.Module, args, targets: Sequence[str]):
     from unittest import mock
 
     with tempfile.TemporaryDirectory(prefix="frod-bench-basis-") as directory, \
-            mock.patch.dict("os.environ", {"FROD_CACHE_DIR": directory}):
+            mock.patch.dict("os.environ", {"FROD_BASIS_CACHE": directory}):
         method = build("frod", args, targets, basis_cache=True)
         written = write_shape_only_basis(method.frod_config(model), model, directory)
         model = method.adapt(model)

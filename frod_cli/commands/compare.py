@@ -16,7 +16,7 @@ def prepare(args: Sequence[str]) -> Prepared:
 
     args = user_data_args(args)
     if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
-        args.insert(0, "hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
+        args.insert(0, "hydra.run.dir=${frod_dir:runs}/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args, None
 
 

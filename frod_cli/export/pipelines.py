@@ -107,7 +107,7 @@ def load_peft(base: Any, directory: str, device: Any) -> Any:
 
 
 def check_info(L: Loaded, compared: Dict[str, float]) -> Dict[str, Any]:
-    from frod_cli.training.builders import examples_in
+    from frod_cli.tasks.steps import examples_in
 
     return {"split": L.split, "examples": examples_in(L.batch), **compared}
 

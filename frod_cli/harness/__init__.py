@@ -109,11 +109,8 @@ def quiet(name: str, level: int = logging.WARNING):
 
 def load(cfg: Any) -> Any:
     """The model to score, as frod eval loads it (builders.load_trained), with the tokenizer the harness uses."""
-    from omegaconf import OmegaConf
-
-    from frod_cli.config import TaskConfig
     from frod_cli.runs import is_run_dir, read_config
-    from frod_cli.tasks import get_task
+    from frod_cli.tasks import get_task, task_config
     from frod_cli.training import builders as B
 
     path = os.path.abspath(os.path.expanduser(str(cfg.path)))
@@ -125,8 +122,7 @@ def load(cfg: Any) -> Any:
                                f"{auto} (task type {kind})")
         task_cfg = None
     else:  # a saved model directory: loaded as a causal LM (the task only picks the Auto class)
-        task_cfg = OmegaConf.structured(TaskConfig(type="causal_lm", name="lm-evaluation-harness",
-                                                   objective="loss", metrics=["loss"]))
+        task_cfg = task_config("causal_lm", name="lm-evaluation-harness")
     trained = B.load_trained(path, use_adapter=bool(cfg.use_adapter), task_cfg=task_cfg, seed=cfg.seed,
                              load_data=False)
     trained.preprocessor = run_tokenizer(trained) or trained.preprocessor

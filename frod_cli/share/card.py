@@ -424,14 +424,16 @@ def read_json(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def run_artifact(run_dir: str, kind: str, model_id: Optional[str] = None, final_dir: Optional[str] = None) -> Artifact:
+def run_artifact(run_dir: str, kind: str, model_id: Optional[str] = None, final_dir: Optional[str] = None,
+                 config: Any = None) -> Artifact:
     """merged/ or adapter/ of a finished run (final_dir: where the run will be, when it is written elsewhere first:
-    train.overwrite's staging sibling)."""
+    train.overwrite's staging sibling; config: the run's config, when the caller holds it, else its .hydra/)."""
     from frod_cli.runs import load_run_config, read_metrics
 
     run_dir = os.path.abspath(run_dir)
     results = {name: read_json(os.path.join(run_dir, name)) for name in RUN_RESULTS}
-    return Artifact(os.path.join(run_dir, kind), kind, str(run_dir), load_run_config(run_dir),
+    config = config if config is not None else load_run_config(run_dir)
+    return Artifact(os.path.join(run_dir, kind), kind, str(run_dir), config,
                     read_metrics(run_dir) or {}, {k: v for k, v in results.items() if v}, model_id=model_id,
                     location=os.path.join(os.path.abspath(final_dir), kind) if final_dir else None,
                     run_location=os.path.abspath(final_dir) if final_dir else None)
@@ -455,9 +457,10 @@ def write_card(directory: str, card: Any) -> str:
     return path
 
 
-def write_run_cards(run_dir: str, final_dir: Optional[str] = None) -> List[str]:
-    """README.md in the finished run's merged/ and adapter/ (those it has)."""
-    return [write_card(os.path.join(run_dir, kind), build_card(run_artifact(run_dir, kind, final_dir=final_dir)))
+def write_run_cards(run_dir: str, final_dir: Optional[str] = None, config: Any = None) -> List[str]:
+    """README.md in the finished run's merged/ and adapter/ (those it has); config: the run's, if the caller has it."""
+    return [write_card(os.path.join(run_dir, kind),
+                       build_card(run_artifact(run_dir, kind, final_dir=final_dir, config=config)))
             for kind in ("merged", "adapter") if os.path.isdir(os.path.join(run_dir, kind))]
 
 

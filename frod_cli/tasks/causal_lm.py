@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
@@ -80,6 +81,7 @@ import torch.nn.functional as F
 from frod_cli import FrodCliError
 
 from .. import metrics as metrics_lib
+from ..config import GenerationConfig
 from . import layouts, lm_data, templates
 from . import streaming as S
 from .answers import answer_rule, normalize_answer
@@ -95,36 +97,58 @@ FORMATS = layouts.FORMATS
 LOSS_METRICS = ("loss", "perplexity", "token_accuracy")
 
 
-@register_task("causal_lm")
+@dataclass
+class CausalLMConfig(layouts.ConversationConfig):
+    # Weighted mixture: a list of sources, each {name, weight, source, dataset, data_files, data_format, ...}
+    # (the keys of one source; the rest inherited from this task); trained on with probabilities weight / sum
+    mixture: List[Any] = field(default_factory=list)
+    mixture_stop: str = "first_exhausted"  # first_exhausted | all_exhausted: when the mixture's epoch ends
+    streaming: bool = False  # read and tokenize the training split while training (needs train.max_steps)
+    shuffle_buffer: int = 1000  # streaming: rows in the shuffle buffer (0: the stream's own order)
+    train_on_prompt: bool = False  # false: loss on the response tokens only
+    packing: bool = False  # pack examples into blocks of max_length (training split only)
+    # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
+    answer_pattern: str = "full"
+    labels: Optional[List[str]] = None  # answers that are labels: `accuracy` over them is reported too
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    objective: str = "loss"
+    objective_mode: str = "min"
+
+
+@register_task("causal_lm", config=CausalLMConfig)
 class CausalLM(DataTask):
     auto_class = "AutoModelForCausalLM"
-    modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model: no new head to train
-    defaults = {"objective": "loss", "objective_mode": "min", "metrics": ["exact_match"]}
+    lower_is_better = ("loss", "perplexity")
 
-    def __init__(self, cfg: Any, seed: int = 0):
-        super().__init__(cfg, seed)
-        if cfg.data_format not in FORMATS:
-            raise FrodCliError(f"unknown task.data_format {cfg.data_format!r}; use {', '.join(FORMATS)}")
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        from frod_cli.config import check_sampling
+
+        super().check_config(cfg)
         if int(cfg.max_length) < 2:
             raise FrodCliError(f"task.max_length must be at least 2 for a causal LM, got {cfg.max_length}")
-        self.extract = answer_rule(cfg.answer_pattern)  # refuses an unknown rule or a bad regex now
+        if cfg.data_format not in FORMATS:
+            raise FrodCliError(f"unknown task.data_format {cfg.data_format!r}; use {', '.join(FORMATS)}")
+        answer_rule(cfg.answer_pattern)  # an unknown rule or a bad regex
         for tpl in (cfg.prompt_template, cfg.response_template):
             if tpl is not None:
                 templates.fields(tpl)
-        known = self.known_metrics = list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if cfg.labels else [])
-        if cfg.objective not in known:
-            raise FrodCliError(f"task.objective {cfg.objective!r} is not a causal_lm metric; use one of {', '.join(known)}"
-                               + (" (accuracy needs task.labels)" if cfg.objective == "accuracy" else ""))
-        if cfg.objective in ("loss", "perplexity") and cfg.objective_mode != "min":
-            raise FrodCliError(f"task.objective={cfg.objective} is minimised: set task.objective_mode=min")
         layouts.check_chat_template_setting(cfg.chat_template)
+        check_sampling(cfg.generation, "task.generation.")
+        if int(cfg.shuffle_buffer) < 0:
+            raise FrodCliError(f"task.shuffle_buffer must be >= 0 (0: no shuffling), got {cfg.shuffle_buffer}")
+
+    def __init__(self, cfg: Any, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.extract = answer_rule(cfg.answer_pattern)
         self.sources = sources_of(cfg)  # refuses a bad mixture now, before any data is read
         for src in self.sources:
             if src.cfg.data_format not in FORMATS:
                 raise FrodCliError(f"source {src.name!r}: unknown data_format {src.cfg.data_format!r}; use {', '.join(FORMATS)}")
             layouts.role_map(src.cfg)
-        self._check_streaming()
+        if cfg.streaming and any(s.cfg.dedupe for s in self.sources):
+            raise FrodCliError("task.dedupe needs the whole data set at once: not with task.streaming=true")
         self.formats: List[Optional[str]] = [None if s.cfg.data_format == "auto" else str(s.cfg.data_format)
                                              for s in self.sources]
         self.stats: Dict[str, Dict[str, int]] = {}
@@ -132,14 +156,9 @@ class CausalLM(DataTask):
         self.train_counts: Optional[List[int]] = None
         self.tokenizer: Any = None
 
-    def _check_streaming(self) -> None:
-        cfg = self.cfg
-        if int(cfg.shuffle_buffer) < 0:
-            raise FrodCliError(f"task.shuffle_buffer must be >= 0 (0: no shuffling), got {cfg.shuffle_buffer}")
-        if not cfg.streaming:
-            return
-        if any(s.cfg.dedupe for s in self.sources):
-            raise FrodCliError("task.dedupe needs the whole data set at once: not with task.streaming=true")
+    @property
+    def streaming(self) -> bool:
+        return bool(self.cfg.streaming)
 
     @property
     def format(self) -> Optional[str]:
@@ -151,7 +170,7 @@ class CausalLM(DataTask):
         return [s.name for s in self.sources]
 
     def metric_names(self) -> Optional[List[str]]:
-        return list(self.known_metrics)
+        return list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if self.cfg.labels else [])  # accuracy: over labels
 
     # ------------------------------------------------------------------------------------------- data
     def model_kwargs(self) -> Dict[str, Any]:

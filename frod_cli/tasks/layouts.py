@@ -54,10 +54,11 @@ tokens, anything else is a Jinja string.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from frod_cli import FrodCliError
+from frod_cli.config import TaskConfig, open_map
 from frod_cli.decoding import has_chat_template
 
 from . import templates, tool_calls
@@ -74,6 +75,37 @@ TOOL_LAYOUTS = ("chat", "sharegpt", "prompt_completion")  # the layouts that rea
 ROLES = ("system", "user", "assistant", "tool", "function_call")
 DEFAULT_ROLE_MAP = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "function_call",
                     "observation": "tool"}
+
+
+@dataclass
+class ConversationConfig(TaskConfig):
+    """The keys of every task type that reads conversations through this module (causal_lm, preference): which
+    layout, its columns, the role map, the tools column, the chat template, the system prompt."""
+
+    # auto | instruction | chat | sharegpt | prompt_completion | text | template (the module docstring says each)
+    data_format: str = "auto"
+    instruction_field: str = "instruction"
+    input_field: Optional[str] = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
+    # sharegpt `from` -> role (system, user, assistant, tool, or function_call: an assistant turn whose value is a
+    # tool call), over the defaults human->user, gpt->assistant, system->system, function_call->function_call,
+    # observation->tool (user, assistant, tool kept)
+    role_map: Dict[str, str] = field(default_factory=open_map)
+    # chat / sharegpt / prompt_completion (lists of turns): a column of tool schemas (a list, or its JSON string)
+    # passed to the chat template as apply_chat_template(tools=...) does; null: no tools column is read
+    tools_field: Optional[str] = "tools"
+    prompt_field: str = "prompt"  # prompt_completion (TRL's prompt column: a string or a list of turns)
+    completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
+    text_fields: List[str] = field(default_factory=lambda: ["text"])  # text: the one column of documents
+    # template: python format strings over the columns, e.g. "Question: {question}\nAnswer:", " {answer}"
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None  # a first system turn when a conversation has none
+    skip_malformed: bool = False  # drop rows that cannot be read (counted) instead of refusing the split
 
 
 class MalformedRow(ValueError):

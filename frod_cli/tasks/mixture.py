@@ -52,8 +52,9 @@ def default_name(cfg: Any) -> str:
 
 
 def sources_of(cfg: Any) -> List[Source]:
-    """The task's sources: its mixture's entries, or the task itself as the one source."""
-    if not cfg.mixture:
+    """The task's sources: its mixture's entries, or the task itself as the one source (task types without a
+    `mixture` key read one source)."""
+    if not cfg.get("mixture"):
         return [Source(default_name(cfg), 1.0, cfg)]
     if cfg.mixture_stop not in STOPS:
         raise FrodCliError(f"unknown task.mixture_stop {cfg.mixture_stop!r}; use {' or '.join(STOPS)}")

@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import datasets
@@ -72,6 +73,7 @@ from frod_cli import FrodCliError, one_line
 
 from . import tool_calls
 from .base import register_task
+from .layouts import ConversationConfig
 from .common import DataTask, keep_configured_splits
 from .sources import dedupe, load_raw, make_splits
 
@@ -293,42 +295,50 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@register_task("preference")
+@dataclass
+class PreferenceConfig(ConversationConfig):
+    """Pairs of answers to one prompt (TRL's prompt/chosen/rejected columns, or chosen/rejected conversations).
+    Not here, because they do not apply to pairs: packing (pairs are never packed), train_on_prompt (the loss covers
+    the answers only), mixture (one source of pairs per run), streaming (the reference pass reads every pair first)."""
+
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: Optional[float] = None  # None: 0.1 for dpo and ipo (IPO's tau), 2.0 for simpo
+    gamma: Optional[float] = None  # simpo's target reward margin; None: beta / 2
+    objective: str = "reward_accuracy"
+    objective_mode: str = "max"
+
+
+@register_task("preference", config=PreferenceConfig)
 class Preference(DataTask):
     auto_class = "AutoModelForCausalLM"
-    modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model
-    defaults = {"objective": "reward_accuracy", "objective_mode": "max", "metrics": ["reward_accuracy"]}
-    own_keys = ("loss", "beta", "gamma", "chosen_field", "rejected_field")
+    lower_is_better = ("loss",)
 
-    def __init__(self, cfg: Any, seed: int = 0):
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
         from . import layouts
 
-        super().__init__(cfg, seed)
-        self.loss_name = str(cfg.loss)
-        if self.loss_name not in LOSSES:
-            raise FrodCliError(f"unknown task.loss {self.loss_name!r} for preference tuning; use {', '.join(LOSSES)}")
-        self.beta = float(cfg.beta) if cfg.beta is not None else DEFAULT_BETA[self.loss_name]
-        if not self.beta > 0:
+        super().check_config(cfg)
+        if str(cfg.loss) not in LOSSES:
+            raise FrodCliError(f"unknown task.loss {cfg.loss!r} for preference tuning; use {', '.join(LOSSES)}")
+        if cfg.beta is not None and not float(cfg.beta) > 0:
             raise FrodCliError(f"task.beta must be positive, got {cfg.beta}")
-        if cfg.gamma is not None and self.loss_name != "simpo":
-            raise FrodCliError(f"task.gamma is SimPO's target margin; task.loss={self.loss_name} has none (drop it)")
-        self.gamma = float(cfg.gamma) if cfg.gamma is not None else self.beta / 2
-        for key, value, why in (("data_format", cfg.data_format != "auto", "the layout follows the columns (a "
-                                 "prompt column or not); leave it at auto"),
-                                ("packing", bool(cfg.packing), "pairs are never packed"),
-                                ("train_on_prompt", bool(cfg.train_on_prompt), "the loss covers the answers only"),
-                                ("mixture", bool(cfg.mixture), "one source of pairs per run"),
-                                ("streaming", bool(cfg.streaming), "the reference pass reads every pair first")):
-            if value:
-                raise FrodCliError(f"task.{key}={getattr(cfg, key)} does not apply to preference data: {why}")
+        if cfg.gamma is not None and str(cfg.loss) != "simpo":
+            raise FrodCliError(f"task.gamma is SimPO's target margin; task.loss={cfg.loss} has none (drop it)")
+        if cfg.data_format != "auto":
+            raise FrodCliError(f"task.data_format={cfg.data_format} does not apply to preference data: the layout "
+                               "follows the columns (a prompt column or not); leave it at auto")
         layouts.check_chat_template_setting(cfg.chat_template)
         if int(cfg.max_length) < 2:
             raise FrodCliError(f"task.max_length must be at least 2 for a causal LM, got {cfg.max_length}")
-        if cfg.objective not in METRICS:
-            raise FrodCliError(f"task.objective {cfg.objective!r} is not a preference metric; use one of {', '.join(METRICS)}")
-        if cfg.objective == "loss" and cfg.objective_mode != "min":
-            raise FrodCliError("task.objective=loss is minimised: set task.objective_mode=min")
+
+    def __init__(self, cfg: Any, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.loss_name = str(cfg.loss)
+        self.beta = float(cfg.beta) if cfg.beta is not None else DEFAULT_BETA[self.loss_name]
+        self.gamma = float(cfg.gamma) if cfg.gamma is not None else self.beta / 2
         self.explicit_prompt: Optional[bool] = None
         self.tokenizer: Any = None
         self.stats: Dict[str, Dict[str, int]] = {}

@@ -42,6 +42,7 @@ def quiet_libraries() -> None:
 
 
 def build_task(task_cfg: Any, seed: int):
+    """The task of a config (its keys checked as it is built: Task.check_config)."""
     from frod_cli.tasks import get_task
 
     with user_input(f"task {task_cfg.name}"):
@@ -89,14 +90,6 @@ def make_loader(dataset, batch_size: int, collate, shuffle: bool = False, seed: 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def examples_in(batch: Dict[str, Any]) -> int:
-    """The number of examples of a collated batch: the first dimension of its first tensor."""
-    for v in batch.values():
-        if torch.is_tensor(v) and v.dim() > 0:
-            return int(v.shape[0])
-    return 0
 
 
 def epoch_batches(n: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int) -> List[List[int]]:

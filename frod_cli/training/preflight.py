@@ -34,8 +34,6 @@ def validate(cfg: Any) -> None:
         raise FrodCliError(f"unknown optimizer.name {oc.name!r}; available: {', '.join(OPTIMIZERS)}")
     if tc.mixed_precision not in MIXED_PRECISION:
         raise FrodCliError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
-    if cfg.task.objective_mode not in ("max", "min"):
-        raise FrodCliError(f"task.objective_mode must be max or min, got {cfg.task.objective_mode!r}")
     for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
         if int(tc[key]) < 1:
             raise FrodCliError(f"train.{key} must be a positive integer, got {tc[key]}")
@@ -47,11 +45,6 @@ def validate(cfg: Any) -> None:
                            f"train.epochs epochs; got {tc.max_steps}")
     if int(tc.max_steps) == -1 and not float(tc.epochs) > 0:
         raise FrodCliError(f"train.epochs must be > 0 (or set train.max_steps), got {tc.epochs}")
-    if int(cfg.task.max_length) < 1:
-        raise FrodCliError(f"task.max_length must be at least 1 token, got {cfg.task.max_length}")
-    from frod_cli.config import check_sampling
-
-    check_sampling(cfg.task.generation, "task.generation.")
     _positive_number(oc.lr, "optimizer.lr")
     _positive_number(oc.lr_scale, "optimizer.lr_scale")
     for name, value in (oc.group_lr or {}).items():
@@ -68,41 +61,26 @@ def validate(cfg: Any) -> None:
         raise FrodCliError(f"method.target_modules must be a list of module-path suffixes or one regex string, got {tm!r}")
 
 
-def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
-    """`task.type=<type>` on the command line switches the task type: its objective and metrics follow the new
-    type (the task class's `defaults`) unless the command line names them too."""
-    from omegaconf import open_dict
+# What `task.type=<type>` on the command line resets to the new type's defaults (its config dataclass's), unless
+# the command line names them too: the recipe's task chose them for its own type.
+TYPE_DEFAULTS = ("objective", "objective_mode", "metrics")
 
+
+def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
+    """`task.type=<type>` on the command line switches the task type (frod train's prepare swaps the schema): its
+    objective and metrics follow the new type unless the command line names them too."""
     from frod_cli.tasks import get_task
+    from frod_cli.tasks.base import schema_defaults
 
     keys = override_keys(user_overrides)
     if "task.type" not in keys:
         return
-    try:
-        defaults = get_task(task.type).defaults
-    except ValueError as e:
-        raise FrodCliError(str(e)) from None
-    changed = {k: v for k, v in defaults.items() if f"task.{k}" not in keys and task.get(k) != v}
+    defaults = schema_defaults(get_task(task.type).config_class)
+    changed = {k: defaults[k] for k in TYPE_DEFAULTS if k in defaults and f"task.{k}" not in keys and task[k] != defaults[k]}
+    for k, v in changed.items():
+        task[k] = v
     if changed:
-        with open_dict(task):
-            for k, v in changed.items():
-                task[k] = v
         log.info("task.type=%s: %s (its defaults)", task.type, ", ".join(f"task.{k}={v}" for k, v in changed.items()))
-
-
-def check_task_keys(task: Any, user_overrides: Sequence[str]) -> None:
-    """A task key given on the command line that only another task type reads (a Task's `own_keys`) would be
-    silently ignored by this one: refused in one line."""
-    from frod_cli.tasks import TASKS
-
-    keys = override_keys(user_overrides)
-    for name, cls in sorted(TASKS.items()):
-        if name == task.type:
-            continue
-        for k in cls.own_keys:
-            if f"task.{k}" in keys and k not in getattr(TASKS.get(task.type), "own_keys", ()):
-                raise FrodCliError(f"task.{k} is read by task.type={name} only; this task ({task.name}) is "
-                                   f"{task.type}: drop it, or train a {name} task")
 
 
 DATA_FILES = "task.data_files."

@@ -72,7 +72,6 @@ class FinetuneRecipe:
         self.user_overrides, self.hydra_files, self.run_log = list(user_overrides), hydra_files, run_log
         apply_per_method(cfg, user_overrides)
         preflight.apply_task_defaults(cfg.task, user_overrides)
-        preflight.check_task_keys(cfg.task, user_overrides)
         preflight.apply_user_data(cfg.task, user_overrides)
         preflight.validate(cfg)
         check_push_settings(cfg.train)  # train.push_to_hub: refused now, not after the training
@@ -178,19 +177,9 @@ class FinetuneRecipe:
         seed = int(self.tc.seed)
         set_seed(seed)
         self.task = B.build_task(self.cfg.task, seed)
-        if self.cfg.task.streaming:
+        if self.task.streaming:
             TS.check_config(self.cfg)  # before any data or model is read
-        self._check_objective()
         self.data = B.load_task_data(self.task)
-
-    def _check_objective(self) -> None:
-        """task.objective must be a metric the task reports: found now, not after the first evaluation."""
-        objective = self.cfg.task.objective
-        with B.user_input(f"task {self.cfg.task.name}"):
-            names = self.task.metric_names()
-        if names is not None and objective not in names:
-            raise FrodCliError(f"task.objective {objective!r} is not among the metrics this task reports "
-                               f"({', '.join(names)}): set task.objective to one of them or add it to task.metrics")
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -324,6 +313,8 @@ class FinetuneRecipe:
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.window_loss = torch.zeros(2, device=acc.device)  # loss sum, count since the last log line
         self.state = TrainState(num_processes=acc.num_processes, total_steps=self.total_steps)
+        self.deferred_sync = False  # train_step: whether the loop syncs a window's gradients itself
+        self.step = self.task.training_step(self)  # the task's strategy for one optimizer step (tasks/steps.py)
 
     # ---- the task's pass with the starting model (Task.prepare_training) --------------------------
     def _prepare_task(self) -> None:
@@ -381,6 +372,7 @@ class FinetuneRecipe:
         self.restore(saved["trainable"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.step.load_state_dict(saved["strategy"])
         self.state, self.best_values, self.last_ckpt = st, saved["best"], path
         from frod_cli.runs import read_jsonl
 
@@ -405,7 +397,7 @@ class FinetuneRecipe:
             self.last_ckpt = ck.save_checkpoint(
                 self.output_dir, st.step, trainable=self.snapshot(), best=self.best_values,
                 optimizer_sd=self.optimizer.state_dict(), scheduler_sd=self.scheduler.state_dict(),
-                state=st.to_dict(), config=preflight.plain_config(self.cfg))
+                state=st.to_dict(), config=preflight.plain_config(self.cfg), strategy=self.step.state_dict())
         acc.wait_for_everyone()
 
     # ---- training -------------------------------------------------------------------------------
@@ -470,37 +462,35 @@ class FinetuneRecipe:
                 return
 
     def train_step(self, window: List[Dict[str, Any]]) -> None:
-        """One optimizer step over the micro-batches of one accumulation window."""
-        acc, size = self.acc, len(window)
-        bad = torch.zeros((), device=acc.device)
-        bad_value = torch.zeros((), device=acc.device)
-        context = self.method.accumulation(self.unwrapped, size)
+        """One optimizer step over the micro-batches of one accumulation window: the task's strategy turns them
+        into gradients (frod_cli/tasks/steps.py), the loop syncs, checks, clips and steps."""
+        acc = self.acc
+        window = self.step.prepare(window)
+        context = self.method.accumulation(self.unwrapped, len(window))
         # A method's window context hands its gradients over at the window's end, after the last backward:
         # the loop then syncs every gradient itself, once per window, instead of DDP's per-backward hooks.
-        deferred = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
+        self.deferred_sync = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
         with context:
-            for j, batch in enumerate(window):
-                batch = B.to_device(batch, acc.device)
-                sync = not deferred and j == size - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                    loss = self.task.loss(self.model, batch)  # the prepared model autocasts (mixed precision)
-                    # flagged on the device (no sync per micro-batch); checked once per optimizer step
-                    nonfinite = ~torch.isfinite(loss.detach().float())
-                    bad += nonfinite.any()
-                    bad_value = torch.where(nonfinite, loss.detach().float(), bad_value).reshape(())
-                    acc.backward(loss / size)
-                self.window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
-        seen = sum(B.examples_in(b) for b in window) * acc.num_processes  # equal shards on every process
+            outcome = self.step.run(window)
+        self.window_loss += torch.stack([outcome.loss_sum, outcome.count])
+        seen = outcome.examples * acc.num_processes  # equal shards on every process
         self.samples_window += seen
         self.samples_trained += seen
-        if deferred:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables too)
+        if self.deferred_sync:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables)
             D.average_gradients(self.trainable_params, acc.num_processes)
-        self._check_finite(bad, bad_value)
+        self._check_finite(outcome.nonfinite, outcome.bad_value)
         if float(self.cfg.optimizer.max_grad_norm) > 0:
             acc.clip_grad_norm_(self.trainable_params, float(self.cfg.optimizer.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def micro_batch(self, j: int, size: int) -> Any:
+        """The context of micro-batch j of a window of `size` (frod_cli/tasks/steps.py): DDP's gradient sync runs
+        after the last one only, and not at all when the loop syncs the window itself."""
+        if not self.deferred_sync and j == size - 1:
+            return contextlib.nullcontext()
+        return self.acc.no_sync(self.model)
 
     def _check_finite(self, bad: torch.Tensor, bad_value: torch.Tensor) -> None:
         if self.acc.num_processes > 1:
@@ -588,7 +578,7 @@ class FinetuneRecipe:
         if self.main:
             self.jsonl.close()
             atomic_write_json(str(self.paths.metrics), final)
-            write_run_cards(self.output_dir, self.plan.final_dir)  # README.md model cards in merged/, adapter/
+            write_run_cards(self.output_dir, self.plan.final_dir, config=self.cfg)  # README.md model cards in merged/, adapter/
             plot_loss_curve(str(self.paths.log), str(self.paths.loss_png),
                             title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {final['data']}")
             print_final(final, self.plan.final_dir)
@@ -724,7 +714,7 @@ class FinetuneRecipe:
     def _data_counts(self) -> Optional[Dict[str, Any]]:
         """What the task read (per split and per source: rows, malformed, truncated, dropped, training examples);
         a streamed run adds what its stream gave (training/streaming.py)."""
-        counts = self.task.data_stats() if hasattr(self.task, "data_stats") else None
+        counts = self.task.data_stats()
         if self.streaming and counts is not None:
             counts["stream"] = TS.summary(self.state.stream, list(getattr(self.train_set, "sources", [])))
         return counts
