@@ -69,16 +69,18 @@ class Rollout:
 
 
 def sample_groups(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], group_size: int, *, seed: int,
-                  step: int, first_group: int = 0, groups_per_call: int = 1, **settings: Any) -> Rollout:
+                  step: int, first_group: int = 0, groups_per_call: int = 1, group_ids: Optional[Sequence[int]] = None,
+                  **settings: Any) -> Rollout:
     """G = `group_size` completions of each prompt (token ids), sampled (do_sample=True and `settings`, as in
-    frod_cli.decoding.generation_config) from `model` as it is. Group k of this call is group `first_group + k`
-    of the step's global batch; each generate call covers `groups_per_call` groups and draws with the seed of its
-    first group (module docstring)."""
+    frod_cli.decoding.generation_config) from `model` as it is. Group k of this call is identified by
+    `group_ids[k]` (e.g. its row of the data set), else by `first_group + k` (its place in the step's global
+    batch); each generate call covers `groups_per_call` groups and draws with the seed of its first group (module
+    docstring)."""
     device = next(model.parameters()).device
     out = Rollout([list(map(int, p)) for p in prompts], [], [], int(group_size))
     for start in range(0, len(out.prompts), int(groups_per_call)):
         chunk = out.prompts[start : start + int(groups_per_call)]
-        seed_k = sampling_seed(seed, step, first_group + start)
+        seed_k = sampling_seed(seed, step, first_group + start if group_ids is None else int(group_ids[start]))
         with sampling_rng(device, seed_k):
             rows, ended = sample_ids(model, tokenizer, [p for p in chunk for _ in range(out.group_size)],
                                      do_sample=True, **settings)

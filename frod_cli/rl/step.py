@@ -70,7 +70,7 @@ def _no_grad_rows(model: Any, rollout: R.Rollout, tokenizer: Any, device: Any, c
 
 def collect(model: Any, method: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], reward_prompts: Sequence[Any],
             columns: Dict[str, Sequence[Any]], rewards: Any, settings: GrpoSettings, *, seed: int, step: int,
-            first_group: int = 0, chat: bool = False) -> Collected:
+            first_group: int = 0, group_ids: Optional[Sequence[int]] = None, chat: bool = False) -> Collected:
     """Sample G completions of each prompt (token ids) with `model` (unwrapped) inside
     method.evaluation_context, score them with `rewards` (a frod_cli.tasks.rewards.RewardSet: it receives
     `reward_prompts` and `columns`, one value per group, repeated over the group's completions, plus
@@ -79,7 +79,8 @@ def collect(model: Any, method: Any, tokenizer: Any, prompts: Sequence[Sequence[
     G, device = int(settings.group_size), next(model.parameters()).device
     with method.evaluation_context(model):
         rollout = R.sample_groups(model, tokenizer, prompts, G, seed=seed, step=step, first_group=first_group,
-                                  groups_per_call=settings.groups_per_call, **settings.sampling())
+                                  group_ids=group_ids, groups_per_call=settings.groups_per_call,
+                                  **settings.sampling())
         old = None
         if settings.num_iterations > 1:
             old = _no_grad_rows(model, rollout, tokenizer, device, settings.logp_batch_size, contextlib.nullcontext(),
