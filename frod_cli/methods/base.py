@@ -143,6 +143,21 @@ class Method:
         trainables FSDP shards: method=full). Other methods save from the model (`save_adapter`)."""
         raise FrodCliError(f"method {self.name} saves its adapter from the model, not from gathered shards")
 
+    def reference_context(self, model: nn.Module) -> ContextManager:
+        """A context inside which `model` computes what the starting model computed (the policy before its first
+        optimizer step: the reference of a KL penalty, GRPO's task.beta > 0) without a second model in memory,
+        e.g. with the adapter switched off. Called on the unwrapped model, around calls without gradients.
+        Default: refused (`reference_refusal`)."""
+        raise FrodCliError(self.reference_refusal() or f"method {self.name} has no reference context")
+
+    def reference_refusal(self) -> Optional[str]:
+        """Why this method, as configured, cannot give the starting model inside the trained one (refused before
+        any work when a run needs it); None: `reference_context` gives it."""
+        if type(self).reference_context is Method.reference_context:
+            return (f"method {self.name} cannot switch back to the starting model, so a KL penalty against it "
+                    f"(task.beta > 0) cannot be computed; use task.beta=0")
+        return None
+
     def merge_into(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
         """The trained update of `model` folded into `base_model`, another copy of its base (the unquantized
         original of a 4-bit base: `frod merge base=`); returns the plain merged model."""

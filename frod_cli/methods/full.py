@@ -17,6 +17,13 @@ class FullMethod(Method):
     refuse_quantized = ("full fine-tuning trains every weight and 4-bit weights cannot be trained; use "
                         "model.quantization=none, or an adapter method (frod, lora, dora, vera)")
 
+    def reference_refusal(self):
+        """The starting model is not inside a fully fine-tuned one: it would be a second model in memory."""
+        return ("method=full trains every weight, so the starting model (the reference of a KL penalty, task.beta > "
+                "0) is not inside the trained one: it would take a second copy of the model in memory (as many "
+                "bytes again as its weights), which frod does not keep; use task.beta=0, or an adapter method "
+                "(frod, lora, dora, vera, pissa)")
+
     def adapt(self, model: nn.Module) -> nn.Module:
         self.count_base(model)
         for p in model.parameters():

@@ -536,6 +536,7 @@ class FinetuneRecipe:
         record = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / self.steps_per_epoch, 4),
                   "loss": mean_loss, "lr": lrs, "samples_per_s": sps, "elapsed_s": elapsed, "eta_s": eta,
                   "memory_mb": B.memory_mb(acc.device)}
+        record.update(self.step.log_metrics())  # the strategy's own figures (every process: it may reduce)
         if self.main:
             self.jsonl.write(record)
         self.trackers.log_training(record)
