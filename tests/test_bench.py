@@ -149,7 +149,7 @@ def test_shape_only_basis_is_read_from_the_cache_by_the_registry_method(monkeypa
 
 
 def test_fsdp_step_worker_in_one_process(tmp_path, monkeypatch, capsys):
-    """--fsdp's worker (what torchrun starts per rank) in this process as a 1-rank gloo group: full fine-tuning on
+    """--fsdp-step's worker (what torchrun starts per rank) in this process as a 1-rank gloo group: full fine-tuning on
     the shards, FRoD per micro-batch and with windows over the shards, measured by the train step's machinery; the
     window's held bytes are its plan's; the table renders. The launch itself: docs/PERFORMANCE.md; its refusals."""
     import socket
@@ -163,7 +163,7 @@ def test_fsdp_step_worker_in_one_process(tmp_path, monkeypatch, capsys):
                        "LOCAL_RANK": "0", "FROD_BASIS_CACHE": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
     methods = ["full", "frod:micro_batch", "frod:window"]
-    assert main(["--fsdp-worker", "--preset", "tiny", "--methods", ",".join(methods), "--grad-accum", "2",
+    assert main(["--fsdp-step-worker", "--preset", "tiny", "--methods", ",".join(methods), "--grad-accum", "2",
                  "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--quiet"]) == 0
     res = json.loads((tmp_path / "rank-0.json").read_text())
     rows = {r["method"]: r for r in res["rows"]}
@@ -175,8 +175,9 @@ def test_fsdp_step_worker_in_one_process(tmp_path, monkeypatch, capsys):
     assert "window_extra_vs_planned" in held and rows["full"]["held"]["counted"] is None
     text = fsdp_table(dict(res, processes=1, rank_step_s=[{m: r["step_s"]["total"]["median"] for m, r in rows.items()}]))
     assert "| frod:window |" in text and "x frod:micro_batch" in text
-    for argv, says in ((["--fsdp", "--fsdp-procs", "1"], "--fsdp-procs"), (["--fsdp", "--device", "cuda"], "CPU"),
-                       (["--fsdp", "--methods", "full,frod:sideways"], "unknown frod mode")):
+    for argv, says in ((["--fsdp-step", "--fsdp-step-procs", "1"], "--fsdp-step-procs"),
+                       (["--fsdp-step", "--device", "cuda"], "CPU"),
+                       (["--fsdp-step", "--methods", "full,frod:sideways"], "unknown frod mode")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and says in capsys.readouterr().err

@@ -26,8 +26,8 @@ from frod_cli.cli import main
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CAP = ["train.max_steps=2", "train.eval_every=2", "task.max_train_samples=24", "task.max_eval_samples=8",
-       "train.batch_size=8", "train.eval_batch_size=8", "task.generation.max_examples=2",
-       "task.generation.max_new_tokens=4", "train.progress=false"]
+       "train.batch_size=8", "train.eval_batch_size=8", "train.progress=false"]
+GENERATION_CAP = ["task.generation.max_examples=2", "task.generation.max_new_tokens=4"]  # task types that generate
 GENERATE_CAP = ["max_new_tokens=4"]
 EVAL_CAP = ["task.max_eval_samples=8"]  # only where the command names a task (a run's own task is already capped)
 COMPARE_CAP = ["compare.only=[frod]", "compare.seeds=[42]", "compare.lr_scales=[1.0]"]
@@ -76,8 +76,8 @@ COMMANDS = {
     "train.mixed_precision=bf16": "gpu",
     "torchrun --standalone --nproc_per_node 4 -m frod_cli.cli train recipe=vit_cifar train.mixed_precision=bf16": "gpu",
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train train.cpu=true": "launch",
-    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=sft_smoke "
-    "train.batch_size=4 train.fsdp.enabled=true train.cpu=true": "launch",
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=qfrod_smoke "
+    "train.fsdp.enabled=true train.cpu=true": "launch",
     "frod export path=<run dir> format=merged dtype=bfloat16 output=exports/merged": "lm",
     "frod export path=<run dir> format=lora rank=16 output=exports/lora16": "lm",
     "frod export path=<run dir> format=lora energy=0.9 output=exports/lora_e90": "lm",
@@ -175,6 +175,19 @@ def _png(pixels) -> bytes:
     return buf.getvalue()
 
 
+def generation_cap(argv: list) -> list:
+    """GENERATION_CAP where the command's task generates (its type has `task.generation`: a task type's config refuses
+    keys of another type), found by composing the command's config as frod train does (a sweep's first value)."""
+    from conftest import compose_train
+
+    from frod_cli.commands.train import task_type_switch, user_data_args
+
+    overrides = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in argv[1:]
+                 if "=" in a and not a.startswith(("-", "hydra.", "compare."))]
+    task = compose_train(task_type_switch(user_data_args(overrides))).task
+    return GENERATION_CAP if "generation" in task else []
+
+
 def capped(argv: list) -> list:
     """The command with the size cap: a capped key the README also sets takes the cap's value."""
     verb, cap = argv[0], []
@@ -183,9 +196,9 @@ def capped(argv: list) -> list:
     elif verb == "eval" and any(a.startswith("task=") for a in argv[1:]):
         cap = EVAL_CAP
     elif verb == "compare" and any("=" in a for a in argv[1:]):
-        cap = CAP + COMPARE_CAP
+        cap = CAP + COMPARE_CAP + generation_cap(argv)
     elif verb == "train" and "--cfg" not in argv:
-        cap = CAP + (SWEEP_CAP if any(a.startswith("hparams_search=") for a in argv) else [])
+        cap = CAP + generation_cap(argv) + (SWEEP_CAP if any(a.startswith("hparams_search=") for a in argv) else [])
     keys = {c.split("=", 1)[0] for c in cap}
     return [a for a in argv if a.split("=", 1)[0] not in keys] + cap
 

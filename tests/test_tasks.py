@@ -101,7 +101,7 @@ def test_twitter_sentiment_three_classes_no_duplicates():
 def test_digits_source_and_unknown_offline_source():
     raw = sources.load_raw(task_config("image_cls", name="d", source="offline", dataset="digits"))
     assert len(raw["train"]) == 1797 and np.asarray(raw["train"][0]["image"]).max() <= 255
-    with pytest.raises(ValueError, match="unknown offline source 'nope'; known: digits, fashion_mnist"):
+    with pytest.raises(ValueError, match="unknown offline source 'nope'; known: arith_rl_tiny, digits, fashion_mnist"):
         sources.load_raw(task_config("image_cls", name="d", source="offline", dataset="nope"))
 
 

@@ -9,7 +9,9 @@ Layout, one module per question over shared helpers:
                   weights, time; each point in its own process), and --build-precision: the streamed factors
                   against the in-memory ones on real weights (MiniLM, SmolLM2);
 - quantized.py    --quantized memory|generation: FRoD on a 4-bit base next to QLoRA;
-- fsdp_step.py    --fsdp: the train step under FSDP2 (torchrun processes over gloo): full fine-tuning on the shards
+- fsdp.py         --fsdp: memory per process under train.fsdp, two CPU processes (torchrun) against one: rank-0
+                  loading's host memory, the per-rank bytes of an NF4 base and of method=full's AdamW state;
+- fsdp_step.py    --fsdp-step: the train step under FSDP2 (torchrun processes over gloo): full fine-tuning on the shards
                   against FRoD per micro-batch and with accumulation windows over the shards, and what a window holds;
 - common.py       what they share: the resident-set peak (`PeakRSS`: VmHWM after clear_refs, a sampling thread
                   elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),

@@ -1,6 +1,6 @@
 """The benchmarks' command line (scripts/bench.py, `python -m frod_cli.bench`): one parser holding every
 benchmark's flags; the first benchmark whose flag is given runs (--quantized, --build --build-mode/--build-precision,
---build, --fsdp), else the train step."""
+--build, --fsdp, --fsdp-step), else the train step."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,9 @@ from frod_cli.bench.common import frozen_heap, make_log, offline_environment
 def benchmarks() -> List:
     """The benchmark modules, the one chosen first where several could run; the last (train step) is the default.
     Each has add_args(parser), selected(args) -> bool and run(args, log) -> exit status."""
-    from frod_cli.bench import basis_build, basis_stream, fsdp_step, quantized, train_step
+    from frod_cli.bench import basis_build, basis_stream, fsdp, fsdp_step, quantized, rollout, train_step
 
-    return [quantized, basis_stream, basis_build, fsdp_step, train_step]
+    return [quantized, rollout, basis_stream, basis_build, fsdp, fsdp_step, train_step]
 
 
 def parser() -> argparse.ArgumentParser:

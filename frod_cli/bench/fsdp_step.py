@@ -1,4 +1,4 @@
-"""--fsdp: one optimizer step under FSDP2 (torch's fully_shard), several processes on this host over gloo (issue 27).
+"""--fsdp-step: one optimizer step under FSDP2 (torch's fully_shard), several processes on this host over gloo (issue 27).
 
 Methods (the train step's names, built through the registry): `full`, fine-tuned the ZeRO-3 way (every weight
 sharded, its gradient reduce-scattered into the shards after every micro-batch, AdamW on the shards); our FRoD
@@ -7,7 +7,7 @@ per micro-batch (`frod:micro_batch`) and with accumulation windows over the shar
 ignored_params) and averaged over the ranks once per optimizer step (training/distributed.average_gradients).
 Units: the model's layer classes (_no_split_modules, the embeddings' holder left in the root), then the root.
 
-The parent starts torchrun (--fsdp-procs processes, --threads threads each) on this module's worker. Every rank
+The parent starts torchrun (--fsdp-step-procs processes, --threads threads each) on this module's worker. Every rank
 builds the same seeded base and its own --grad-accum micro-batches of --batch x --seq (the preset's by default:
 each rank gets the one-process benchmark's micro-batch), then runs the train step's measurement (warmup, memory
 probe, timed steps, --interleave: frod_cli/bench/train_step.measure). One more step per method reads the resident
@@ -16,7 +16,7 @@ what a window holds between micro-batches, against `window_buffer_bytes` (per ra
 float32 gradient per windowed weight); for the other methods the same two readings around their micro-batches.
 Rank 0's figures are the result; every rank's step times are kept.
 
-    python scripts/bench.py --fsdp --preset bert768 --grad-accum 8 --steps 2 --interleave
+    python scripts/bench.py --fsdp-step --preset bert768 --grad-accum 8 --steps 2 --interleave
 """
 from __future__ import annotations
 
@@ -49,24 +49,24 @@ SWITCHES = ("interleave", "probe_timed", "reverse_alternate", "quiet")
 
 
 def add_args(ap) -> None:
-    g = ap.add_argument_group("--fsdp: the train step under FSDP2, processes over gloo on this host")
-    g.add_argument("--fsdp", action="store_true", help=f"run the FSDP step benchmark (default --methods "
-                                                       f"{DEFAULT_METHODS}; the train step's flags apply per rank)")
-    g.add_argument("--fsdp-procs", type=int, default=2, help="processes (ranks), each with --threads threads")
-    g.add_argument("--fsdp-worker", action="store_true", help=argparse.SUPPRESS)
+    g = ap.add_argument_group("--fsdp-step: the train step under FSDP2, processes over gloo on this host")
+    g.add_argument("--fsdp-step", action="store_true", help=f"run the FSDP train-step benchmark (default --methods "
+                                                            f"{DEFAULT_METHODS}; the train step's flags apply per rank)")
+    g.add_argument("--fsdp-step-procs", type=int, default=2, help="processes (ranks), each with --threads threads")
+    g.add_argument("--fsdp-step-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def selected(args) -> bool:
-    return bool(args.fsdp or args.fsdp_worker)
+    return bool(args.fsdp_step or args.fsdp_step_worker)
 
 
 def run(args, log) -> int:
-    if args.fsdp_worker:
+    if args.fsdp_step_worker:
         return worker(args, log)
     if args.device != "cpu":
-        refuse("--fsdp runs its processes on the CPU over gloo; drop --device")
-    if args.fsdp_procs < 2:
-        refuse("--fsdp-procs must be >= 2 (one process shards nothing)")
+        refuse("--fsdp-step runs its processes on the CPU over gloo; drop --device")
+    if args.fsdp_step_procs < 2:
+        refuse("--fsdp-step-procs must be >= 2 (one process shards nothing)")
     if args.grad_accum < 1:
         refuse("--grad-accum must be >= 1")
     args.methods = args.methods or DEFAULT_METHODS
@@ -77,10 +77,10 @@ def run(args, log) -> int:
         ranks = launch(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = dict(ranks[0], environment=env, wall_s=time.perf_counter() - t0, processes=args.fsdp_procs,
+    result = dict(ranks[0], environment=env, wall_s=time.perf_counter() - t0, processes=args.fsdp_step_procs,
                   rank_step_s=[{row["method"]: row["step_s"]["total"]["median"] for row in r["rows"]} for r in ranks])
     result["environment"]["loadavg_end"] = loadavg()
-    return write_result(result, fsdp_table(result), args.out or f"bench_out/fsdp-{args.preset}.json")
+    return write_result(result, fsdp_table(result), args.out or f"bench_out/fsdp-step-{args.preset}.json")
 
 
 def launch(args, work: Path) -> List[Dict[str, Any]]:
@@ -89,8 +89,8 @@ def launch(args, work: Path) -> List[Dict[str, Any]]:
     import frod_cli
 
     package_root = str(Path(frod_cli.__file__).resolve().parents[1])  # a checkout that is not installed
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp_procs),
-           "-m", "frod_cli.bench", "--fsdp-worker", "--out", str(work)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(args.fsdp_step_procs), "-m", "frod_cli.bench", "--fsdp-step-worker", "--out", str(work)]
     for name in FORWARDED:
         value = getattr(args, name, None)
         if value is not None:
@@ -101,8 +101,8 @@ def launch(args, work: Path) -> List[Dict[str, Any]]:
     r = subprocess.run(cmd, env=env, stdout=None if not args.quiet else subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"--fsdp: the worker launch failed:\n{r.stderr[-3000:]}")
-    return [json.loads((work / f"rank-{i}.json").read_text()) for i in range(args.fsdp_procs)]
+        raise RuntimeError(f"--fsdp-step: the worker launch failed:\n{r.stderr[-3000:]}")
+    return [json.loads((work / f"rank-{i}.json").read_text()) for i in range(args.fsdp_step_procs)]
 
 
 # ---- one rank ------------------------------------------------------------------------------------------------

@@ -146,6 +146,24 @@ class FrodMethod(Method):
                      need / 2**20, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
         return evaluation_cache(model, max_bytes=budget)
 
+    # ---- the starting model (GRPO's KL penalty) -----------------------------------------------------------
+    def reference_context(self, model: nn.Module) -> ContextManager:
+        """Inside, every FRoD layer computes its base layer alone: at initialization W_i' = W_i exactly (dW_i = 0),
+        so this is the starting model, with no second copy of any weight (on a 4-bit base, the 4-bit base)."""
+        from frod_cli.frod import disable_adapter
+
+        why = self.reference_refusal()
+        if why:
+            raise FrodCliError(why)
+        return disable_adapter(model)
+
+    def reference_refusal(self) -> Optional[str]:
+        if self.modules_to_save():
+            return (f"method.modules_to_save={self.modules_to_save()} trains those modules whole, and switching "
+                    f"the FRoD layers off leaves them trained: the starting model (the reference of task.beta > 0) "
+                    f"is not inside the trained one; use task.beta=0 or no modules_to_save")
+        return None
+
     # ---- accumulation windows (issue 12) ------------------------------------------------------------
     def accumulation(self, model: nn.Module, micro_batches: int) -> ContextManager:
         if self.window_choice is None:
