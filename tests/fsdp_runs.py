@@ -6,7 +6,9 @@ imports and the process group's rendezvous are paid once:
 runs.json: a list of {"name": run directory under the working directory, "args": frod train arguments,
 "resume_cut": optional step}. With resume_cut, the run resumes a copy of the run named `resume_of` as a kill right
 after its checkpoint at that step would have left it (later checkpoints and metrics.json gone): rank 0 makes the
-copy, the other ranks wait for it. codes.json gets each run's exit code.
+copy, the other ranks wait for it. An entry {"name": output directory, "script": a module of tests/} runs that
+module's `run_in_launch(out, rank, world)` instead, in a gloo process group of its own (checks below the CLI that
+need the ranks: tests/fsdp_window_grads.py). codes.json gets each run's exit code.
 
 Each run after the first rendezvouses on a store of its own, hosted by rank 0 on a free port (`fresh_store`): the
 torchrun agent's store still holds the keys of the previous run's process group, whose name the next one reuses,
@@ -64,6 +66,22 @@ def fresh_store(index: int, rank: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port_file.read_text(), TORCHELASTIC_USE_AGENT_STORE="False")
 
 
+def run_script(run: dict) -> int:
+    """tests/<script>.py's checks in this launch's processes, over a gloo process group of their own."""
+    import importlib
+
+    import torch.distributed as dist
+
+    module = importlib.import_module(run["script"])  # tests/ is this script's directory: on sys.path
+    dist.init_process_group("gloo")
+    try:
+        module.run_in_launch(Path(run["name"]).resolve(), dist.get_rank(), dist.get_world_size())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
 def main(spec: str) -> None:
     from accelerate.state import AcceleratorState
 
@@ -74,6 +92,9 @@ def main(spec: str) -> None:
     for index, run in enumerate(json.loads(Path(spec).read_text())):
         if index:
             fresh_store(index, rank)
+        if "script" in run:
+            codes[run["name"]] = run_script(run)
+            continue
         where = prepare_resume(run, rank) if "resume_cut" in run else [f"hydra.run.dir={run['name']}"]
         codes[run["name"]], _ = run_verb("train", [*run["args"], *where])
         AcceleratorState._reset_state(True)  # the next run starts its own process group (test-only)

@@ -1,7 +1,8 @@
-"""One 2-process launch for tests/test_accumulate.py::test_sharded_window_grads (torchrun, gloo, CPU): FRoD's
-gradients after an accumulation window over FSDP-sharded weights, next to the per-micro-batch path under FSDP and
-to one process's window over every rank's data. Each rank writes, per variant, the lambda and S gradients after
-the data-parallel average (grads-<variant>-<rank>.safetensors) and what else the test checks (rank-<rank>.json).
+"""For tests/test_fsdp.py::test_sharded_window_grads_equal_micro_batch_and_unsharded, run inside test_fsdp's one
+2-process launch (tests/fsdp_runs.py calls `run_in_launch`; torchrun, gloo, CPU): FRoD's gradients after an
+accumulation window over FSDP-sharded weights, next to the per-micro-batch path under FSDP and to one process's
+window over every rank's data. Each rank writes, per variant, the lambda and S gradients after the data-parallel
+average (grads-<variant>-<rank>.safetensors) and what else the test checks (rank-<rank>.json). Alone:
 
     torchrun --standalone --nproc_per_node 2 tests/fsdp_window_grads.py OUT_DIR
 
@@ -115,7 +116,8 @@ def full_weights(model):
             for n, p in model.named_parameters() if not p.requires_grad}
 
 
-def run_variants(out: Path, rank: int, world: int) -> None:
+def run_in_launch(out: Path, rank: int, world: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     every_rank = [batches(r) for r in range(world)]
     info = {}
     for store_u in (False, True):
@@ -155,9 +157,7 @@ def main() -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    run_variants(out, rank, world)
+    run_in_launch(Path(sys.argv[1]), rank, world)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -6,7 +6,9 @@ Two processes train exactly as one process with the same global batch, in one la
 with its trainables and AdamW state sharded, and a resume of it from a checkpoint's shard files; FRoD and QLoRA on
 an NF4 base (recipe=qfrod_smoke); a tiny causal LLaMA (recipe=sft_smoke: loss, perplexity and greedy generation in
 every evaluation, gradient checkpointing on the sharded side). FRoD's runs accumulate 2 micro-batches per step on
-the sharded side, in accumulation windows over the shards. Plus the refusals of what sharding cannot do."""
+the sharded side, in accumulation windows over the shards; the same launch compares FRoD's gradients after a window
+over the shards with FSDP's per-micro-batch ones and one process's window (tests/fsdp_window_grads.py). Plus the
+refusals of what sharding cannot do."""
 from __future__ import annotations
 
 import json
@@ -80,13 +82,15 @@ def launch(work: Path, runs: List[dict]) -> str:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    """One launch of every two-process run (and the loaded twin of `frod`, and a resume of `full`): their work dir."""
+    """One launch of every two-process run (and the loaded twin of `frod`, a resume of `full`, and the gradients of
+    accumulation windows over the shards: tests/fsdp_window_grads.py): their work dir."""
     work = tmp_path_factory.mktemp("fsdp-two")
     runs = [{"name": name, "args": [*both, *mine]} for name, (both, _, mine) in RUNS.items()]
     frod = RUNS["frod"]
     runs.append({"name": "frod_loaded", "args": [*frod[0], *frod[2], "train.fsdp.load_on_rank0=false"]})
     runs.append({"name": "full_resumed", "args": [*RUNS["full"][0], *RUNS["full"][2]], "resume_of": "full",
                  "resume_cut": 2})
+    runs.append({"name": "window_grads", "script": "fsdp_window_grads"})  # FRoD's gradients in windows over shards
     launch(work, runs)
     return work
 
@@ -224,6 +228,58 @@ def test_fsdp_settings_are_checked(cfg_debug, monkeypatch, change, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FrodCliError, match=message):
         D.check_fsdp_config(fsdp_cfg(cfg_debug, **change))
+
+
+def saved_grads(out: Path, tag: str, variant: str, rank: int) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / f"grads-{tag}-{variant}-{rank}.safetensors"))
+
+
+def relative_error(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
+    """|got - ref| / |ref| over the tensors of `ref`, concatenated."""
+    a, b = torch.cat([got[k].flatten() for k in ref]), torch.cat([ref[k].flatten() for k in ref])
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.slow
+def test_sharded_window_grads_equal_micro_batch_and_unsharded(two):
+    """In the one launch (tests/fsdp_window_grads.py: a tiny LLaMA with uneven shards, every layer windowed, U
+    recomputed from the shard's rows or stored): lambda's and S's gradients after a window over FSDP-sharded
+    weights, averaged over the ranks, equal FSDP's per-micro-batch ones and one process's window over all the data
+    (float32, 1e-5 relative per tensor), with gradient checkpointing and with the gathered weights kept from the
+    forward to the backward (reshard_after_forward=False) too; every sharded weight is back bit for bit and frozen;
+    each rank held one shard of W and of G per layer, window_buffer_bytes' figure. Under bf16 mixed precision
+    (FSDP gathering and reducing in bf16, as Accelerate sets it) the window's error against float32 is measured."""
+    out = two / "window_grads"
+    for tag in ("recomputed", "stored"):
+        ref = saved_grads(out, tag, "one", 0)
+        variants = ["one_window", "fsdp", "fsdp_window"]
+        if tag == "recomputed":
+            variants += ["fsdp_window_checkpointing", "fsdp_window_kept"]
+        for variant in variants:
+            for rank in (0, 1):
+                got = saved_grads(out, tag, variant, rank)
+                assert got.keys() == ref.keys()
+                for key in ref:
+                    assert got[key].dtype == torch.float32
+                    assert relative_error({key: got[key]}, {key: ref[key]}) <= 1e-5, (tag, variant, rank, key)
+    ref = saved_grads(out, "recomputed", "one", 0)
+    window_bf16 = relative_error(saved_grads(out, "recomputed", "fsdp_window_bf16", 0), ref)
+    micro_batch_bf16 = relative_error(saved_grads(out, "recomputed", "fsdp_bf16", 0), ref)
+    print(f"bf16 mixed precision, relative error against float32: window {window_bf16:.2e}, "
+          f"per micro-batch {micro_batch_bf16:.2e}")
+    assert window_bf16 < 2e-2 and window_bf16 < micro_batch_bf16
+    for rank in (0, 1):
+        info = json.loads((out / f"rank-{rank}.json").read_text())
+        for key, v in info.items():
+            assert v["weights_restored"] and v["weights_frozen"], key
+            if "window" in key:
+                assert v["windowed"] == v["layers"] == 14 and v["held_after"] == 0, key
+                # one shard of W (float32) and of G per layer: about half the unsharded window's buffers; rank 0
+                # holds the larger share of an uneven split, the figure window_buffer_bytes plans with
+                assert (v["held"] == v["planned"]) if rank == 0 else (v["held"] < v["planned"]), key
+                assert 0.45 < v["planned"] / v["unsharded"] <= 0.55, key
 
 
 @pytest.mark.parametrize("accumulate", ["window", "auto", "micro_batch"])
