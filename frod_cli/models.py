@@ -237,6 +237,7 @@ def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
         model = model.to(dtype).eval()  # like from_pretrained: the loop decides when to train
         if quant is not None:
             model = quantize_built(model, auto, quant, dtype)
+        model.name_or_path = name  # the name given (the basis cache lists the base by it), not "" or a temp folder
     else:
         path = _resolve(name)
         if os.path.isdir(path):

@@ -24,7 +24,7 @@ from frod_cli.training import distributed as D
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
-TIMING = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+TIMING = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
 
 
 def rows(run: Path) -> List[dict]:

@@ -51,7 +51,7 @@ def tree_digest(d: Path) -> dict:
 
 def jsonl_rows(run: Path) -> list:
     """metrics.jsonl without the timing fields (which differ between any two runs)."""
-    drop = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+    drop = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
     return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -37,7 +37,7 @@ def test_run_directory(text_run):
     assert m["merge_max_abs_diff"] < 1e-5
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     logs = [l for l in lines if "loss" in l]
-    assert logs and {"step", "loss", "lr", "samples_per_s", "memory_mb"} <= set(logs[0])
+    assert logs and {"step", "loss", "lr", "samples_per_s", "peak_memory_mb", "current_memory_mb"} <= set(logs[0])
     assert any(l.get("split") == "validation" for l in lines)
 
 

@@ -22,7 +22,7 @@ PEFT's V is an arbitrary rotation of ours and the adapter cannot be expressed; t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,6 +90,30 @@ def moved_pattern(rows: torch.Tensor, cols: torch.Tensor, al: Alignment, nnz: in
         extra = torch.tensor(free, dtype=torch.long)
         a, b = torch.cat([a, extra // n]), torch.cat([b, extra % n])
     return torch.stack([a, b]).long()
+
+
+def unrebuildable(model: nn.Module) -> List[str]:
+    """The categories of a FRoD model whose basis PEFT cannot rebuild at load, where its HO-GSVD matrix T is c I
+    and any rotation of V is a solution: one layer, or two layers stacking to a square matrix. `align` stays the
+    final word (near-equal eigenvalues can mix too); this is what is known before training."""
+    from frod_cli.frod import frod_layers
+
+    members: Dict[str, List[nn.Module]] = {}
+    for _, layer in frod_layers(model):
+        members.setdefault(layer.category.key, []).append(layer)
+    return sorted(key for key, layers in members.items()
+                  if len(layers) == 1 or (len(layers) == 2 and sum(l.out_features for l in layers) == layers[0].in_features))
+
+
+def peft_format_note(model: nn.Module) -> Optional[str]:
+    """What a run should be told at its start about `frod export format=peft` of what it trains (None: nothing)."""
+    cats = unrebuildable(model)
+    if not cats:
+        return None
+    return (f"FRoD categories {', '.join(cats)} are a single layer or two layers stacking to a square matrix: "
+            "PEFT recomputes such a basis differently at load, so `frod export format=peft` of this run will be "
+            "refused (format=lora and format=merged export it; leave these layers out of method.target_modules to "
+            "export in PEFT's format)")
 
 
 def peft_categories(peft_model: nn.Module, layer_names: List[str]) -> Dict[str, Tuple[str, List[str]]]:
