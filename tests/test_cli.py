@@ -32,6 +32,27 @@ def test_train_help_lists_groups(capsys):
         assert group in out, group
 
 
+@pytest.mark.parametrize("verb", ["train", "eval", "merge", "generate", "compare", "export", "cache"])
+def test_every_verb_has_its_own_help(verb, capsys):
+    """`frod <verb> --help` opens with that verb (frod compare composes frod train's config, not its help)."""
+    assert main([verb, "--help"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert first.startswith(f"frod {verb}: "), first
+
+
+def test_the_progress_bar_keeps_its_times_whole_in_a_log(capsys):
+    """Outside a terminal the bar's last line is written whole (rich would cut it to 80 columns: '0:00:…')."""
+    from frod_cli.console import progress_bar
+
+    bar = progress_bar(True)
+    task = bar.add_task("a_long_recipe_name [frod]", total=4, completed=0, loss="1.0986", lr="1.00e-03", sps="64")
+    bar.start()
+    bar.update(task, completed=4)
+    bar.stop()
+    out = capsys.readouterr().out
+    assert "4/4" in out and "…" not in out, out
+
+
 def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out

@@ -22,7 +22,7 @@ PEFT's V is an arbitrary rotation of ours and the adapter cannot be expressed; t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -92,17 +92,28 @@ def moved_pattern(rows: torch.Tensor, cols: torch.Tensor, al: Alignment, nnz: in
     return torch.stack([a, b]).long()
 
 
-def unrebuildable(model: nn.Module) -> List[str]:
-    """The categories of a FRoD model whose basis PEFT cannot rebuild at load, where its HO-GSVD matrix T is c I
-    and any rotation of V is a solution: one layer, or two layers stacking to a square matrix. `align` stays the
-    final word (near-equal eigenvalues can mix too); this is what is known before training."""
-    from frod_cli.frod import frod_layers
+def rebuildable(shapes: List[Tuple[int, int]]) -> bool:
+    """Whether PEFT can rebuild the basis of a category of layers of these (out, in) shapes: not where its HO-GSVD
+    matrix T is c I and any rotation of V is a solution, one layer or two stacking to a square matrix. `align`
+    stays the final word (near-equal eigenvalues can mix too); this is what is known before training."""
+    return not (len(shapes) == 1 or (len(shapes) == 2 and sum(m for m, _ in shapes) == shapes[0][1]))
 
-    members: Dict[str, List[nn.Module]] = {}
-    for _, layer in frod_layers(model):
-        members.setdefault(layer.category.key, []).append(layer)
-    return sorted(key for key, layers in members.items()
-                  if len(layers) == 1 or (len(layers) == 2 and sum(l.out_features for l in layers) == layers[0].in_features))
+
+def unrebuildable(model: nn.Module, target_modules: Any = None) -> List[str]:
+    """The categories PEFT cannot rebuild: of a FRoD model's layers, or (target_modules given) of the layers a
+    FRoD run of these targets would adapt in `model` (no basis computed)."""
+    from frod_cli.frod import FrodConfig, find_targets, frod_layers
+    from frod_cli.frod.adapter import group_categories
+    from frod_cli.frod.layer import weight_shape
+
+    if target_modules is None:
+        shapes: Dict[str, List[Tuple[int, int]]] = {}
+        for _, layer in frod_layers(model):
+            shapes.setdefault(layer.category.key, []).append((layer.out_features, layer.in_features))
+    else:
+        groups = group_categories(find_targets(model, FrodConfig(target_modules=target_modules)))
+        shapes = {key: [tuple(weight_shape(m)) for _, m in members] for key, members in groups.items()}
+    return sorted(key for key, s in shapes.items() if not rebuildable(s))
 
 
 def peft_format_note(model: nn.Module) -> Optional[str]:

@@ -127,7 +127,10 @@ def copy_peft_adapter(job: Job) -> Dict[str, Any]:
             saved = json.load(f)
         saved["base_model_name_or_path"] = report["base_model_name_or_path"]
         atomic_write_json(config, saved)
-        write_base(job, B.build_task(job.run.task, int(job.run.train.seed)), tmp)
+        if str(job.run.model.name_or_path).startswith("tiny:"):
+            task = B.build_task(job.run.task, int(job.run.train.seed))
+            B.load_task_data(task, required=())  # a classifier's head size comes from the labels
+            write_base(job, task, tmp)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
 
     atomic_dir(job.out, write)
