@@ -59,6 +59,24 @@ def test_recipes_listing(capsys):
     assert "quickstart" in out and "peft_frod" in out and "frod_optuna" in out
 
 
+def test_the_default_run_exports_in_peft_format():
+    """The quickstart adapts every dense layer of MiniLM but the pooler's (a category of one layer, whose basis
+    PEFT recomputes differently at load), so `frod export format=peft` of the default run is not refused; the
+    family default ([query, key, value, dense]) keeps it, and a run of it says so at its start."""
+    from transformers import AutoModelForSequenceClassification
+
+    from frod_cli.export.peft_frod import peft_format_note, unrebuildable
+    from frod_cli.models import OFFLINE_MODELS
+    from conftest import compose_train
+
+    cfg = compose_train([])
+    assert cfg.model.name_or_path == "offline:all-minilm-l6-v2"
+    model = AutoModelForSequenceClassification.from_pretrained(OFFLINE_MODELS["all-minilm-l6-v2"](), num_labels=3)
+    assert unrebuildable(model, list(cfg.model.target_modules)) == []
+    assert unrebuildable(model, ["query", "key", "value", "dense"]) == ["bert.pooler.dense|in=384"]
+    assert peft_format_note(model) is None  # no FRoD layer yet: nothing to say
+
+
 def test_default_is_quickstart(capsys):
     assert main(["train", "--cfg", "job"]) == 0
     out = capsys.readouterr().out

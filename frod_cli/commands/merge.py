@@ -4,7 +4,8 @@ largest output difference between the merged and the unmerged model on a batch.
 `base=<model>` folds the trained update into another copy of the base instead, typically the unquantized
 original of a 4-bit base (what QLoRA users ship): the same dW (for FRoD, built on the 4-bit base it trained on),
 and the report gives how far that model's outputs are from the trained (4-bit) model's, next to how far the trained
-model's outputs are from that base's (the update's own size on the same outputs) and the ratio of the two."""
+model's outputs are from its own base's (the adapter switched off: the update's own size on the same outputs) and
+the ratio of the two."""
 from __future__ import annotations
 
 import os
@@ -66,14 +67,15 @@ def describe_check(report: Dict[str, Any]) -> str:
         return f"largest |merged - unmerged| output difference {where}: {report['max_abs_diff']:.3e}"
     ratio = "-" if report["ratio"] is None else f"{report['ratio']:.3g}"
     return (f"largest |merged - trained| output difference {where}: {report['max_abs_diff']:.3e}; the trained "
-            f"update's own size, largest |trained - base| on the same outputs: {report['update_max_abs_diff']:.3e} "
+            f"update's own size, largest |trained - the run's base| on the same outputs: "
+            f"{report['update_max_abs_diff']:.3e} "
             f"(ratio {ratio})")
 
 
 def merge_into_base(method: Any, model: Any, batch: Dict[str, Any], task: Any, base: str, run: Any):
     """(the trained update folded into `base`, loaded unquantized in the run's dtype; on `batch`: max_abs_diff,
-    the largest |merged - trained| output difference, update_max_abs_diff, the largest |trained - base| one (what
-    the update and the base's own differences change), and their ratio)."""
+    the largest |merged - trained| output difference, update_max_abs_diff, the largest |trained - run's base|
+    one (what the update itself changes: the run's own base, the adapter switched off), and their ratio)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -83,16 +85,24 @@ def merge_into_base(method: Any, model: Any, batch: Dict[str, Any], task: Any, b
     model.eval()
     with torch.no_grad():
         trained = model_outputs(model, batch, task)
+        with without_update(model):
+            own_base = model_outputs(model, batch, task)
     mcfg = OmegaConf.merge(run.model, {"name_or_path": base, "quantization": "none"})
     other, _ = B.load_base(mcfg, task, int(run.train.seed))
-    other = other.to(trained.device).eval()
-    with torch.no_grad():
-        before = model_outputs(other, batch, task)
-    if before.shape != trained.shape:
-        raise FrodCliError(f"base={base} gives outputs of shape {tuple(before.shape)}, the run's model "
-                           f"{tuple(trained.shape)}: not the same model")
-    merged = method.merge_into(model, other).eval()
+    merged = method.merge_into(model, other.to(trained.device)).eval()
     with torch.no_grad():
         after = model_outputs(merged, batch, task)
-    diff, size = float((after - trained).abs().max()), float((trained - before).abs().max())
+    if after.shape != trained.shape:
+        raise FrodCliError(f"base={base} gives outputs of shape {tuple(after.shape)}, the run's model "
+                           f"{tuple(trained.shape)}: not the same model")
+    diff, size = float((after - trained).abs().max()), float((trained - own_base).abs().max())
     return merged, {"max_abs_diff": diff, "update_max_abs_diff": size, "ratio": diff / size if size > 0 else None}
+
+
+def without_update(model: Any) -> Any:
+    """A context in which the trained model gives its base's outputs: PEFT's `disable_adapter`, or FRoD's."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    from frod_cli.frod import disable_adapter
+
+    return disable_adapter(model)

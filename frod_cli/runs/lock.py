@@ -62,9 +62,8 @@ class Lock:
 
     def acquire(self) -> "Lock":
         self.made = missing_dirs(os.path.dirname(self.file))
-        os.makedirs(os.path.dirname(self.file), exist_ok=True)
         for _ in range(100):  # another holder may remove the file between our open and our flock
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -80,6 +79,17 @@ class Lock:
                 return self
             os.close(fd)
         raise FrodCliError(f"{self.what} {self.path}: could not take its lock {self.file}")
+
+    def _open(self) -> int:
+        """The lock file, opened (created, with its directory, if missing); a directory that refuses it is refused
+        here, before any work, naming what was to be written."""
+        try:
+            os.makedirs(os.path.dirname(self.file), exist_ok=True)
+            return os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release()
+            where = os.path.dirname(self.file) if e.filename in (None, self.file) else e.filename
+            raise FrodCliError(f"{self.what} {self.path} is not writable: {where}: {e.strerror or e}") from None
 
     def _still_ours(self, fd: int) -> bool:
         try:
