@@ -174,28 +174,10 @@ def build_report(
 
     summary: Dict[str, Any] = {
         "sweep_dir": str(root), "objective": objective, "objective_mode": mode, "split": split,
-        "smooth_window": smooth_window, "thresholds": thresholds, "groups": {},
+        "smooth_window": smooth_window, "thresholds": thresholds,
+        "groups": {label: _group_summary(rs, objective, split, metric_keys, thresholds, smooth_window)
+                   for label, rs in groups.items()},
     }
-    for label, rs in groups.items():
-        finals = [r["final"] for r in rs]
-        reach = {}
-        for t in thresholds:
-            per_seed = [steps_to_reach(r["loss"], t, smooth_window) for r in rs]
-            ms = mean_std([s for s in per_seed if s is not None])
-            reach[str(t)] = {**ms, "reached": sum(s is not None for s in per_seed), "runs": len(rs), "per_run": per_seed}
-        summary["groups"][label] = {
-            "method": rs[0]["method"],
-            "runs": [r["dir"] for r in rs],
-            "seeds": [r["seed"] for r in rs],
-            "validation": {objective: mean_std([_metric(f, "validation", objective) for f in finals])},
-            split: {k: mean_std([_metric(f, split, k) for f in finals]) for k in metric_keys},
-            "trainable_percent": mean_std([f.get("trainable_percent") for f in finals]),
-            "trainable_params": mean_std([f.get("trainable_params") for f in finals]),
-            "steps": mean_std([f.get("steps") for f in finals]),
-            "time_per_step_s": mean_std([_per_step(f) for f in finals]),
-            "wall_time_s": mean_std([f.get("wall_time_s") for f in finals]),
-            "steps_to_loss": reach,
-        }
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "loss_curves": _plot_curves(groups, out / "loss_curves.png"),
@@ -206,6 +188,30 @@ def build_report(
     atomic_write_text(str(out / "report.md"), _markdown(summary, metric_keys))
     atomic_write_json(str(out / "summary.json"), summary)
     return summary
+
+
+def _group_summary(rs: List[Dict[str, Any]], objective: str, split: str, metric_keys: List[str],
+                   thresholds: Sequence[float], smooth_window: int) -> Dict[str, Any]:
+    """One group's numbers: mean +- std over its runs, and the steps each needed to reach each loss threshold."""
+    finals = [r["final"] for r in rs]
+    reach = {}
+    for t in thresholds:
+        per_seed = [steps_to_reach(r["loss"], t, smooth_window) for r in rs]
+        ms = mean_std([s for s in per_seed if s is not None])
+        reach[str(t)] = {**ms, "reached": sum(s is not None for s in per_seed), "runs": len(rs), "per_run": per_seed}
+    return {
+        "method": rs[0]["method"],
+        "runs": [r["dir"] for r in rs],
+        "seeds": [r["seed"] for r in rs],
+        "validation": {objective: mean_std([_metric(f, "validation", objective) for f in finals])},
+        split: {k: mean_std([_metric(f, split, k) for f in finals]) for k in metric_keys},
+        "trainable_percent": mean_std([f.get("trainable_percent") for f in finals]),
+        "trainable_params": mean_std([f.get("trainable_params") for f in finals]),
+        "steps": mean_std([f.get("steps") for f in finals]),
+        "time_per_step_s": mean_std([_per_step(f) for f in finals]),
+        "wall_time_s": mean_std([f.get("wall_time_s") for f in finals]),
+        "steps_to_loss": reach,
+    }
 
 
 def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
