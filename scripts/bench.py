@@ -44,7 +44,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# the resident set and its peak over a block (VmHWM after clear_refs, else sampling): frod train's piece
+from frod_cli.memory import PeakRSS, reset_hwm as _clear_refs_works, rss_bytes  # noqa: E402
 
 DEFAULT_METHODS = "full,lora,peft_frod,frod,frod:materialize,frod:project,frod:materialize+u"
 DEFAULT_METHODS_ACCUM = "full,lora,peft_frod,frod:micro_batch,frod:window"  # with --grad-accum K > 1
@@ -212,78 +214,6 @@ def malloc_trim() -> None:
         _LIBC.malloc_trim(0)
     except OSError:
         pass
-
-
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    v = _status_kb("VmRSS")
-    if v is not None:
-        return v
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _clear_refs_works() -> bool:
-    if sys.platform != "linux":
-        return False
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 4 * 1024 * 1024
-
-
-class PeakRSS:
-    """High-water mark of the resident set over a block: VmHWM after a reset through /proc/self/clear_refs
-    ("5" resets the peak on Linux >= 4.0), else a sampling thread (every 1 ms)."""
-
-    use_hwm: Optional[bool] = None
-
-    def __enter__(self):
-        if PeakRSS.use_hwm is None:
-            PeakRSS.use_hwm = _clear_refs_works()
-        self.before = rss_bytes()
-        if PeakRSS.use_hwm:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        else:
-            import psutil
-
-            self._proc = psutil.Process()
-            self._stop = threading.Event()
-            self._peak = self.before
-
-            def sample():
-                while not self._stop.is_set():
-                    self._peak = max(self._peak, self._proc.memory_info().rss)
-                    time.sleep(0.001)
-
-            self._t = threading.Thread(target=sample, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if PeakRSS.use_hwm:
-            self.peak = max(_status_kb("VmHWM") or 0, self.before)
-        else:
-            self._stop.set()
-            self._t.join()
-            self.peak = max(self._peak, rss_bytes())
-        self.extra = self.peak - self.before
-        return False
 
 
 def storage_bytes(tensors) -> int:
@@ -555,7 +485,7 @@ def memory_step(r: Runner, batches, loss_fn, device, record: bool = False, windo
     with PeakRSS() as pk:
         train_step(r, batches, loss_fn, device, record=record, window_k=window_k)
     r.mem = {"rss_before": pk.before, "rss_peak": pk.peak, "step_peak_extra": pk.extra,
-             "method": "VmHWM" if PeakRSS.use_hwm else "sampling"}
+             "method": "VmHWM" if pk.use_hwm else "sampling"}
     if device.type == "cuda":
         r.mem["cuda_before"] = cuda_before
         r.mem["cuda_peak"] = torch.cuda.max_memory_allocated(device)
