@@ -416,15 +416,24 @@ def hold_in_another_process(*paths: Path) -> subprocess.Popen:
 
 
 def test_a_held_run_directory_is_refused_naming_the_holder_until_it_is_killed(data, tmp_path, capsys):
+    """A run directory, a sweep directory and a comparison directory another process holds: each command refuses
+    in one line naming that process, before it trains anything; once the holder is killed the lock is free."""
     from frod_cli.runs.lock import Lock, lock_file
 
-    run = tmp_path / "run"
-    holder = hold_in_another_process(run)
+    run, sweep, cmp = tmp_path / "run", tmp_path / "sweep", tmp_path / "cmp"
+    holder = hold_in_another_process(run, sweep, cmp)
     try:
         assert main(["train", *tiny(data, "train.max_steps=2"), f"hydra.run.dir={run}"]) == 2
         line = one_error_line(capsys)
         assert f"run directory {run} is in use by another frod command (pid {holder.pid})" in line
         assert not run.exists()  # refused: the directory Hydra made for it is gone again
+        assert main(["train", "-m", *tiny(data, "train.max_steps=2"), "train.seed=1,2", f"hydra.sweep.dir={sweep}"]) == 2
+        assert f"sweep directory {sweep} is in use by another frod command (pid {holder.pid})" in one_error_line(capsys)
+        assert not sweep.exists()
+        assert main(["compare", *tiny(data, "train.max_steps=2"), f"hydra.run.dir={cmp}"]) == 2
+        assert f"comparison directory {cmp} is in use by another frod command (pid {holder.pid})" in \
+            one_error_line(capsys)
+        assert not (cmp / "runs").exists() and not (cmp / "search").exists()
     finally:
         holder.kill()
         holder.wait()
