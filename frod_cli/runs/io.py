@@ -23,7 +23,7 @@ def naming(path: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename is not None and not os.path.basename(str(e.filename)).startswith("."):
+        if e.filename is not None and ".tmp-" not in str(e.filename):  # not in a temporary sibling: it says where
             raise
         raise OSError(e.errno, e.strerror or os.strerror(e.errno or 0), path) from e
     except Exception as e:  # noqa: BLE001 - only an I/O error reported inside another exception's message
