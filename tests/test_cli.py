@@ -60,9 +60,10 @@ def test_recipes_listing(capsys):
 
 
 def test_the_default_run_exports_in_peft_format():
-    """The quickstart adapts every dense layer of MiniLM but the pooler's (a category of one layer, whose basis
-    PEFT recomputes differently at load), so `frod export format=peft` of the default run is not refused; the
-    family default ([query, key, value, dense]) keeps it, and a run of it says so at its start."""
+    """MiniLM's targets (model/minilm.yaml, the quickstart's model) are every linear layer of its blocks but not the
+    pooler (a category of one layer, whose basis PEFT recomputes differently at load), so `frod export format=peft`
+    of the default run is not refused; [query, key, value, dense] takes the pooler, which a run of it is told at
+    its start."""
     from transformers import AutoModelForSequenceClassification
 
     from frod_cli.export.peft_frod import peft_format_note, unrebuildable
