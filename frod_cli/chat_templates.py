@@ -11,9 +11,34 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 # ChatML: every turn is <|im_start|>{role}\n{content}<|im_end|>\n; the generation prompt opens an assistant turn.
+# Tools (our own layout, in the spirit of Hermes / Qwen ChatML): the schemas go into the system turn (the
+# conversation's own system text first), one JSON per line inside <tools></tools>; an assistant turn writes each
+# of its calls after its text as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call> (the form
+# frod_cli.tasks.tool_calls.call_text writes: a tool-call turn's reference answer); a tool's output is a turn of
+# its own, role `tool`. Without tools and tool calls the rendering is plain ChatML.
+_TOOLS_SYSTEM = (
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ 'Functions you can call, one JSON schema a line:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson + '\\n' }}{% endfor %}"
+    "{{ '</tools>\\nTo call one, write <tool_call>\\n{\"name\": ..., \"arguments\": {...}}\\n</tool_call>; its "
+    "output comes back in a tool turn.<|im_end|>\\n' }}"
+)
+_CALLS = (
+    "{% for call in message['tool_calls'] %}"
+    "{{ ('\\n' if (message['content'] or not loop.first) else '') + '<tool_call>\\n{\"name\": ' "
+    "+ call['function']['name'] | tojson + ', \"arguments\": ' + call['function']['arguments'] | tojson "
+    "+ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+)
 CHATML = (
+    "{% if tools %}" + _TOOLS_SYSTEM + "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% if message['tool_calls'] is defined and message['tool_calls'] %}" + _CALLS + "{% endif %}"
+    "{{ '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

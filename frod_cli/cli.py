@@ -143,6 +143,14 @@ def _suggest(ex: BaseException) -> str:
         owners = sorted(n for n, c in CONFIGS.items() if key in {f.name for f in dataclasses.fields(c)})
         elsewhere = f" (a key of {', '.join(owners)})" if owners else ""
         return f"; method {'/'.join(methods)} has no key {key!r}{elsewhere}; its keys: {', '.join(fields)}"
+    from frod_cli.tasks import TASK_CONFIGS, discover
+
+    discover()
+    types = sorted(n for n, c in TASK_CONFIGS.items() if c is obj)
+    owners = sorted(n for n, c in TASK_CONFIGS.items() if key in {f.name for f in dataclasses.fields(c)})
+    if types and owners:  # a key of another task type (an SFT recipe with task.loss=ipo)
+        return (f"; task.{key} is read by task.type={'/'.join(owners)} only; this task is {'/'.join(types)}: drop it, "
+                f"or train a {owners[0]} task")
     close = difflib.get_close_matches(key, fields, n=3)
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; keys: {', '.join(fields)}"
 
@@ -325,8 +333,8 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
     from hydra import main as hydra_main
     from hydra.core.global_hydra import GlobalHydra
 
-    from frod_cli.config import register_configs
     from frod_cli.runs.lock import release_all
+    from frod_cli.schemas import register_configs
 
     register_configs()
     result: Dict[str, Any] = {}

@@ -20,10 +20,18 @@ class ModelConfig:
     # or "tiny:<family>" (a small random model built from a config, for tests and smoke runs).
     name_or_path: str = MISSING
     revision: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen weights' dtype
-    # none | nf4 | fp4: the frozen weights in 4 bits (bitsandbytes, double quantization), computed in `dtype`;
-    # the LM head and the task head stay in `dtype` (frod_cli/models.py)
+    # float32 | bfloat16 | float16 | auto: the frozen weights' dtype, which they compute in, and merged/'s.
+    # auto: bfloat16 where the device computes it natively (a CPU with a oneDNN bfloat16 kernel, a GPU that
+    # supports it), else float32 (float16 on a GPU without bfloat16); frod train writes what it picked into the
+    # run's config. A dtype the CPU emulates is kept as asked, with a warning (frod_cli/precision.py).
+    dtype: str = "float32"
+    # none | nf4 | fp4: the frozen linear weights in 4 bits (bitsandbytes, double quantization); merged/ is
+    # the dequantized base plus the update, in `dtype` (frod_cli/models.py)
     quantization: str = "none"
+    # A 4-bit base only: the dtype its 4-bit layers dequantize to and multiply in, and in which its other
+    # weights (embeddings, norms, LM head, task head) are held. None: `dtype`, except on a CPU that emulates
+    # `dtype`, where it is float32 (the run's log says so; metrics.json has compute_dtype).
+    compute_dtype: Optional[str] = None
     trust_remote_code: bool = False  # remote code from the Hub only when asked for explicitly
     # Overrides applied to the model config (e.g. hidden_size for tiny:* models, dropout rates).
     config_overrides: Dict[str, Any] = field(default_factory=dict)
@@ -80,27 +88,31 @@ class GenerationConfig(SamplingConfig):
     batch_size: int = 16
 
 
+def open_map() -> Any:
+    """The default of a Dict[str, str] field whose keys are the user's (split names, roles, label aliases, column
+    renames): Hydra closes the whole config (struct mode) before it applies the command line, so `task.role_map=
+    {bot: assistant}` would be refused as "Key 'bot' is not in struct" on an empty typed dict; this node stays
+    open, so new keys merge in as printed, and keeps its str -> str types (`task.role_map.bot=[1]` is refused)."""
+    from omegaconf import DictConfig
+
+    return DictConfig({}, key_type=str, element_type=str, flags={"struct": False})
+
+
 @dataclass
 class TaskConfig:
-    type: str = MISSING  # task registry key: seq_cls | image_cls | multiple_choice
+    """The keys every task type has: where the data comes from, its splits and sizes, and the metric that picks the
+    best checkpoint. Each task type extends it with its own keys (its config dataclass in frod_cli/tasks/<type>.py,
+    registered with the type and stored as `task/schema/<type>`; a task YAML names it in its defaults), so a key of
+    another type is refused when the config is composed, not ignored."""
+
+    type: str = MISSING  # the task registry key (frod_cli/tasks/): set by the type's schema
     name: str = MISSING  # a label for reports, e.g. "sst2", "cifar10"
     source: str = "hub"  # hub | local | offline
     dataset: Optional[str] = None  # hub: dataset id; offline: source name (frod_cli.tasks.sources)
     subset: Optional[str] = None  # hub config name, e.g. "cola"
-    data_files: Dict[str, str] = field(default_factory=dict)  # local: split -> path
+    data_files: Dict[str, str] = field(default_factory=open_map)  # local: split -> path
     format: Optional[str] = None  # local: csv | json | parquet | imagefolder (guessed from suffix if None)
-    # Columns
-    text_fields: List[str] = field(default_factory=lambda: ["text"])  # 1 or 2 (paired) text columns
-    image_field: str = "image"
-    label_field: str = "label"
-    labels: Optional[List[str]] = None  # class names; inferred from the data when None
-    label_aliases: Dict[str, str] = field(default_factory=dict)  # e.g. ARC's answerKey {"1": "A", ...}
-    regression: bool = False  # e.g. STS-B
-    # multiple choice: question column and choice columns (or one list column)
-    question_field: str = "question"
-    choices_field: str = "choices"
-    context_field: Optional[str] = None
-    # Splits: names in the source; missing validation/test are carved out of train, stratified, seeded
+    # Splits: names in the source; missing validation/test are carved out of train (stratified by label), seeded
     train_split: str = "train"
     validation_split: Optional[str] = "validation"
     test_split: Optional[str] = "test"
@@ -111,52 +123,12 @@ class TaskConfig:
     test_dataset: Optional[str] = None
     test_subset: Optional[str] = None
     test_dataset_split: str = "test"
-    test_rename: Dict[str, str] = field(default_factory=dict)
+    test_rename: Dict[str, str] = field(default_factory=open_map)
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     dedupe: bool = False  # drop exact duplicate inputs before splitting
-    # Preprocessing
-    max_length: int = 128
-    image_size: Optional[int] = None  # defaults to the model's
-    # Prompted data (causal_lm; seq_cls with a prompt_template): python format strings over the columns,
-    # e.g. prompt_template="Question: {question}\nAnswer:", response_template=" {answer}"
-    prompt_template: Optional[str] = None
-    response_template: Optional[str] = None
-    # causal_lm: data_format auto | instruction | chat | sharegpt | prompt_completion | text | template
-    # (frod_cli/tasks/layouts.py: the one reader of these layouts)
-    data_format: str = "auto"
-    instruction_field: str = "instruction"
-    input_field: Optional[str] = "input"
-    output_field: str = "output"
-    messages_field: str = "messages"
-    conversations_field: str = "conversations"  # sharegpt: a list of {from, value} turns
-    # sharegpt `from` -> role, over the defaults human->user, gpt->assistant, system->system (user, assistant kept)
-    role_map: Dict[str, str] = field(default_factory=dict)
-    completion_field: str = "completion"  # prompt_completion: with prompt_field (TRL's prompt/completion)
-    # null: the tokenizer's own; chatml (a built-in, its tokens added, saved with merged/) or a Jinja string
-    chat_template: Optional[str] = None
-    skip_malformed: bool = False  # drop rows that cannot be read (counted) instead of refusing the split
-    # Weighted mixture: a list of sources, each {name, weight, source, dataset, data_files, data_format, ...}
-    # (the keys of one source; the rest inherited from this task); trained on with probabilities weight / sum
-    mixture: List[Any] = field(default_factory=list)
-    mixture_stop: str = "first_exhausted"  # first_exhausted | all_exhausted: when the mixture's epoch ends
-    streaming: bool = False  # read and tokenize the training split while training (needs train.max_steps)
-    shuffle_buffer: int = 1000  # streaming: rows in the shuffle buffer (0: the stream's own order)
-    system_prompt: Optional[str] = None
-    train_on_prompt: bool = False  # false: loss on the response tokens only
-    packing: bool = False  # pack examples into blocks of max_length (training split only)
-    # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
-    answer_pattern: str = "full"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # preference (frod_cli/tasks/preference.py): a prompt and a chosen and a rejected answer per row
-    prompt_field: str = "prompt"  # TRL's prompt column (a string or a list of turns)
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-    loss: str = "dpo"  # dpo | ipo | simpo
-    beta: Optional[float] = None  # None: 0.1 for dpo and ipo (IPO's tau), 2.0 for simpo
-    gamma: Optional[float] = None  # simpo's target reward margin; None: beta / 2
-    # Metrics: evaluate modules shipped in frod_cli/metrics; objective picks the best checkpoint
-    metrics: List[str] = field(default_factory=lambda: ["accuracy"])
+    max_length: int = 128  # tokens per example (the type says how longer ones are cut)
+    # The validation metric that picks the best checkpoint (one the task reports) and its direction
     objective: str = "accuracy"
     objective_mode: str = "max"  # max | min
 
@@ -180,9 +152,10 @@ class OptimizerConfig:
 
 @dataclass
 class FsdpConfig:
-    """`train.fsdp`: shard the frozen weights over the processes of a launch (FSDP2, torch's fully_shard,
-    through Accelerate; frod_cli/training/distributed.py, docs/SCALING.md). Trainables stay whole on
-    every rank. One process: ignored (nothing to shard)."""
+    """`train.fsdp`: shard the weights over the processes of a launch (FSDP2, torch's fully_shard, through
+    Accelerate; frod_cli/training/distributed.py, docs/SCALING.md): the frozen weights of an adapter method (its
+    trainables stay whole on every rank), every weight and its AdamW state for method=full. One process: ignored
+    (nothing to shard)."""
 
     enabled: bool = False
     # Module class names that become one FSDP unit each (their weights are gathered for their forward);
@@ -192,6 +165,9 @@ class FsdpConfig:
     cpu_offload: bool = False  # keep the shards (and their gradients) in CPU memory between uses
     state_dict_type: str = "FULL_STATE_DICT"  # FULL_STATE_DICT | SHARDED_STATE_DICT
     version: int = 2  # FSDP2 only
+    # Only the first process of each node reads the weights; the others build the model on the meta device and
+    # receive their shards from rank 0 (one copy of the weights per node in host memory instead of one per process).
+    load_on_rank0: bool = True
 
 
 @dataclass
@@ -223,6 +199,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Sharded data parallelism (FSDP2 through Accelerate) for multi-process launches
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    # Upload the finished run to this Hugging Face Hub repo (<owner>/<name>), as `frod push` does
+    # (frod_cli/share/hub.py); checked before training (a valid id, a token, not offline)
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False  # a new repo is created private
+    hub_revision: Optional[str] = None  # the branch to push to (created if missing); None: main
 
 
 @dataclass
@@ -248,7 +229,9 @@ class CompareConfig:
 @dataclass
 class FrodRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    # Each task type's own config (frod_cli/tasks/<type>.py, stored as task/schema/<type>): the task YAML names it,
+    # and `task.type=<type>` on the command line switches to it (frod train's prepare).
+    task: Any = MISSING
     # Each method's own config (frod_cli/methods/<file>.py, stored as method/<name>_schema): the method
     # group's YAML selects it, so the keys of one method are refused for another.
     method: Any = MISSING
@@ -264,18 +247,32 @@ class FrodRunConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """`frod eval path=<run> harness.tasks=[...]`: lm-evaluation-harness on the run's model, in process
+    (frod_cli/harness/); results in harness.json. Empty tasks: frod's own evaluation instead."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task or group names (recipes/harness/ lists some)
+    num_fewshot: Optional[int] = None  # None: each task's own default (0 for most)
+    limit: Optional[float] = None  # examples per task (a fraction when < 1); None: all. For trying, not reporting
+    include_path: Optional[str] = None  # a directory of your own task YAMLs (lm-eval's --include_path)
+    log_samples: bool = False  # per-example inputs, log-likelihoods and scores into harness.json ("samples")
+    apply_chat_template: bool = False  # render prompts with the tokenizer's chat template
+
+
+@dataclass
 class EvalRunConfig:
-    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`."""
+    """`frod eval path=<run dir | merged checkpoint> [task=<name>]`; with harness.tasks, lm-evaluation-harness."""
 
     path: str = MISSING  # a run directory (uses merged/ or base + adapter/) or a saved model directory
-    task: Optional[TaskConfig] = None  # default: the run's task (a checkpoint without a run needs task=...)
+    task: Any = None  # default: the run's task (a checkpoint without a run needs task=...)
     splits: List[str] = field(default_factory=lambda: ["validation", "test"])
     batch_size: int = 64
     seed: Optional[int] = None  # default: the run's seed (it fixes the data split), else 42
     use_adapter: bool = False  # run dir: evaluate base model + adapter/ instead of merged/
-    output: Optional[str] = None  # default: <run dir>/eval.json, or <checkpoint>/eval.json
+    output: Optional[str] = None  # default: <path>/eval.json (with harness.tasks: <path>/harness.json)
     overwrite: bool = False  # replace an existing output (refused otherwise)
     cpu: bool = False
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass
@@ -327,6 +324,20 @@ class ExportRunConfig:
 
 
 @dataclass
+class PushRunConfig:
+    """`frod push path=<run dir | export dir> repo=<owner>/<name>`: upload to the Hugging Face Hub (share/hub.py)."""
+
+    path: str = MISSING  # a finished run directory (or its merged/ or adapter/), or a `frod export` output
+    repo: str = MISSING  # the Hub repo id, <owner>/<name> (created if missing)
+    private: bool = False  # create the repo private (an existing repo keeps its visibility)
+    revision: Optional[str] = None  # the branch to push to (created if missing); None: main
+    upload: str = "auto"  # a run: auto (merged/ if the run has it, else adapter/) | merged | adapter
+    include_checkpoints: bool = False  # also upload the run's checkpoints/ (train.keep_checkpoints=true runs)
+    keep_card: bool = False  # upload the directory's own README.md as it is, not a card written afresh
+    dry_run: bool = False  # print what would be uploaded; upload nothing (needs no token)
+
+
+@dataclass
 class CacheRunConfig:
     """`frod cache [list|clear] [base=<name>]`: the FRoD basis cache (frod_cli/frod/cache.py)."""
 
@@ -367,19 +378,3 @@ def apply_per_method(cfg: Any, user_overrides: Sequence[str] = ()) -> None:
     if applied:
         logging.getLogger("frod.config").info("the recipe's per_method.%s settings: %s", cfg.method.name,
                  ", ".join(f"{k}={v}" for k, v in applied.items()))
-
-
-def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="frod_train_schema", node=FrodRunConfig)
-    cs.store(name="frod_eval_schema", node=EvalRunConfig)
-    cs.store(name="frod_merge_schema", node=MergeRunConfig)
-    cs.store(name="frod_generate_schema", node=GenerateRunConfig)
-    cs.store(name="frod_export_schema", node=ExportRunConfig)
-    cs.store(name="frod_cache_schema", node=CacheRunConfig)
-    from frod_cli.methods import register_schemas
-
-    register_schemas()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -94,6 +94,18 @@ def generation_config(model: Any, tokenizer: Any, *, max_new_tokens: int = 32, d
     return gc
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(prompts), longest], each prompt at the right end: every prompt ends where
+    generation starts."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], batch_size: int = 16,
                  **settings: Any) -> List[List[int]]:
     """The new token ids for each prompt (token ids), generated `batch_size` prompts at a time with left
@@ -114,12 +126,8 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], b
                 chunk = [list(map(int, p)) for p in prompts[start : start + batch_size]]
                 if any(not p for p in chunk):
                     raise FrodCliError("an empty prompt cannot be generated from")
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                    ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    mask[i, width - len(p) :] = 1
+                ids, mask = left_pad(chunk, pad)
+                width = ids.shape[1]
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
                 for row in gen[:, width:].tolist():
                     cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
@@ -135,3 +143,31 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch_
     """Decoded new text for each prompt (a string, encoded by `encode_prompt`, or token ids)."""
     ids = [encode_prompt(tokenizer, p, chat, system_prompt) if isinstance(p, str) else list(p) for p in prompts]
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in generate_ids(model, tokenizer, ids, batch_size, **settings)]
+
+
+def sample_ids(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+               **settings: Any) -> Tuple[List[List[int]], List[bool]]:
+    """One `generate` call over `prompts` (token ids, left-padded; settings as in `generation_config`, e.g.
+    do_sample=True): for each row its new tokens up to and including the first EOS (a completion that is scored
+    and trained on ends with it), and whether it ended with EOS (False: cut at max_new_tokens). Sampling draws
+    from the global RNG of the model's device: the caller seeds it (frod_cli.rl.rollout.sampling_rng)."""
+    gc = generation_config(model, tokenizer, **settings)
+    eos = gc.eos_token_id
+    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    if any(not p for p in prompts):
+        raise FrodCliError("an empty prompt cannot be generated from")
+    ids, mask = left_pad(prompts, gc.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+    finally:
+        model.train(was_training)
+    rows, ended = [], []
+    for row in gen[:, ids.shape[1] :].tolist():
+        cut = next((j for j, t in enumerate(row) if t in eos_set), None)
+        rows.append(row if cut is None else row[: cut + 1])
+        ended.append(cut is not None)
+    return rows, ended

@@ -64,12 +64,11 @@ class AssetError(RuntimeError):
 # --------------------------------------------------------------------------- data
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FROD_CACHE") or Path.home() / ".cache" / "frod").expanduser()
-
-
 def default_out() -> Path:
-    return cache_root() / ASSET_NAME
+    """$FROD_CACHE/<asset>: where frod reads offline:<asset> (frod_cli/paths.py, the one resolver)."""
+    from frod_cli.paths import asset_dir
+
+    return asset_dir(ASSET_NAME)
 
 
 def read_idx(path) -> np.ndarray:

@@ -20,7 +20,7 @@ def compose_train(overrides):
     from hydra.core.global_hydra import GlobalHydra
 
     from frod_cli.cli import recipes_dir
-    from frod_cli.config import register_configs
+    from frod_cli.schemas import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -35,13 +35,13 @@ def compose_train(overrides):
 def basis_cache_session(tmp_path_factory):
     """The FRoD basis cache (method.basis_cache, on by default) never writes the user's ~/.cache from
     a test: session fixtures that train use this directory (subprocesses inherit it)..."""
-    before = os.environ.get("FROD_CACHE_DIR")
-    os.environ["FROD_CACHE_DIR"] = str(tmp_path_factory.mktemp("frod-basis-cache-session"))
+    before = os.environ.get("FROD_BASIS_CACHE")
+    os.environ["FROD_BASIS_CACHE"] = str(tmp_path_factory.mktemp("frod-basis-cache-session"))
     yield
     if before is None:
-        os.environ.pop("FROD_CACHE_DIR", None)
+        os.environ.pop("FROD_BASIS_CACHE", None)
     else:
-        os.environ["FROD_CACHE_DIR"] = before
+        os.environ["FROD_BASIS_CACHE"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def basis_cache(tmp_path_factory, monkeypatch):
     """...and every test starts with an empty cache of its own (no test depends on another's entries);
     the directory, for tests that look into it."""
     path = tmp_path_factory.mktemp("frod-basis-cache")
-    monkeypatch.setenv("FROD_CACHE_DIR", str(path))
+    monkeypatch.setenv("FROD_BASIS_CACHE", str(path))
     return path
 
 

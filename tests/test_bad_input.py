@@ -93,8 +93,8 @@ CONFIG_CASES = [
     ("target_modules_not_strings", ["method.target_modules=[1,2]"], "method.target_modules must be"),
     ("objective_not_a_metric", ["task.objective=f1"], "task.objective 'f1' is not among the metrics"),
     ("unknown_metric", ["task.metrics=[nope]"], "unknown metric 'nope'"),
-    ("generation_max_new_tokens", ["task.generation.max_new_tokens=0"], "task.generation.max_new_tokens must be at least 1"),
-    ("generation_top_p", ["task.generation.do_sample=true", "task.generation.top_p=2"], "task.generation.top_p must be in (0, 1]"),
+    ("generation_max_new_tokens", ["task.type=causal_lm", "task.generation.max_new_tokens=0"], "task.generation.max_new_tokens must be at least 1"),
+    ("generation_top_p", ["task.type=causal_lm", "task.generation.do_sample=true", "task.generation.top_p=2"], "task.generation.top_p must be in (0, 1]"),
     ("fsdp_version_1", ["train.fsdp.enabled=true", "train.fsdp.version=1"], "only FSDP2"),
     ("fsdp_state_dict_type", ["train.fsdp.enabled=true", "train.fsdp.state_dict_type=nope"], "state_dict_type must be one of"),
     ("resume_and_overwrite", ["resume=/tmp"], "drop one of the two"),
@@ -177,6 +177,15 @@ VERB_CASES = [
     ("eval_empty_model_dir", "eval", lambda f, c, m, t: [f"path={f['dir'] / 'empty_model'}", "task=local_text",
                                                           f"task.data_files.train={f['good']}", f"output={t / 'e.json'}"],
      "holds no saved model"),
+    ("eval_harness_with_splits", "eval", lambda f, c, m, t: [f"path={m}", "harness.tasks=[frod_arith]", "splits=[test]"],
+     "splits chooses frod's own evaluation"),
+    ("eval_harness_on_a_classifier", "eval", lambda f, c, m, t: [f"path={c}", "harness=smoke"],
+     "scores causal language models"),
+    # push (frod_cli/share/hub.py): refused before anything is sent
+    ("push_not_a_run", "push", lambda f, c, m, t: [f"path={f['dir']}", "repo=me/model"], "is not a run directory"),
+    ("push_bad_repo_id", "push", lambda f, c, m, t: [f"path={c}", "repo=me/two words"], "is not a Hub repo id"),
+    ("push_unknown_upload", "push", lambda f, c, m, t: [f"path={c}", "repo=me/model", "upload=all"],
+     "upload must be one of"),
     # merge
     ("merge_not_a_run", "merge", lambda f, c, m, t: [f"run={f['dir']}"], "not a run directory"),
     ("merge_existing_merged", "merge", lambda f, c, m, t: [f"run={m}"], "overwrite=true replaces it"),
@@ -407,3 +416,45 @@ def test_generate_logs_the_runs_config_once(finished_lm, capsys):
     assert main(["generate", f"path={finished_lm}", "prompt=hi", "max_new_tokens=2"]) == 0
     out = capsys.readouterr().out
     assert out.count("per_method.frod settings") == 1, out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversation and tool-calling data a new user writes by hand (issue 24): each refused in one line, exit 2,
+# on the LM recipe pointed INTO the finished LM run (train.overwrite=true), which stays as it was.
+# ---------------------------------------------------------------------------------------------------
+def _share(*turns, **columns) -> str:
+    import json
+
+    good = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5"}]}
+    bad = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"}, *turns], **columns}
+    return "".join(json.dumps(r) + "\n" for r in [good] * 9 + [bad] + [good] * 10)
+
+
+CALL = {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 3}}'}
+CONVERSATION_CASES = [  # (id, file text, extra overrides, expected text)
+    ("unknown_role", _share({"from": "robot", "value": "5"}), [],
+     "row 10: 'conversations' turn 2: role 'robot' is not in task.role_map"),
+    ("tool_call_with_bad_json_arguments", _share({"from": "function_call", "value": '{"name": "add", "arguments": "{a: 2}"}'}),
+     [], "row 10: 'conversations' turn 2 (function_call) 'value' (add) arguments is not valid JSON"),
+    ("tools_column_not_a_list", _share(CALL, {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"},
+                                       tools='{"name": "add"}'), [], "row 10: 'tools' is a dict, not a list of tool schemas"),
+    ("role_map_to_no_role", _share({"from": "bot", "value": "5"}), ["task.role_map={bot: robot}"],
+     "task.role_map maps 'bot' to 'robot': roles are system, user, assistant, tool, function_call"),
+    ("tools_column_the_layout_does_not_read",
+     "".join('{"instruction": "a", "output": "b", "tools": "[]"}\n' for _ in range(20)), [],
+     "has a tools column 'tools', which the instruction layout does not read"),
+    ("stream_too_short_to_hold_out_validation", _share({"from": "gpt", "value": "5"}), ["task.streaming=true"],
+     "holds 20 rows: holding out the first 100 for validation leaves none to train on"),
+]
+
+
+@pytest.mark.parametrize("case,text,extra,expected", CONVERSATION_CASES, ids=[c[0] for c in CONVERSATION_CASES])
+def test_bad_conversation_data(case, text, extra, expected, finished_lm, tmp_path, capsys):
+    data = _write(tmp_path / "calls.jsonl", text)
+    before = digest(finished_lm)
+    fmt = [] if "layout_does_not_read" in case else ["task.data_format=sharegpt"]
+    assert main(["train", "recipe=sft_smoke", *fmt, "task.chat_template=chatml", f"task.data_files.train={data}",
+                 *extra, f"hydra.run.dir={finished_lm}", "train.overwrite=true"]) == 2
+    line = one_error_line(capsys)
+    assert expected in line, line
+    assert digest(finished_lm) == before

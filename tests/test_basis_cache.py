@@ -162,8 +162,8 @@ def test_method_basis_cache_false_writes_nothing(cfg_debug, basis_cache):
         method.adapt(FAMILIES["bert"][0]()[0])
         return method.describe()["basis"]
 
-    assert adapt(False) == {"categories": 7, "cache_hits": 0, "computed": 7, "compute_s": pytest.approx(0, abs=5),
-                            "processes": 1, "cache_dir": None}
+    assert adapt(False) == {"categories": 7, "cache_hits": 0, "computed": 7, "streamed": 0,
+                            "compute_s": pytest.approx(0, abs=5), "processes": 1, "cache_dir": None}
     assert list(basis_cache.iterdir()) == []
     assert adapt(True)["cache_dir"] == str(basis_cache) and len(list(basis_cache.iterdir())) == 7
 
@@ -192,7 +192,8 @@ def test_a_category_too_large_for_the_device_goes_to_the_cpu():
     cuda = torch.device("cuda", 0)
     assert fits_on(cuda, gate7, free_bytes=80e9) and not fits_on(cuda, gate70, free_bytes=141e9)
     assert not fits_on(cuda, gate7, free_bytes=30e9)  # a tenth kept free
-    assert fits_on(torch.device("cpu"), gate70)
+    cpu = torch.device("cpu")
+    assert fits_on(cpu, gate7, free_bytes=40e9) and not fits_on(cpu, gate7, free_bytes=35e9)  # a fifth kept free
 
 
 def test_frod_train_twice_reports_the_cache_hit(tmp_path, debug_args, basis_cache):
@@ -227,6 +228,29 @@ for phase, cache_dir in (("plain", None), ("cold", cache), ("hit", cache)):
     model = adapted(cache_dir=cache_dir)
     save_adapter(model, f"{out}/{phase}-{rank}")
     reports[phase] = basis_report(model)
+import warnings
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="FRoD category")
+    model = apply_frod(base(), config(basis_build="streamed"))
+save_adapter(model, f"{out}/streamed-{rank}")
+reports["streamed"] = basis_report(model)
+# sharded weights (DTensor, as FSDP2 holds them): every rank gathers each layer and builds every category
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from frod_cli.frod.adapter import find_targets, group_categories
+from frod_cli.frod.build import build_bases
+from frod_cli.frod.cache import BasisCache
+mesh = init_device_mesh("cpu", (2,))
+groups = group_categories(find_targets(base(), config()))
+for members in groups.values():
+    for _, m in members:
+        m.weight = torch.nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Shard(0)]), requires_grad=False)
+for phase in ("sharded-cold", "sharded-hit"):
+    bases, reports[phase] = build_bases(groups, 1e-3, "float32", "fp", build="streamed", cache=BasisCache(cache))
+    save_file({f"{k}.{name}": t.contiguous() for k, b in bases.items() for name, t in
+               [("V", b.V), ("sigma", torch.stack(b.sigma))] + ([("V_inv_T", b.V_inv_T)] if b.U is None else [])},
+              f"{out}/{phase}-{rank}.safetensors")
 try:  # rank 1 asks for another regularization: refused on both ranks, no hang
     apply_frod(base(), config(regularization=1e-3 if rank == 0 else 2e-3))
     reports["mismatch"] = "accepted"
@@ -252,7 +276,7 @@ dist.destroy_process_group()
 def test_two_processes_split_the_categories_and_equal_one_process(tmp_path, basis_cache):
     """torchrun, 2 processes x 1 thread over gloo, against one process at 1 thread: every category is
     computed by one rank (or read from the cache by it) and broadcast; both ranks end with one process's
-    adapter, bit for bit, with and without the cache."""
+    adapter, bit for bit, with and without the cache, in memory and streamed."""
     from safetensors.torch import load_file
 
     from frod_cli.frod import save_adapter
@@ -270,21 +294,54 @@ def test_two_processes_split_the_categories_and_equal_one_process(tmp_path, basi
         save_adapter(adapted(), tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
+    import warnings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="FRoD category")
+            save_adapter(apply_frod(base(), config(basis_build="streamed")), tmp_path / "one-streamed")
+    finally:
+        torch.set_num_threads(threads)
     one = load_file(str(tmp_path / "one" / "adapter.safetensors"))
-    for phase in ("plain", "cold", "hit"):
+    one_streamed = load_file(str(tmp_path / "one-streamed" / "adapter.safetensors"))
+    assert not all(torch.equal(one[k], one_streamed[k]) for k in one)  # two builds, differing by rounding
+    for phase in ("plain", "cold", "hit", "streamed"):
         for rank in (0, 1):
             got = load_file(str(tmp_path / f"{phase}-{rank}" / "adapter.safetensors"))
-            assert got.keys() == one.keys()
-            assert all(torch.equal(got[k], one[k]) for k in one), (phase, rank)
+            want = one_streamed if phase == "streamed" else one
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want), (phase, rank)
     reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in (0, 1)]
     for rep in reports:
         assert {r["rank"] for r in rep["plain"]} == {0, 1}  # both ranks computed a share
         assert {r["source"] for r in rep["cold"]} == {"computed"} and {r["source"] for r in rep["hit"]} == {"cache"}
+        assert {r["build"] for r in rep["streamed"]} == {"streamed"} and {r["build"] for r in rep["plain"]} == {"memory"}
+        assert {r["rank"] for r in rep["streamed"]} == {0, 1}
         assert "the processes adapt different models" in rep["mismatch"]
     assert "another process refused" in reports[0]["failure"] and reports[1]["failure"] == "refused on purpose"
+    for rep in reports:  # sharded: each rank built every category itself, the second time from the cache
+        assert {(r["rank"] == rep["sharded-cold"][0]["rank"], r["source"]) for r in rep["sharded-cold"]} == \
+            {(True, "computed")} and {r["source"] for r in rep["sharded-hit"]} == {"cache"}
+    from frod_cli.frod.adapter import find_targets, group_categories
+    from frod_cli.frod.build import build_bases
+
+    torch.set_num_threads(1)
+    try:
+        plain, _ = build_bases(group_categories(find_targets(base(), config())), 1e-3, "float32", "fp",
+                               build="streamed")
+    finally:
+        torch.set_num_threads(threads)
+    for phase in ("sharded-cold", "sharded-hit"):
+        for rank in (0, 1):
+            got = load_file(str(tmp_path / f"{phase}-{rank}.safetensors"))
+            for k, b in plain.items():
+                assert torch.equal(got[f"{k}.V"], b.V) and torch.equal(got[f"{k}.sigma"], torch.stack(b.sigma)), k
     owners = [[(r["category"], r["rank"]) for r in rep["plain"]] for rep in reports]
     assert owners[0] == owners[1]  # one plan on both ranks
-    assert len(list_entries(basis_cache)) == 7  # each entry written once, by the rank that computed it
+    # each entry written once, by the rank that computed it (sharded: by rank 0); the streamed ones key apart
+    assert sorted(e["build"] for e in list_entries(basis_cache)) == ["memory"] * 7 + ["streamed"] * 7
 
 
 @pytest.mark.cuda
@@ -345,14 +402,15 @@ def test_frod_cache_list_names_a_4bit_base_by_its_given_name_and_counts_what_it_
 
 
 @pytest.mark.slow
-def test_bench_build_on_tiny_shapes(tmp_path):
-    """scripts/bench.py --build (cold, cache hit, 2 processes against 1) runs end to end and its JSON holds
-    what docs/PERFORMANCE.md quotes; no timing is asserted."""
+def test_bench_build_on_tiny_shapes(tmp_path, capsys):
+    """The basis-build benchmark (scripts/bench.py --build: cold, cache hit, 2 processes against 1) runs end to
+    end and its JSON holds what docs/PERFORMANCE.md quotes; no timing is asserted. In-process; its ranks part
+    starts torchrun."""
+    from frod_cli.bench.cli import main
+
     out = tmp_path / "build.json"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--build", "--build-shape", "tiny",
-                        "--blocks", "2,3", "--ranks", "2", "--threads", "1", "--quiet", "--out", str(out)],
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["--build", "--build-shape", "tiny", "--blocks", "2,3", "--ranks", "2", "--threads", "1", "--quiet",
+                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [p["blocks"] for p in res["points"]] == [2, 3]
     last = res["points"][-1]
@@ -360,7 +418,7 @@ def test_bench_build_on_tiny_shapes(tmp_path):
     assert {row["hit_source"] for row in last["rows"]} == {"cache"} and last["cache_bytes"] > 0
     assert set(res["extrapolated"]) == {"32", "80"} and len(res["extrapolated"]["80"]) == 6
     assert res["ranks"]["bit_identical"] is True and set(res["ranks"]["owners"].values()) == {0, 1}
-    assert "| all |" in r.stdout
+    assert "| all |" in capsys.readouterr().out
 
 
 def test_the_base_fingerprint_reads_large_layers():

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
-from frod_cli.config import GenerateRunConfig, ModelConfig, TaskConfig
+from frod_cli.config import GenerateRunConfig, ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.commands.generate import run as run_generate
 from frod_cli.decoding import encode_prompt, generate_ids, generate_texts
 from frod_cli.models import load_model
@@ -32,7 +33,7 @@ CHAT_TEMPLATE = (
 
 def task_cfg(**over):
     base = {"type": "causal_lm", "name": "t", "objective": "loss", "objective_mode": "min"}
-    return OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over)
+    return task_config(base["type"], **{**base, **over})
 
 
 def make_task(**over):
@@ -192,9 +193,10 @@ def test_truncation_and_drops_are_counted(tmp_path, tiny, caplog):
     task = local(tmp_path, rows, max_length=24)
     with caplog.at_level(logging.WARNING, logger="frod_cli.tasks.causal_lm"):
         enc = task.encode(task.load_data(), tok)
-    assert task.stats["train"] == {"examples": 3, "kept": 2, "truncated": 1, "dropped": 1, "malformed": 0}
+    assert task.stats["train"] == {"examples": 3, "kept": 2, "whole": 1, "cut": 0, "truncated": 1, "dropped": 1,
+                                   "turns_dropped": 0, "malformed": 0}
     assert len(enc["train"]) == 2 and max(len(x) for x in enc["train"]["input_ids"]) == 24
-    assert "1 of 3 examples truncated to task.max_length=24, 1 dropped" in caplog.text
+    assert "2 of 3 examples longer than task.max_length=24: 0 cut at a turn boundary, 1 truncated" in caplog.text
     cut = enc["train"][1]
     assert cut["labels"][-1] != tok.eos_token_id and cut["labels"][: cut["prompt_len"]] == [-100] * cut["prompt_len"]
 

@@ -1,5 +1,6 @@
 """The code's shape, as the contributing rules state it: no function under frod_cli/ longer than 80
-lines (counted with ast: decorator to last line), and no module importing another module's private names."""
+lines (counted with ast: decorator to last line; 60 under frod_cli/bench/, the target for all of it), and no
+module importing another module's private names."""
 from __future__ import annotations
 
 import ast
@@ -11,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent / "frod_cli"
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def long_functions(limit: int = 80):
-    for path in SOURCES:
+def long_functions(limit: int = 80, sources=SOURCES):
+    for path in sources:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -24,6 +25,12 @@ def long_functions(limit: int = 80):
 
 def test_no_function_longer_than_80_lines():
     assert list(long_functions()) == []
+
+
+def test_no_benchmark_function_longer_than_60_lines():
+    bench = [p for p in SOURCES if p.parent.name == "bench"]
+    assert len(bench) >= 5  # the package is where this test looks
+    assert list(long_functions(60, bench)) == []
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

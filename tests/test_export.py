@@ -274,10 +274,11 @@ def test_a_peft_method_run_exports_its_adapter_as_it_is(tmp_path):
              or "Could not find a config file" in str(w.message)]
     assert noise == []
     assert main(["export", f"path={run}", "format=peft", f"output={out}"]) == 0
-    copied = {k: v for k, v in digest(out).items() if k != "export.json" and not k.startswith("base/")}
-    assert {k: v for k, v in digest(run / "adapter").items() if k != "adapter_config.json"} == \
-        {k: v for k, v in copied.items() if k != "adapter_config.json"}
+    mine = ("export.json", "README.md", "adapter_config.json")  # the export's report, its card, its loadable base
+    copied = {k: v for k, v in digest(out).items() if k not in mine and not k.startswith("base/")}
+    assert {k: v for k, v in digest(run / "adapter").items() if k not in mine} == copied
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "base")
+    assert f'PeftModel.from_pretrained(base, "{out}")' in (out / "README.md").read_text()
     L, _ = trained(run)
     assert relative(logits(auto_peft(L.task, out), L), logits(L.model, L)) < 1e-5
     assert main(["export", f"path={run}", "format=lora", "rank=4", f"output={tmp_path / 'lora'}"]) == 2

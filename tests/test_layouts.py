@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.cli import run_verb
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.models import load_model
-from frod_cli.tasks import get_task, layouts, lm_data
+from frod_cli.tasks import get_task, layouts, lm_data, tool_calls
 
 DATA = Path(__file__).resolve().parents[1] / "frod_cli" / "tasks" / "data"
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -26,7 +27,7 @@ ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def make_task(**over):
     base = {"type": "causal_lm", "name": "t", "objective": "loss", "objective_mode": "min", "max_length": 96}
-    return get_task("causal_lm")(OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over), 0)
+    return get_task("causal_lm")(task_config(base["type"], **{**base, **over}), 0)
 
 
 def local(tmp_path, rows, name="d.jsonl", **over):
@@ -155,7 +156,7 @@ def test_skip_malformed_drops_and_counts(tmp_path, chat_tok, caplog):
     task = local(tmp_path, rows, data_format="chat", skip_malformed=True)
     enc = task.encode(task.load_data(), chat_tok)
     assert len(enc["train"]) == 2
-    assert task.data_stats()["sources"]["d"]["read"]["train"] == {"rows": 4, "malformed": 2}
+    assert task.data_stats()["sources"]["d"]["read"]["train"] == {"rows": 4, "malformed": 2, "converted": 0}
     assert "dropped 2 of 4 rows that cannot be read" in caplog.text
 
 
@@ -295,3 +296,171 @@ def test_every_layout_trains_in_one_mixture_with_chatml_on_a_base_without_a_temp
     assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(run / "merged")
     assert model.get_input_embeddings().weight.shape[0] == len(tok) == 30524
+
+
+# ------------------------------------------------------------------------------------------ tool calling
+def test_tool_calls_in_messages_and_in_sharegpt_give_the_same_labels(tmp_path, chat_tok):
+    """The packaged function-calling conversations (frod_cli/tasks/data/tools_tiny_{chat,sharegpt}.jsonl): OpenAI's
+    tool_calls / tool turns and ShareGPT's function_call / observation give the same tokens and labels; the loss
+    covers the assistant's calls and answers, never the tool outputs."""
+    a = encoded(local(tmp_path, packaged("tools_tiny_chat.jsonl"), "c.jsonl", max_length=512), chat_tok)
+    b = encoded(local(tmp_path, packaged("tools_tiny_sharegpt.jsonl"), "s.jsonl", max_length=512), chat_tok)
+    assert len(a) == len(b) == 32
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"] and a["reference"] == b["reference"]
+    row = packaged("tools_tiny_chat.jsonl")[6]["messages"]  # two calls at once, two tool turns, the answer
+    assert [m["role"] for m in row] == ["user", "assistant", "tool", "tool", "assistant"]
+    im_end = chat_tok.convert_tokens_to_ids("<|im_end|>")
+    calls = [{"type": "function", "function": {"name": c["function"]["name"],
+                                               "arguments": json.loads(c["function"]["arguments"])}}
+             for c in row[1]["tool_calls"]]
+    call_text = "\n".join(tool_calls.call_text(c) for c in calls)
+    want = [t for text in (call_text, row[4]["content"]) for t in chat_tok(text, add_special_tokens=False)["input_ids"] + [im_end]]
+    assert [t for t in a[6]["labels"] if t != -100] == want
+    assert a[6]["prompt"].count("<|im_start|>tool\n") == 2
+    assert '"arguments": {"a": 3, "b": 6.3}' in call_text  # numbers stay numbers
+    assert a[6]["reference"] == row[4]["content"]
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}]
+
+
+def test_a_tools_column_reaches_the_template_in_both_forms(tmp_path, chat_tok):
+    """tools as a list (messages) or a JSON string of bare schemas (LLaMA-Factory's ShareGPT form): the same
+    rendering, the schemas in the system turn; arguments given as an object or as a JSON string alike."""
+    chat = {"messages": [{"role": "user", "content": "2 plus 3?"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+                         {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5"}], "tools": TOOLS}
+    share = {"conversations": [{"from": "human", "value": "2 plus 3?"},
+                               {"from": "function_call", "value": '{"name": "add", "arguments": "{\\"a\\": 2, \\"b\\": 3}"}'},
+                               {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"}],
+             "tools": json.dumps([t["function"] for t in TOOLS])}
+    a = encoded(local(tmp_path, [chat], "c.jsonl", max_length=512), chat_tok)
+    b = encoded(local(tmp_path, [share], "s.jsonl", max_length=512), chat_tok)
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    text = a[0]["prompt"]  # everything before the last answer
+    assert text.index("<tools>") < text.index('"add"') < text.index("</tools>") < text.index("2 plus 3")
+    schema_tokens = chat_tok("a + b", add_special_tokens=False)["input_ids"]
+    trained = [t for t in a[0]["labels"] if t != -100]
+    assert not any(trained[i:i + len(schema_tokens)] == schema_tokens for i in range(len(trained)))
+
+
+BAD_TOOLS = [
+    ("bad_json_arguments", {"from": "function_call", "value": '{"name": "add", "arguments": "{a: 2}"}'},
+     "'conversations' turn 2 (function_call) 'value' (add) arguments is not valid JSON"),
+    ("arguments_not_an_object", {"from": "function_call", "value": '{"name": "add", "arguments": [2, 3]}'},
+     "arguments are a list, not a JSON object"),
+    ("call_without_a_name", {"from": "function_call", "value": '{"arguments": {}}'}, "has no function name"),
+    ("unknown_role", {"from": "robot", "value": "hi"}, "role 'robot' is not in task.role_map"),
+]
+
+
+@pytest.mark.parametrize("case, turn, reason", BAD_TOOLS, ids=[c[0] for c in BAD_TOOLS])
+def test_bad_tool_calls_are_refused_naming_the_row(case, turn, reason, tmp_path):
+    good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    bad = {"conversations": [{"from": "human", "value": "a"}, turn, {"from": "gpt", "value": "b"}]}
+    with pytest.raises(FrodCliError) as e:
+        local(tmp_path, [good, bad], data_format="sharegpt").load_data()
+    msg = one_line(e)
+    assert "1 of 2 rows cannot be read; the first, row 2:" in msg and reason in msg, msg
+
+
+def test_a_tools_column_is_read_or_refused(tmp_path, chat_tok):
+    row = {"messages": GOOD["messages"], "tools": {"name": "add"}}
+    with pytest.raises(FrodCliError) as e:
+        local(tmp_path, [row]).load_data()
+    assert "row 1: 'tools' is a dict, not a list of tool schemas" in one_line(e)
+    rows = [{"instruction": "a", "output": "b", "tools": "[]"}]
+    with pytest.raises(FrodCliError) as e:
+        local(tmp_path, rows, "i.jsonl").load_data()
+    assert "has a tools column 'tools', which the instruction layout does not read" in one_line(e)
+    assert "task.tools_field=null" in str(e.value)
+    assert len(local(tmp_path, rows, "i.jsonl", tools_field=None).load_data()["train"]) == 1
+    tool_turn = {"messages": GOOD["messages"][:1] + [{"role": "tool", "content": "x", "tool_calls": [
+        {"function": {"name": "add", "arguments": {}}}]}] + GOOD["messages"][1:]}
+    with pytest.raises(FrodCliError) as e:
+        local(tmp_path, [tool_turn], "t.jsonl").load_data()
+    assert "has tool calls; only an assistant turn calls a tool" in one_line(e)
+
+
+def test_a_template_that_ignores_tool_calls_is_refused(tmp_path, chat_tok):
+    tok = copy.deepcopy(chat_tok)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    rows = packaged("tools_tiny_chat.jsonl")[:2]
+    with pytest.raises(FrodCliError) as e:
+        encoded(local(tmp_path, rows), tok)
+    assert "the chat template does not render the tool calls of turn 2 ('add' is not in its rendering)" in one_line(e)
+
+
+def test_role_map_targets_tool_roles_and_is_set_as_printed(tmp_path, chat_tok):
+    """task.role_map={bot: assistant} as the README prints it (no '+'), composed by Hydra; custom names for the
+    call and the result map to function_call and tool."""
+    from conftest import compose_train
+
+    cfg = compose_train(["recipe=sft_smoke", "task.role_map={bot: assistant, call: function_call, result: tool}"])
+    assert dict(cfg.task.role_map) == {"bot": "assistant", "call": "function_call", "result": "tool"}
+    share = packaged("tools_tiny_sharegpt.jsonl")[:4]
+    names = {"human": "human", "gpt": "bot", "function_call": "call", "observation": "result", "system": "system"}
+    custom = [{"conversations": [{"from": names[t["from"]], "value": t["value"]} for t in r["conversations"]]}
+              for r in share]
+    a = encoded(local(tmp_path, share, "s.jsonl", max_length=512), chat_tok)
+    b = encoded(local(tmp_path, custom, "c.jsonl", max_length=512, role_map=dict(cfg.task.role_map)), chat_tok)
+    assert a["labels"] == b["labels"]
+
+
+# ------------------------------------------------------------------------------------------ long conversations
+def test_a_long_conversation_keeps_its_early_turns(tmp_path, chat_tok, caplog):
+    """tools_tiny row 2 has three exchanges (call, result, answer each). At a max_length where only the first
+    exchange fits, the row is cut after its first answer (loss on its call and answer); the prompt and reference
+    are those of that answer; counted. Shorter: truncated inside its first trained turn; shorter still: dropped."""
+    row = packaged("tools_tiny_chat.jsonl")[2]
+    full = encoded(local(tmp_path, [row], "f.jsonl", max_length=512), chat_tok)[0]
+    msgs = row["messages"]
+    first_answer = msgs[3]["content"]
+    conv = layouts.read(row, "chat", make_task().cfg)
+    pieces = layouts.token_segments(layouts.conversation_segments(conv, chat_tok, None), chat_tok, with_template=True)
+    lengths = [len(ids) for ids, _ in pieces]
+    answer = [i for i, (_, trained) in enumerate(pieces) if trained][1]  # trained: call 1, answer 1, call 2, ...
+    limit = sum(lengths[: answer + 1]) + 3  # the first exchange and a few tokens of the next
+    with caplog.at_level("WARNING", logger="frod_cli.tasks.causal_lm"):
+        task = local(tmp_path, [row], "l.jsonl", max_length=limit)
+        cut = encoded(task, chat_tok)[0]
+    assert task.stats["train"] == {"examples": 1, "kept": 1, "whole": 0, "cut": 1, "truncated": 0, "dropped": 0,
+                                   "turns_dropped": 4, "malformed": 0}
+    assert "1 cut at a turn boundary" in caplog.text
+    n = len(cut["input_ids"])
+    assert n <= limit and cut["input_ids"] == full["input_ids"][:n] and cut["labels"] == full["labels"][:n]
+    assert cut["input_ids"][-1] == chat_tok.convert_tokens_to_ids("<|im_end|>")
+    assert n == sum(lengths[: answer + 1]) and cut["reference"] == first_answer  # ends with the first answer
+    assert cut["prompt"].endswith("<|im_start|>tool\n" + msgs[2]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+    task = local(tmp_path, [row], "t.jsonl", max_length=20)
+    short = encoded(task, chat_tok)[0]
+    assert task.stats["train"]["truncated"] == 1 and len(short["input_ids"]) == 20
+    assert short["reference"].startswith("<tool_call>") and sum(t != -100 for t in short["labels"]) == 20 - short["prompt_len"]
+    task = local(tmp_path, [row, packaged("tools_tiny_chat.jsonl")[0]], "d.jsonl", max_length=8)
+    with pytest.raises(FrodCliError) as e:
+        encoded(task, chat_tok)
+    assert "the text before its first trained turn fills task.max_length=8" in one_line(e)
+
+
+# ------------------------------------------------------------------------------------------ numbers as text
+def test_number_and_boolean_cells_are_text_in_every_layout(tmp_path, plain_tok, caplog):
+    """A CSV of numbers (prompt/completion, instruction) and JSON numbers in turns: written out, counted."""
+    csv = tmp_path / "n.csv"
+    csv.write_text("prompt,completion\n" + "".join(f"{i} squared is,{i * i}\n" for i in range(2, 12)))
+    task = make_task(source="local", data_files={"train": str(csv)}, validation_fraction=0.2, test_fraction=0.0)
+    with caplog.at_level("INFO", logger="frod_cli.tasks.causal_lm"):
+        data = task.load_data()
+    assert task.read_stats["n"]["train"] == {"rows": 10, "malformed": 0, "converted": 10}
+    assert "split 'train': 10 number or boolean cells written out as text" in caplog.text
+    assert sorted(list(data["train"]["reference"]) + list(data["validation"]["reference"])) == sorted(str(i * i) for i in range(2, 12))
+    rows = [{"instruction": 7, "input": True, "output": 3.5}]
+    conv = layouts.read(rows[0], "instruction", make_task().cfg)
+    assert conv.converted == 3 and conv.messages[-1]["content"] == "3.5" and "True" in conv.plain_prompt
+    share = {"conversations": [{"from": "human", "value": 12}, {"from": "gpt", "value": False}]}
+    conv = layouts.read(share, "sharegpt", make_task().cfg)
+    assert conv.converted == 2 and [m["content"] for m in conv.messages] == ["12", "False"]
+    conv = layouts.read({"q": 4, "a": 16}, "template", make_task(prompt_template="{q}?", response_template="{a}").cfg)
+    assert conv.converted == 2 and conv.messages[-1]["content"] == "16"

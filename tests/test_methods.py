@@ -136,3 +136,22 @@ def test_method_battery(name, tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert (plain(**b).logits - trained).abs().max().item() < 1e-5, name
+
+
+def test_method_yamls_carry_only_what_their_dataclass_does_not_default():
+    """A default lives in one place: a method YAML sets a key only where its value differs from the config
+    dataclass's default (frod_cli/methods/<file>.py)."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from frod_cli.methods import CONFIGS, discover
+
+    discover()
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes" / "method").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        node.pop("defaults", None)
+        defaults = {f.name: f.default for f in dataclasses.fields(CONFIGS[path.stem])}
+        same = {k: v for k, v in node.items() if k in defaults and defaults[k] == v}
+        assert same == {}, f"{path.name} repeats its dataclass's defaults {same}"

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.cli import main
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.models import load_model
 from frod_cli.tasks import get_task
 
@@ -20,7 +21,7 @@ from frod_cli.tasks import get_task
 def make_task(seed=0, **over):
     base = {"type": "causal_lm", "name": "mix", "objective": "loss", "objective_mode": "min", "max_length": 48,
             "validation_split": None, "test_split": None}
-    return get_task("causal_lm")(OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over), seed)
+    return get_task("causal_lm")(task_config(base["type"], **{**base, **over}), seed)
 
 
 def write(path, rows):

@@ -3,14 +3,15 @@ import pytest
 import torch
 
 from frod_cli import models
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.tasks import get_task
 
 
 def task_for(type_name, seed=0, **kw):
     if type_name != "multiple_choice":
         kw.setdefault("labels", ["a", "b", "c"])
-    return get_task(type_name)(TaskConfig(type=type_name, name="t", **kw), seed)
+    return get_task(type_name)(task_config(type_name, name="t", **kw), seed)
 
 
 @pytest.mark.parametrize("name,type_name,cls", [
@@ -98,7 +99,7 @@ def test_refusals(tmp_path, monkeypatch):
     for name, msg in cases:
         with pytest.raises(ValueError, match=msg):
             models.load_model(ModelConfig(name_or_path=name), task)
-    monkeypatch.setattr(models, "SMOLLM2_DIR", tmp_path / "smollm2-135m")
+    monkeypatch.setenv("FROD_CACHE", str(tmp_path))  # nothing prepared there
     with pytest.raises(ValueError, match="scripts/prepare_smollm2.py"):
         models.load_model(ModelConfig(name_or_path="offline:smollm2-135m"), task_for("multiple_choice"))
     with pytest.raises(ValueError, match="unknown model.dtype 'fp8'"):

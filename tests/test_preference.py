@@ -232,6 +232,67 @@ def test_skip_malformed_drops_the_bad_rows(tmp_path):
     assert all("What is 2 plus" not in p and "What is 4 plus" not in p for ds in encoded.values() for p in ds["prompt"])
 
 
+def local_pairs(tmp_path: Path, rows: List[dict], *extra: str):
+    """(task, encoded splits, tokenizer) of `rows` as the train file (a fifth carved out for validation)."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    _, task, encoded, _, tok = build([f"+task.data_files.train={data}", "task.source=local", "task.validation_fraction=0.2",
+                                      "task.test_fraction=0.0", *extra])
+    return task, encoded, tok
+
+
+def test_identical_pairs_are_counted_and_dropped_with_skip_malformed(tmp_path, caplog):
+    from omegaconf import open_dict
+
+    rows = good_rows(20)
+    for i in (3, 7, 11):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    with caplog.at_level("WARNING", logger="frod_cli.tasks.preference"):
+        task, encoded, tok = local_pairs(tmp_path, rows)
+    assert sum(task.stats[s]["identical"] for s in task.stats) == 3 and sum(len(d) for d in encoded.values()) == 20
+    assert "have the same chosen and rejected answer: they carry no preference" in caplog.text
+    with open_dict(task.cfg):
+        task.cfg.skip_malformed = True
+    encoded = task.encode(task.load_data(), tok)
+    assert sum(len(d) for d in encoded.values()) == 17
+    assert all(c != r for d in encoded.values() for c, r in zip(d["chosen"], d["rejected"]))
+    assert sum(task.stats[s]["kept"] for s in task.stats) == 17
+
+
+def test_fit_prompt_drops_the_oldest_whole_turns_first():
+    """layouts.fit_prompt, the one prompt-fitting rule (measured here in characters): oldest whole turns dropped
+    back to a user turn, the system turn kept; then the answer is cut; then the system turn goes; None when the last
+    user turn alone fills max_length."""
+    from frod_cli.tasks.layouts import fit_prompt, message
+
+    turns = [message("system", "s" * 10), message("user", "u" * 20), message("assistant", "a" * 20),
+             message("user", "v" * 20), message("tool", "t" * 5), message("assistant", "b" * 20), message("user", "w" * 20)]
+    size = lambda ts: sum(len(t["content"]) for t in ts)  # noqa: E731
+    fit = lambda n, room: fit_prompt(turns, size, n, room)  # noqa: E731
+    assert fit(115, 0) == (turns, 0)
+    assert fit(100, 25) == ([turns[0], *turns[3:]], 2)  # u, a dropped: system + v, tool, b, w = 75
+    assert fit(60, 25) == ([turns[0], turns[6]], 5)  # only system + w (30) leaves 25
+    assert fit(40, 25) == ([turns[0], turns[6]], 5)  # no prompt leaves 25: system + w, the answer cut to 10
+    assert fit(30, 25) == ([turns[6]], 6)  # system + w fills 30: w alone
+    assert fit(20, 25) is None
+
+
+def test_a_long_multi_turn_prompt_drops_its_oldest_turns_before_the_answer_is_cut(tmp_path, caplog):
+    long = " ".join(["story"] * 40)
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": long},
+              {"role": "assistant", "content": "ok"}, {"role": "user", "content": "What is 2 plus 3?"}]
+    rows = [{"chosen": prompt + [{"role": "assistant", "content": "5"}],
+             "rejected": prompt + [{"role": "assistant", "content": "6"}]} for _ in range(5)]
+    with caplog.at_level("WARNING", logger="frod_cli.tasks.preference"):
+        task, encoded, tok = local_pairs(tmp_path, rows, "model=tiny_llama_chat", "task.max_length=40")
+    row = encoded["train"][0]
+    kept = [prompt[0], prompt[3]]
+    want = tok.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+    assert row["prompt"] == want and row["prompt_ids"] == tok(want, add_special_tokens=False)["input_ids"]
+    assert row["chosen_ids"] == tok("5<|im_end|>\n", add_special_tokens=False)["input_ids"]  # the answer whole
+    assert task.stats["train"]["prompts_shortened"] == 4 and task.stats["train"]["prompt_turns_dropped"] == 8
+    assert "4 prompts shortened (8 oldest turns dropped in all, a system turn kept)" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end: recipe=dpo_smoke, resume, two processes, SFT -> preference with LoRA
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +333,8 @@ def test_dpo_smoke_writes_the_preference_metrics(smoke_run):
     assert ref["computed"] is True and ref["pairs"] == 320 and ref["seconds"] > 0 and ref["peak_memory_mb"] > 0
     assert (run / "reference_logps.safetensors").is_file()
     assert m["data_counts"]["splits"]["train"] == {"pairs": 256, "kept": 256, "truncated": 0, "dropped": 0,
-                                                   "malformed": 0}
+                                                   "prompts_shortened": 0, "prompt_turns_dropped": 0, "identical": 0,
+                                                   "converted": 0, "malformed": 0}
     rows = rows_of(run)
     assert rows[0]["step"] == 2 and abs(rows[0]["loss"] - math.log(2)) < 0.01  # the first steps start at ln 2
     evals = [r for r in rows if r.get("split") == "validation"]

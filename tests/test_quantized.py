@@ -25,7 +25,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def load(quantization="nf4", dtype="float32"):
-    """The tiny LLaMA of recipe=qfrod_smoke, as `frod train` loads it (seeded), and its task."""
+    """The tiny LLaMA of recipe=qfrod_smoke, as `frod train` loads it (seeded), computing in `dtype` (what frod train
+    does on a CPU that computes `dtype` natively; on one that emulates it, it would compute in float32)."""
     from frod_cli.training import builders as B
 
     cfg = compose_train(["recipe=qfrod_smoke", f"model.quantization={quantization}", f"model.dtype={dtype}"])
@@ -260,8 +261,11 @@ def test_refusals_before_any_work(monkeypatch):
             preflight.validate(cfg)
     preflight.validate(compose_train(["recipe=qfrod_smoke", "method=lora"]))
     monkeypatch.setattr(distributed, "world_size_of_launch", lambda: 2)  # as under torchrun --nproc_per_node 2
-    with pytest.raises(FrodCliError, match="train.fsdp with model.quantization=nf4"):
-        distributed.check_fsdp_config(compose_train(["recipe=qfrod_smoke", "train.fsdp.enabled=true"]))
+    sharded = compose_train(["recipe=qfrod_smoke", "train.fsdp.enabled=true"])
+    assert distributed.check_fsdp_config(sharded) is True  # FSDP-QLoRA's route (tests/test_fsdp.py trains it)
+    # packed in the compute dtype (FSDP shards float tensors), loaded on the CPU, on every process
+    assert distributed.load_options(sharded, "no") == {"quant_storage": torch.float32, "quant_device": "cpu"}
+    assert distributed.load_options(sharded, "bf16")["quant_storage"] == torch.bfloat16
     with pytest.raises(ValueError, match="model.quantization must be one of"):
         load(quantization="int3")
 
@@ -292,6 +296,7 @@ def test_qfrod_smoke_merged_is_plain_and_generates_what_the_adapter_does(qfrod_r
     method, run = qfrod_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["merge_max_abs_diff"] < 1e-4
+    assert (metrics["compute_dtype"], metrics["cpu_capability"]) == ("float32", torch.backends.cpu.get_cpu_capability())
     assert "quantization_config" not in json.loads((run / "merged" / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     tok = AutoTokenizer.from_pretrained(run / "merged")
@@ -337,6 +342,7 @@ def test_qfrod_llama2_7b_composes_offline():
         cfg = compose_train(["recipe=qfrod_llama2_7b", f"method={method}"])
         preflight.validate(cfg)
     assert cfg.model.quantization == "nf4" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.compute_dtype is None  # chosen by the run: bfloat16 on a GPU, float32 on a CPU that emulates it
     assert cfg.train.gradient_checkpointing and "down_proj" not in cfg.model.target_modules
     assert cfg.per_method.frod.sparse_rate == 0.02  # the paper's, applied when method=frod
 
@@ -362,18 +368,18 @@ def test_identity_at_init_on_gpu():
 def test_bench_quantized_memory_smoke(tmp_path):
     """scripts/bench.py --quantized memory on the tiny shape (one block): the four rows, and NF4 blocks are
     smaller than bf16 ones (no speed or memory target is asserted here: those are the benchmark's)."""
-    import importlib.util
-    from pathlib import Path
+    from frod_cli.bench.cli import main
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-    spec = importlib.util.spec_from_file_location("frod_bench_q", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["frod_bench_q"] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
     out = tmp_path / "q.json"
-    assert bench.main(["--quantized", "memory", "--q-shape", "tiny", "--q-blocks", "1", "--q-steps", "1",
-                       "--q-seq", "8", "--threads", "1", "--quiet", "--out", str(out)]) == 0
-    rows = {(r["base"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert main(["--quantized", "memory", "--q-shape", "tiny", "--q-blocks", "1", "--q-steps", "1",
+                 "--q-seq", "8", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["base"], r["method"]): r for r in result["rows"]}
     assert set(rows) == {("bf16", "frod"), ("bf16", "lora"), ("nf4", "frod"), ("nf4", "lora")}
+    from frod_cli.precision import cpu_native  # the record says which CPU kind the figures need
+
+    env = result["environment"]
+    assert env["compute_dtypes"] == {"bfloat16": "native" if cpu_native("bfloat16") else "emulated"}
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert rows["nf4", "frod"]["blocks_bytes"] < 0.5 * rows["bf16", "frod"]["blocks_bytes"]
     assert rows["nf4", "frod"]["trainable"] == rows["bf16", "frod"]["trainable"] > 0

@@ -26,8 +26,8 @@ from frod_cli.cli import main
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CAP = ["train.max_steps=2", "train.eval_every=2", "task.max_train_samples=24", "task.max_eval_samples=8",
-       "train.batch_size=8", "train.eval_batch_size=8", "task.generation.max_examples=2",
-       "task.generation.max_new_tokens=4", "train.progress=false"]
+       "train.batch_size=8", "train.eval_batch_size=8", "train.progress=false"]
+GENERATION_CAP = ["task.generation.max_examples=2", "task.generation.max_new_tokens=4"]  # task types that generate
 GENERATE_CAP = ["max_new_tokens=4"]
 EVAL_CAP = ["task.max_eval_samples=8"]  # only where the command names a task (a run's own task is already capped)
 COMPARE_CAP = ["compare.only=[frod]", "compare.seeds=[42]", "compare.lr_scales=[1.0]"]
@@ -76,14 +76,23 @@ COMMANDS = {
     "train.mixed_precision=bf16": "gpu",
     "torchrun --standalone --nproc_per_node 4 -m frod_cli.cli train recipe=vit_cifar train.mixed_precision=bf16": "gpu",
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train train.cpu=true": "launch",
-    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=sft_smoke "
-    "train.batch_size=4 train.fsdp.enabled=true train.cpu=true": "launch",
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=qfrod_smoke "
+    "train.fsdp.enabled=true train.cpu=true": "launch",
     "frod export path=<run dir> format=merged dtype=bfloat16 output=exports/merged": "lm",
     "frod export path=<run dir> format=lora rank=16 output=exports/lora16": "lm",
     "frod export path=<run dir> format=lora energy=0.9 output=exports/lora_e90": "lm",
     "frod train recipe=sft_smoke +model.config_overrides.num_hidden_layers=4 hydra.run.dir=runs/sft_smoke_4blocks":
         "lm",
     "frod export path=runs/sft_smoke_4blocks format=peft output=exports/peft": "lm",
+    "frod push path=runs/sft_smoke/<date_time> repo=me/sft-smoke-frod dry_run=true": "lm",
+    "frod push path=runs/sft_smoke/<date_time> repo=me/sft-smoke-frod private=true": "hub",
+    "frod push path=exports/lora16 repo=me/sft-smoke-lora16 revision=rank16": "hub",
+    "frod train recipe=sft_smoke train.push_to_hub=me/sft-smoke-frod": "hub",
+    "frod eval path=runs/sft_smoke/<date_time> harness=smoke": "lm",
+    "frod eval path=runs/sft_smoke/<date_time> harness=smoke use_adapter=true output=harness_adapter.json": "lm",
+    "frod eval path=<run dir> harness=commonsense": "hub",
+    "frod eval path=<run dir> harness.tasks=[arc_easy,hellaswag] harness.num_fewshot=5 harness.limit=200": "hub",
+    "frod eval path=runs/sft_smoke/<date_time> harness.tasks=[my_task] harness.include_path=my_tasks output=my_task.json": "lm",
 }
 STARTS = ("frod", "make", "OMP_NUM_THREADS", "torchrun", "accelerate")
 
@@ -147,6 +156,13 @@ def write_user_files(cwd: Path) -> None:
              for a in range(36)]
     (cwd / "share.jsonl").write_text("".join(json.dumps(r) + "\n" for r in share))
     (cwd / "questions.txt").write_text("What is 2 plus 3?\nName a colour.\n")
+    tasks = cwd / "my_tasks"  # the README's own lm-evaluation-harness task (section 11)
+    tasks.mkdir()
+    mc = [{"question": f"What is {a} plus {a}?", "choices": [str(2 * a), str(a + 3)], "gold": 0} for a in range(6)]
+    (tasks / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    task_yaml = re.search(r"```yaml\n(task: my_task\n.*?)```", readme, re.S).group(1)
+    (tasks / "my_task.yaml").write_text(task_yaml.replace("/abs/path/to/rows.jsonl", str(tasks / "rows.jsonl")))
 
 
 def _png(pixels) -> bytes:
@@ -159,6 +175,19 @@ def _png(pixels) -> bytes:
     return buf.getvalue()
 
 
+def generation_cap(argv: list) -> list:
+    """GENERATION_CAP where the command's task generates (its type has `task.generation`: a task type's config refuses
+    keys of another type), found by composing the command's config as frod train does (a sweep's first value)."""
+    from conftest import compose_train
+
+    from frod_cli.commands.train import task_type_switch, user_data_args
+
+    overrides = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in argv[1:]
+                 if "=" in a and not a.startswith(("-", "hydra.", "compare."))]
+    task = compose_train(task_type_switch(user_data_args(overrides))).task
+    return GENERATION_CAP if "generation" in task else []
+
+
 def capped(argv: list) -> list:
     """The command with the size cap: a capped key the README also sets takes the cap's value."""
     verb, cap = argv[0], []
@@ -167,9 +196,9 @@ def capped(argv: list) -> list:
     elif verb == "eval" and any(a.startswith("task=") for a in argv[1:]):
         cap = EVAL_CAP
     elif verb == "compare" and any("=" in a for a in argv[1:]):
-        cap = CAP + COMPARE_CAP
+        cap = CAP + COMPARE_CAP + generation_cap(argv)
     elif verb == "train" and "--cfg" not in argv:
-        cap = CAP + (SWEEP_CAP if any(a.startswith("hparams_search=") for a in argv) else [])
+        cap = CAP + generation_cap(argv) + (SWEEP_CAP if any(a.startswith("hparams_search=") for a in argv) else [])
     keys = {c.split("=", 1)[0] for c in cap}
     return [a for a in argv if a.split("=", 1)[0] not in keys] + cap
 

@@ -89,8 +89,7 @@ def test_test_split_from_another_data_set(tmp_path):
     MetaMathQA -> GSM8K protocol, with local stand-ins in their schemas)."""
     from omegaconf import OmegaConf
 
-    from frod_cli.config import TaskConfig
-    from frod_cli.tasks import get_task
+    from frod_cli.tasks import get_task, task_config
 
     train = tmp_path / "metamath.jsonl"
     train.write_text("".join(json.dumps({"query": f"What is {i} + 1?", "response": f"{i} + 1 = {i + 1}. The answer is: {i + 1}"})
@@ -98,12 +97,12 @@ def test_test_split_from_another_data_set(tmp_path):
     gsm = tmp_path / "gsm8k.jsonl"
     gsm.write_text("".join(json.dumps({"question": f"Tom has {i} apples and gets 2. How many?",
                                        "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
-    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), dict(
-        type="causal_lm", name="mm", source="local", data_files={"train": str(train)}, data_format="instruction",
+    cfg = task_config("causal_lm", **dict(
+        name="mm", source="local", data_files={"train": str(train)}, data_format="instruction",
         instruction_field="query", input_field=None, output_field="response", validation_split=None,
         test_split="test", test_dataset=str(gsm), test_dataset_split="test",
         test_rename={"question": "query", "answer": "response"}, answer_pattern="last_number",
-        metrics=["exact_match"], objective="exact_match"))
+        objective="exact_match"))
     data = get_task("causal_lm")(cfg, 0).load_data()
     assert len(data["test"]) == 6 and data["test"][0]["messages"][0]["content"].startswith("Tom has")
     assert data["test"][0]["reference"] == "0 + 2 = 2\n#### 2"  # the renamed answer column is the reference
@@ -135,6 +134,7 @@ def test_chat_data_on_the_offline_chat_model_trains_evaluates_merges_generates(t
     assert f"task.data_files.train: 30 rows from {data}" in out  # the user's file, not the packaged set
     m = json.loads((run / "metrics.json").read_text())
     assert m["data"] == "chat.jsonl" and {"loss", "exact_match"} <= set(m["test"])
+    assert m["task"] == "chat" and "tiny:llama-chat on chat with frod" in out  # the data's name, not "sft_tiny"
     assert AutoTokenizer.from_pretrained(str(run / "merged")).chat_template
     assert main(["eval", f"path={run}", "use_adapter=true", f"output={tmp_path / 'eval.json'}"]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["test"]["loss"] == pytest.approx(m["test"]["loss"], rel=1e-4)
@@ -143,3 +143,46 @@ def test_chat_data_on_the_offline_chat_model_trains_evaluates_merges_generates(t
     assert main(["generate", f"path={tmp_path / 'merged'}", "prompt=What is 2 plus 3?", "max_new_tokens=4",
                  f"output={tmp_path / 'answers.jsonl'}"]) == 0
     assert json.loads((tmp_path / "answers.jsonl").read_text())["prompt"] == "What is 2 plus 3?"
+
+
+def test_a_function_calling_sharegpt_file_trains_on_every_conversation(tmp_path, monkeypatch, capsys):
+    """The issue's command, as a new user runs it from a folder of their own: the packaged function-calling
+    conversations in ShareGPT form (function_call / observation turns, one to three exchanges) at sft_smoke's
+    max_length (64): no conversation is dropped; the long ones are cut at a turn boundary or truncated inside
+    their first trained turn, counted in the log and in metrics.json, which names the data after the file."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    packaged = Path(__file__).resolve().parents[1] / "frod_cli" / "tasks" / "data" / "tools_tiny_sharegpt.jsonl"
+    Path("calls.jsonl").write_text(packaged.read_text())
+    code, _ = run_verb("train", ["recipe=sft_smoke", "task.data_format=sharegpt", "task.chat_template=chatml",
+                                 "task.data_files.train=calls.jsonl", "train.max_steps=2", "train.eval_every=2",
+                                 "train.progress=false", "task.generation.max_examples=2",
+                                 "task.generation.max_new_tokens=4", "hydra.run.dir=run"])
+    assert code == 0
+    out = capsys.readouterr().out
+    m = json.loads(Path("run/metrics.json").read_text())
+    splits = m["data_counts"]["splits"]
+    assert sum(s["kept"] for s in splits.values()) == 32 and all(s["dropped"] == 0 for s in splits.values())
+    assert sum(s["cut"] for s in splits.values()) > 0 and sum(s["turns_dropped"] for s in splits.values()) > 0
+    assert "examples longer than task.max_length=64" in out and "0 dropped" in out
+    assert m["task"] == "calls" and m["data"] == "calls.jsonl" and Path("run/loss.png").is_file()
+    records = [json.loads(line) for line in Path("run/predictions.jsonl").read_text().splitlines()]
+    assert records and all(r["reference"] for r in records)
+
+
+def test_a_csv_of_numbers_trains(tmp_path, capsys):
+    """prompt/completion columns whose completions are numbers (and a boolean column): written out as text,
+    the count logged, and the run trains."""
+    data = tmp_path / "squares.csv"
+    data.write_text("prompt,completion\n" + "".join(f"{i} squared is,{i * i}\n" for i in range(40)))
+    run = tmp_path / "run"
+    code, _ = run_verb("train", ["recipe=sft_smoke", f"task.data_files.train={data}", "train.max_steps=2",
+                                 "train.eval_every=2", "train.progress=false", "task.generation.max_examples=2",
+                                 "task.generation.max_new_tokens=4", f"hydra.run.dir={run}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["data_counts"]["sources"]["squares"]["read"]["train"] == {"rows": 40, "malformed": 0, "converted": 40}
+    assert "split 'train': 40 number or boolean cells written out as text" in out
+    assert m["data_counts"]["sources"]["squares"]["format"] == "prompt_completion" and m["task"] == "squares"

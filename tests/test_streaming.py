@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from frod_cli import FrodCliError
 from frod_cli.cli import main, run_verb
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.models import load_model
 from frod_cli.tasks import get_task
 from frod_cli.training import checkpoint as ck
@@ -27,7 +28,7 @@ DATA = Path(__file__).resolve().parents[1] / "frod_cli" / "tasks" / "data"
 def make_task(**over):
     base = {"type": "causal_lm", "name": "s", "objective": "loss", "objective_mode": "min", "max_length": 64,
             "test_split": None, "test_fraction": 0.0}
-    return get_task("causal_lm")(OmegaConf.merge(OmegaConf.structured(TaskConfig), base, over), 0)
+    return get_task("causal_lm")(task_config(base["type"], **{**base, **over}), 0)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def test_malformed_rows_met_while_training(files, tok, tmp_path):
     state = {}
     gen = StreamBatches(task.encode(task.load_data(), tok)["train"], 19, 1, 1, 0, task.collate(tok)).windows(state)
     next(gen)
-    assert state["counts"] == {"rows": 20, "malformed": 1, "examples": 19, "truncated": 0, "source:0": 19}
+    assert state["counts"] == {"rows": 20, "malformed": 1, "examples": 19, "truncated": 0, "cut": 0, "turns_dropped": 0,
+                               "converted": 0, "source:0": 19}
 
 
 def test_a_mixture_of_streams(files, tok, tmp_path):
@@ -148,10 +150,29 @@ def test_streaming_needs_max_steps(files, tmp_path, capsys):
     with pytest.raises(FrodCliError) as e:
         make_task(streaming=True, dedupe=True)
     assert "not with task.streaming=true" in str(e.value)
-    task = make_task(source="local", data_files={"train": files["train"]}, streaming=True, validation_split=None)
+
+
+def test_a_stream_without_validation_holds_out_its_first_rows(files, tmp_path, caplog):
+    """No validation split and no task.max_eval_samples: the first DEFAULT_HOLDOUT (100) rows of the 200 are
+    held out (logged), the stream trains on the rest; a stream too short for that is refused in one line."""
+    from frod_cli.tasks.streaming import DEFAULT_HOLDOUT
+
+    task = make_task(source="local", data_files={"train": files["train"]}, streaming=True, validation_split=None,
+                     shuffle_buffer=0)
+    with caplog.at_level("INFO", logger="frod_cli.tasks.causal_lm"):
+        data = task.load_data()
+    rows = (DATA / "sft_tiny.jsonl").read_text().splitlines()
+    assert DEFAULT_HOLDOUT == 100 and len(data["validation"]) == 100
+    assert data["validation"][0]["reference"] == json.loads(rows[0])["output"]
+    assert "its first 100 training rows are held out for validation (the default" in caplog.text
+    first = next(iter(data["train"].rows(0, 0)))[1]
+    assert first["reference"] == json.loads(rows[100])["output"]
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(rows[:100]) + "\n")
+    task = make_task(source="local", data_files={"train": str(short)}, streaming=True, validation_split=None)
     with pytest.raises(FrodCliError) as e:
         task.load_data()
-    assert "set task.max_eval_samples=N" in str(e.value)
+    assert "holds 100 rows: holding out the first 100 for validation leaves none to train on" in str(e.value)
 
 
 # -------------------------------------------------------------------------------------------- kill, resume

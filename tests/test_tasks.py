@@ -8,14 +8,15 @@ import torch
 from PIL import Image
 
 from frod_cli import models
-from frod_cli.config import ModelConfig, TaskConfig
+from frod_cli.config import ModelConfig
+from frod_cli.tasks import task_config
 from frod_cli.tasks import TASKS, get_task, sources
 from frod_cli.tasks.multiple_choice import detect_schema, normalise_example
 
 
 def make_task(type_name="seq_cls", seed=0, **kw):
     kw.setdefault("name", "t")
-    return get_task(type_name)(TaskConfig(type=type_name, **kw), seed)
+    return get_task(type_name)(task_config(type_name, **kw), seed)
 
 
 def write_jsonl(path, rows):
@@ -49,7 +50,7 @@ def _labelled(n=200, classes=(0.7, 0.2, 0.1)):
 
 
 def _split(raw, seed, **kw):
-    return sources.make_splits(raw, TaskConfig(type="seq_cls", name="t", **kw), seed, stratify_by="label")
+    return sources.make_splits(raw, task_config("seq_cls", name="t", **kw), seed, stratify_by="label")
 
 
 def test_carved_splits_are_stratified_deterministic_and_disjoint():
@@ -89,7 +90,7 @@ def test_subsampling_is_deterministic():
 
 # ------------------------------------------------------------------------------------------------ sources
 def test_twitter_sentiment_three_classes_no_duplicates():
-    raw = sources.load_raw(TaskConfig(type="seq_cls", name="tw", source="offline", dataset="twitter_sentiment"))
+    raw = sources.load_raw(task_config("seq_cls", name="tw", source="offline", dataset="twitter_sentiment"))
     train = raw["train"]
     assert train.features["label"].names == ["negative", "neutral", "positive"]
     texts = train["text"]
@@ -98,10 +99,10 @@ def test_twitter_sentiment_three_classes_no_duplicates():
 
 
 def test_digits_source_and_unknown_offline_source():
-    raw = sources.load_raw(TaskConfig(type="image_cls", name="d", source="offline", dataset="digits"))
+    raw = sources.load_raw(task_config("image_cls", name="d", source="offline", dataset="digits"))
     assert len(raw["train"]) == 1797 and np.asarray(raw["train"][0]["image"]).max() <= 255
-    with pytest.raises(ValueError, match="unknown offline source 'nope'; known: digits, fashion_mnist"):
-        sources.load_raw(TaskConfig(type="image_cls", name="d", source="offline", dataset="nope"))
+    with pytest.raises(ValueError, match="unknown offline source 'nope'; known: arith_rl_tiny, digits, fashion_mnist"):
+        sources.load_raw(task_config("image_cls", name="d", source="offline", dataset="nope"))
 
 
 # ------------------------------------------------------------------------------------------------ seq_cls
@@ -213,7 +214,7 @@ def test_choice_scores_equal_unpadded_log_probs(tmp_path, family):
 
 
 def test_multiple_choice_schemas():
-    cfg = TaskConfig(type="multiple_choice", name="m")
+    cfg = task_config("multiple_choice", name="m")
     piqa = {"goal": "open a jar", "sol1": "twist", "sol2": "pull", "label": 1}
     arc = {"question": "Q?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}, "answerKey": "C"}
     arc_digits = {"question": "Q?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "1"}

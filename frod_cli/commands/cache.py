@@ -3,7 +3,7 @@ categories, layers, settings and size) and emptying it, whole or for one base.
 
 The cache (frod_cli/frod/cache.py) keeps each category's decomposition, keyed by the category's weights, so a
 second run on the same base skips the HO-GSVD; `frod train` uses it unless method.basis_cache=false. Its
-directory: dir=..., else $FROD_CACHE_DIR, else ~/.cache/frod/basis."""
+directory: dir=..., else $FROD_BASIS_CACHE, else $FROD_CACHE/basis (frod_cli/paths.py)."""
 from __future__ import annotations
 
 import os
@@ -29,7 +29,7 @@ def prepare(args: Sequence[str]) -> Prepared:
                summary="the FRoD basis cache:  frod cache list | frod cache clear [base=<name>]")
 def run(cfg: Any) -> Dict[str, Any]:
     from frod_cli.frod.cache import clear_cache, list_entries
-    from frod_cli.methods.frod import basis_cache_dir
+    from frod_cli.paths import basis_cache_dir
 
     if cfg.action not in ACTIONS:
         raise FrodCliError(f"frod cache {cfg.action}: the actions are {' and '.join(ACTIONS)}")

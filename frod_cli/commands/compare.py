@@ -37,7 +37,7 @@ def prepare(args: Sequence[str]) -> Prepared:
     if any(a in ("--help", "-h") for a in args):
         args = help_overrides() + args
     if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
-        args.insert(0, "hydra.run.dir=runs/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
+        args.insert(0, "hydra.run.dir=${frod_dir:runs}/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args, None
 
 

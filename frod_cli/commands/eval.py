@@ -1,5 +1,6 @@
 """`frod eval path=<run dir | model dir> [task=...]`: the metrics the end of training reports, for a run
-(its merged/ model, or base model + adapter/) or any saved model directory."""
+(its merged/ model, or base model + adapter/) or any saved model directory. With harness.tasks=[...] (or
+harness=<recipes/harness/ name>), lm-evaluation-harness's tasks instead (frod_cli/harness/, harness.json)."""
 from __future__ import annotations
 
 import logging
@@ -46,11 +47,12 @@ def check(cfg: Any) -> str:
 
 
 def output_file(cfg: Any) -> str:
-    """Where the metrics go: `<path>/eval.json` by default; a relative `output=` lies in `path` too (the run
-    directory, or the model directory evaluated), said in the log; an absolute one where it names."""
+    """Where the metrics go: `<path>/eval.json` by default (`harness.json` for lm-evaluation-harness's tasks);
+    a relative `output=` lies in `path` too (the run directory, or the model directory evaluated), said in the
+    log; an absolute one where it names."""
     path = os.path.abspath(os.path.expanduser(str(cfg.path)))
     if cfg.output is None:
-        return os.path.join(path, "eval.json")
+        return os.path.join(path, "harness.json" if cfg.harness.tasks else "eval.json")
     given = os.path.expanduser(str(cfg.output))
     if os.path.isabs(given):
         return given
@@ -72,6 +74,10 @@ def run(cfg: Any) -> Dict[str, Any]:
     from frod_cli.training.preflight import apply_user_data
 
     out = check(cfg)
+    from frod_cli import harness
+
+    if harness.check(cfg, HydraConfig.get().overrides.task):  # lm-evaluation-harness (frod_cli/harness/)
+        return harness.evaluate(cfg, out)
     if cfg.task is not None:
         apply_user_data(cfg.task, list(HydraConfig.get().overrides.task))
     B.quiet_libraries()

@@ -79,12 +79,9 @@ def _check_saved(directory: str, shown: str) -> None:
 
 
 def _causal_task_config() -> Any:
-    from omegaconf import OmegaConf
+    from frod_cli.tasks import task_config
 
-    from frod_cli.config import TaskConfig
-
-    return OmegaConf.merge(OmegaConf.structured(TaskConfig),
-                           {"type": "causal_lm", "name": "generate", "objective": "loss", "objective_mode": "min"})
+    return task_config("causal_lm", name="generate")
 
 
 def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str, Optional[Any]]:

@@ -54,13 +54,33 @@ class RunDirCallback(_Callback):
         HYDRA_MADE[:] = missing_dirs(str(config.hydra.run.dir))
 
 
+def task_type_switch(args: Sequence[str]) -> List[str]:
+    """`task.type=<type>` switches the task's schema too (the task YAML names its type's config in its defaults, as
+    `/task/schema@_here_`): the keys of the new type are then what the composed config accepts. A sweep over task
+    types is refused: each type needs its own task (sweep over task=<name> instead)."""
+    from frod_cli.tasks import available
+
+    out = list(args)
+    for a in args:
+        key, _, value = a.partition("=")
+        if key.lstrip("+") != "task.type" or not value:
+            continue
+        if "," in value or value.startswith(("choice(", "range(", "glob(")):
+            raise FrodCliError(f"{a}: a sweep over task types is not supported; sweep over task=<name> instead")
+        if value not in available():
+            raise FrodCliError(f"unknown task type {value!r}; known: {', '.join(available())}")
+        if not any(o.split("=", 1)[0].lstrip("+") == "task/schema@task" for o in args):
+            out.append(f"task/schema@task={value}")
+    return out
+
+
 def prepare(args: Sequence[str]) -> Prepared:
     """Hydra overrides added for `frod train`: resume=<dir> continues in <dir> (and leaves its .hydra/
     alone); a non-main rank of a multi-process launch writes no run directory of its own (the run
     directory is the main process's, broadcast by the recipe)."""
     import shutil
 
-    args = user_data_args(args)
+    args = task_type_switch(user_data_args(args))
     names = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
     multirun = any(a in ("-m", "--multirun") for a in args)
     resume = next((a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "resume"), None)

@@ -12,6 +12,7 @@ import torch
 
 from frod_cli.export.build import (TASK_TYPES, check_lora, check_peft_frod, compare_outputs, frod_layer_names,
                                    head_states, lora_adapter, target_names, write_peft_frod)
+from frod_cli.share.card import write_export_card
 
 EXPORT_JSON = "export.json"
 
@@ -42,7 +43,7 @@ class Loaded:
 def model_config(job: Job, **changes: Any) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.merge(job.run.model, {"dtype": "float32", **changes})
+    return OmegaConf.merge(job.run.model, {"dtype": "float32", "compute_dtype": None, **changes})  # a 4-bit base too
 
 
 def load(job: Job) -> Loaded:
@@ -132,6 +133,7 @@ def copy_peft_adapter(job: Job) -> Dict[str, Any]:
             B.load_task_data(task, required=())  # a classifier's head size comes from the labels
             write_base(job, task, tmp)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # the export's card, not the run adapter/'s
 
     atomic_dir(job.out, write)
     print(f"copied the {job.run.method.name} run's PEFT adapter: PeftModel.from_pretrained(base, {job.out!r})")
@@ -159,7 +161,7 @@ def load_peft(base: Any, directory: str, device: Any) -> Any:
 
 
 def check_info(L: Loaded, compared: Dict[str, float]) -> Dict[str, Any]:
-    from frod_cli.training.builders import examples_in
+    from frod_cli.tasks.steps import examples_in
 
     return {"split": L.split, "examples": examples_in(L.batch), **compared}
 
@@ -182,6 +184,7 @@ def export_peft(job: Job, tolerance: float) -> Dict[str, Any]:
         report.update(check_peft_frod(L.model, loaded, alignments, compared["relative_diff"], tolerance))
         report["check"] = check_info(L, compared)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print(f"PEFT FRoD adapter of {len(report['layers'])} layers (+ {', '.join(report['modules_to_save']) or 'no'} "
@@ -226,6 +229,7 @@ def export_lora(job: Job, rank: Optional[int], energy: Optional[float]) -> Dict[
         report["check"] = check_info(L, compare_outputs(L.model, loaded, L.batch, outputs(L)))
         report["metrics"] = {"split": L.split, "frod": frod_metrics, "lora": evaluate(L, loaded)}
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print_lora(report)
@@ -276,6 +280,7 @@ def export_merged(job: Job, dtype: str) -> Dict[str, Any]:
         merged.save_pretrained(tmp)
         save_preprocessor(L.preprocessor, merged, tmp)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 
     atomic_dir(job.out, write)
     print(f"merged {dtype} checkpoint of the {job.run.method.name} run ({job.kind}/): "

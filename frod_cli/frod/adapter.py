@@ -19,6 +19,7 @@ from .build import build_bases, world_and_rank
 from .cache import BasisCache
 from .config import FrodConfig, FrodError
 from .layer import FrodCategory, FrodLinear, is_4bit, is_conv1d, quantization_of, weight_of, weight_shape
+from .sources import checkpoint_sources
 from .targets import describe_linear_roles, find_linear_targets, is_linear, matches, role_of
 
 ADAPTER_FORMAT = "frod-adapter"
@@ -110,6 +111,36 @@ def _check_base(meta: dict, targets: List[Tuple[str, nn.Module]], path, strict: 
     if strict and fingerprint_weights(targets) != meta["fingerprint"]:
         raise FrodError(f"adapter at {path} was built on a different base model (weight fingerprint mismatch)")
 
+def weight_holders(targets: List[Tuple[str, nn.Module]]) -> Optional[List[int]]:
+    """The ranks of a distributed launch whose target weights are loaded, when some rank's are on the meta device
+    (train.fsdp.load_on_rank0: it builds the model's structure only); None when every rank holds them."""
+    world, rank = world_and_rank()
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    from .build import comm_device
+
+    flags = torch.zeros(world, dtype=torch.int64, device=comm_device(None))
+    flags[rank] = int(not any(m.weight.is_meta for _, m in targets))
+    dist.all_reduce(flags)
+    holders = [r for r in range(world) if int(flags[r])]
+    if not holders:
+        raise FrodError("no process holds the base weights to build the FRoD bases from")
+    return None if len(holders) == world else holders
+
+
+def shared_fingerprint(targets: List[Tuple[str, nn.Module]], holders: Optional[List[int]]) -> str:
+    """fingerprint_weights, computed where the weights are: a rank holding none gets the first holder's."""
+    if holders is None:
+        return fingerprint_weights(targets)
+    import torch.distributed as dist
+
+    mine = [fingerprint_weights(targets) if world_and_rank()[1] in holders else None]
+    dist.broadcast_object_list(mine, src=holders[0])
+    return mine[0]
+
+
 # ---- apply ---------------------------------------------------------------------------------------------
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -152,7 +183,7 @@ def _install(model: nn.Module, config: FrodConfig, categories: List[FrodCategory
     return model
 
 
-def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=None) -> nn.Module:
+def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=None, weights_from=None) -> nn.Module:
     """Adapt `model` in place: one shared basis and sparse pattern per category, a FrodLinear per target.
     The adapted model's outputs equal the base model's exactly until the FRoD values change.
 
@@ -160,6 +191,10 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
         the factors are placed where the model's weights are. None: where the weights are.
     cache_dir: a directory of the basis cache (cache.py); a category found there is not recomputed, one
         computed is stored. None: no cache.
+    weights_from: a checkpoint directory (model.safetensors or a sharded index) whose files the bases are built
+        from, read lazily one row block at a time (sources.checkpoint_sources), instead of the model's modules.
+        It must hold the weights the model holds (the same bytes once cast to the model's dtype).
+    config.basis_build: "memory", "streamed" or "auto" (build.choose_build); the log says which ran.
     In a distributed launch (torch.distributed initialized, more than one process) this is a collective:
     the categories are split over the ranks and broadcast (build.py), so every rank must call it."""
     if _state(model) is not None:
@@ -167,12 +202,16 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
     config.validate()
     targets = find_targets(model, config)
     groups = group_categories(targets)
-    fingerprint = fingerprint_weights(targets)
+    holders = weight_holders(targets)
+    fingerprint = shared_fingerprint(targets, holders)
     t0 = time.perf_counter()
     describe = {"base": str(getattr(model, "name_or_path", "") or type(model).__name__),
                 "base_fingerprint": fingerprint[:16]}
+    sources = None if weights_from is None else checkpoint_sources(groups, weights_from)
     bases, report = build_bases(groups, config.regularization, config.basis_dtype, fingerprint, device=device,
-                                cache=None if cache_dir is None else BasisCache(cache_dir), describe=describe)
+                                cache=None if cache_dir is None else BasisCache(cache_dir), describe=describe,
+                                build=config.basis_build, sources=sources,
+                                holders=None if sources is not None else holders)  # files: any rank reads them
     categories, per_layer = [], {}
     for key, members in groups.items():
         basis = bases.pop(key)
@@ -192,7 +231,9 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
     _install(model, config, categories, groups, per_layer, fingerprint)
     if config.store_u:
         for _, layer in frod_layers(model):
-            if layer.frod_U_t is None:
+            if layer.frod_U_t is None and layer.base_layer.weight.is_meta:  # its values come with the weights
+                layer.frod_U_t = torch.empty(layer.in_features, layer.out_features, device="meta")
+            elif layer.frod_U_t is None:
                 layer.frod_U_t = layer.U_t().detach().contiguous()
     _state(model).basis_report = report
     _log_build(report, time.perf_counter() - t0, cache_dir)
@@ -201,7 +242,8 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
 
 def basis_report(model: nn.Module) -> List[dict]:
     """How `apply_frod` got each category's basis: category, layers, n, source ("computed" or "cache"),
-    rank (the process that built it), seconds and cpu_s (wall and process CPU seconds of the decomposition),
+    build ("memory" or "streamed": how it was, or would have been, decomposed), rank (the process that built
+    it), seconds and cpu_s (wall and process CPU seconds of the decomposition),
     hash_s (cache key), load_s / store_s (reading / writing the cache entry), cache_cpu_s (CPU seconds of the
     cache's part), device_peak_bytes.
     Empty for an adapter read back by load_adapter (nothing was built)."""
@@ -215,12 +257,14 @@ def _log_build(report: List[dict], seconds: float, cache_dir) -> None:
     if world_and_rank()[1] != 0:
         return
     hits = [r for r in report if r["source"] == "cache"]
+    computed = [r for r in report if r["source"] == "computed"]
     ranks = {r["rank"] for r in report}
     peak = max((r["device_peak_bytes"] for r in report), default=0)
-    log.info("FRoD basis: %d categories, %d from the cache%s, %d computed in %.1f s%s%s; ready in %.1f s",
-             len(report), len(hits), f" ({cache_dir})" if cache_dir is not None else "", len(report) - len(hits),
-             sum(r["seconds"] for r in report if r["source"] == "computed"),
-             f" over {len(ranks)} processes" if len(ranks) > 1 else "",
+    streamed = sum(r.get("build") == "streamed" for r in computed)
+    how = f" ({streamed} streamed, {len(computed) - streamed} in memory)" if computed else ""
+    log.info("FRoD basis: %d categories, %d from the cache%s, %d computed%s in %.1f s%s%s; ready in %.1f s",
+             len(report), len(hits), f" ({cache_dir})" if cache_dir is not None else "", len(computed), how,
+             sum(r["seconds"] for r in computed), f" over {len(ranks)} processes" if len(ranks) > 1 else "",
              f", peak device memory {peak / 2**30:.2f} GiB (one category)" if peak else "", seconds)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -218,3 +218,193 @@ def sparse_pattern(n: int, sparse_rate: float, seed: int, category_key: str):
     cols = idx % (n - 1)
     cols = cols + (cols >= rows).long()  # skip the diagonal
     return rows, cols
+
+
+# ---- the streamed decomposition: one layer at a time --------------------------------------------------------
+# The same steps 1-5 without the stack A, Q or B in memory. A layer source (sources.py) gives the category's
+# W_i one at a time: `shapes` ((m_i, n) in layer order), `layer(i)` and `blocks(i, rows)` (W_i's rows in order,
+# at most `rows` at a time). Each pass below reads every layer once and keeps only n x n matrices from one layer
+# to the next, so memory does not grow with the number of layers; the price is reading the layers four times.
+#   pass 1        G = sum_i W_i^T W_i                       (= A^T A)            R_1 = chol(G)
+#   pass 2        sum_i (W_i R_1^-1)^T (W_i R_1^-1)         (Cholesky QR2's second round)   R = R_2 R_1
+#   pass 3        T = (1/N) sum_i (Q_i^T Q_i + pi I)^-1     with Q_i = W_i R^-1 formed and dropped per block
+#   eigh          Z;  V = R^T Z,  V^-T = R^-1 Z
+#   pass 4        B_i = W_i V^-T (= Q_i Z), sigma_i = its column norms; U_i only where it must be stored
+# Sums over layers accumulate in ACCUMULATION (float64), so their rounding does not grow with the number of
+# layers; each block's products run in the basis dtype, like the in-memory path.
+ACCUMULATION = torch.float64
+
+
+def block_rows(n: int) -> int:
+    """Rows per block of a streamed layer: a block is at most about one n x n matrix (and never under 256 rows,
+    which keeps the GEMMs efficient on small n)."""
+    return max(256, int(n))
+
+
+def streamed_blocks(source, i: int, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
+    for block in source.blocks(i, block_rows(source.shapes[0][1])):
+        yield block.detach().to(device=device, dtype=dtype)
+
+
+def gram_add_(G: torch.Tensor, A: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """G += A^T A on the lower block triangle only (as `gram`; `mirror_` fills the upper one). G may be float64
+    while A is float32: each block's product runs in A's dtype and is added at G's precision."""
+    n = A.shape[1]
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        G[j:, j:e] += A[:, j:].T @ A[:, j:e]
+    return G
+
+
+def mirror_(G: torch.Tensor, block: int = 512) -> torch.Tensor:
+    n = G.shape[0]
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        G[j:e, e:] = G[e:, j:e].T
+    return G
+
+
+def stacked_gram(source, R: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One pass: sum_i (W_i R^-1)^T (W_i R^-1), or sum_i W_i^T W_i without R; n x n, in ACCUMULATION."""
+    n = source.shapes[0][1]
+    G = torch.zeros(n, n, dtype=ACCUMULATION, device=device)
+    for i in range(len(source.shapes)):
+        for W in streamed_blocks(source, i, dtype, device):
+            gram_add_(G, W if R is None else torch.linalg.solve_triangular(R, W, upper=True, left=False))
+    return mirror_(G)
+
+
+def upper_cholesky(G: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """R (upper triangular, G's dtype) with R^T R = G, or None where G is not positive definite at `dtype`'s
+    precision (the diagonal test of `_cholesky_qr2`)."""
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0 or not torch.isfinite(L).all():
+        return None
+    d = L.diagonal()
+    if d.min() <= d.max() * 1e3 * torch.finfo(dtype).eps:
+        return None
+    return L.T
+
+
+def streamed_r(source, dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, bool]:
+    """R of the stacked QR A = Q R from Cholesky rounds, one pass over the layers each; (R in `dtype`, whether
+    Q = A R^-1 is orthonormal to working precision).
+
+    A Gram matrix that is not positive definite (a rank-deficient or badly conditioned stack) takes a shifted
+    first round, chol(G + s I) (shifted Cholesky QR, Fukaya et al. 2020, which needs no Householder step and so
+    streams), then two plain rounds. Where a later round fails too the stack is numerically rank deficient:
+    R stays the shifted one, Q_i = W_i R^-1 is not orthonormal, W_i = Q_i R still holds exactly, and the caller
+    stores U_i as the in-memory path does for such stacks."""
+    G = stacked_gram(source, None, dtype, device)
+    R = upper_cholesky(G, dtype)
+    rounds = 1
+    if R is None:
+        top = float(G.diagonal().max())
+        G.diagonal().add_(10 * G.shape[0] * torch.finfo(dtype).eps * top if top > 0 else 1.0)
+        R, rounds = torch.linalg.cholesky(G).T, 2
+    del G
+    R = R.to(dtype)
+    for _ in range(rounds):
+        Rk = upper_cholesky(stacked_gram(source, R, dtype, device), dtype)
+        if Rk is None:
+            return R, False
+        R = (Rk.double() @ R.double()).to(dtype)
+    return R, True
+
+
+def streamed_hogsvd_matrix(source, R: torch.Tensor, pi: float, dtype: torch.dtype,
+                           device: torch.device) -> torch.Tensor:
+    """Pass 3: T = (1/N) sum_i (Q_i^T Q_i + pi I)^-1 with Q_i = W_i R^-1, as `hogsvd_matrix` does per layer: an
+    n x n Cholesky inverse of a tall layer's Gram block (accumulated over its row blocks), Woodbury for a wide
+    one (m_i < n: the layer is one block, smaller than an n x n matrix)."""
+    n, N = source.shapes[0][1], len(source.shapes)
+    T = torch.zeros(n, n, dtype=ACCUMULATION, device=device)
+    for i, (m, _) in enumerate(source.shapes):
+        Qs = (torch.linalg.solve_triangular(R, W, upper=True, left=False)
+              for W in streamed_blocks(source, i, dtype, device))
+        if m < n:
+            Q = torch.cat(list(Qs))
+            K = Q @ Q.T
+            K.diagonal().add_(pi)
+            Y = torch.linalg.solve_triangular(torch.linalg.cholesky(K), Q, upper=False)
+            T.diagonal().add_(1.0 / pi)
+            T.sub_(gram(Y), alpha=1.0 / pi)
+            continue
+        Gi = torch.zeros(n, n, dtype=dtype, device=device)
+        for Q in Qs:
+            gram_add_(Gi, Q)
+        mirror_(Gi).diagonal().add_(pi)
+        T += torch.cholesky_inverse(torch.linalg.cholesky(Gi))
+    T /= N
+    return ((T + T.T) / 2).to(dtype)
+
+
+def sample_rows(m: int, device: torch.device) -> torch.Tensor:
+    """The rows of a layer on which the recompute check runs (64 spread over the layer, as `_decompose`)."""
+    return torch.linspace(0, m - 1, min(64, m), device=device).long()
+
+
+def streamed_sigma(source, R: torch.Tensor, Z: torch.Tensor, V_inv_T: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device) -> Optional[List[torch.Tensor]]:
+    """Pass 4: sigma_i = column norms of B_i = W_i V^-T, block by block; None when, on a layer's sample rows,
+    recomputing U_i in float32 (W_i V^-T, what FrodLinear does) misses B_i = (W_i R^-1) Z by more than
+    RECOMPUTE_TOL: the category then keeps U_i (`streamed_u`)."""
+    V_inv_T32 = V_inv_T.float()
+    sigma = []
+    for i, (m, _) in enumerate(source.shapes):
+        rows, start = sample_rows(m, device), 0
+        squares = torch.zeros(V_inv_T.shape[1], dtype=torch.float64, device=device)
+        miss = torch.zeros((), dtype=torch.float64, device=device)
+        norm = torch.zeros((), dtype=torch.float64, device=device)
+        for W in streamed_blocks(source, i, dtype, device):
+            squares += torch.linalg.vector_norm(W @ V_inv_T, dim=0).double() ** 2
+            here = rows[(rows >= start) & (rows < start + W.shape[0])] - start
+            start += W.shape[0]
+            if here.numel():
+                exact = (torch.linalg.solve_triangular(R, W[here], upper=True, left=False) @ Z).float()
+                miss += torch.linalg.norm(W[here].float() @ V_inv_T32 - exact).double() ** 2
+                norm += torch.linalg.norm(exact).double() ** 2
+        err = miss.sqrt() / norm.sqrt().clamp_min(1e-30)
+        if not torch.isfinite(err) or err > RECOMPUTE_TOL:
+            return None
+        sigma.append(squares.sqrt().to(dtype))
+    return sigma
+
+
+def streamed_u(source, R: torch.Tensor, Z: torch.Tensor, dtype: torch.dtype,
+               device: torch.device) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Pass 4 where U_i is stored: B_i = (W_i R^-1) Z (the Q path, as `_decompose`), sigma_i and U_i = B_i / sigma_i
+    (u_k = 0 where sigma_ik = 0). The U_i are the output, M x n in all, as in memory."""
+    sigma, U = [], []
+    for i in range(len(source.shapes)):
+        B = torch.cat([torch.linalg.solve_triangular(R, W, upper=True, left=False) @ Z
+                       for W in streamed_blocks(source, i, dtype, device)])
+        s = torch.linalg.vector_norm(B, dim=0)
+        sigma.append(s)
+        U.append(B / torch.where(s > 0, s, torch.ones_like(s)))
+    return sigma, U
+
+
+def streamed_basis(source, regularization: float, dtype: torch.dtype,
+                   device: Optional[torch.device] = None) -> CategoryBasis:
+    """Steps 1-5 for one category from a layer source, one layer (block) at a time on `device` (default: the
+    source's device): memory a few n x n matrices plus one block, whatever the number of layers. The factors
+    equal `shared_basis`'s up to rounding (docs/PERFORMANCE.md gives how far on real weights). A wide stack
+    (M < n rows in all) is smaller than one n x n matrix: it is gathered and decomposed as in memory."""
+    device = torch.device(device) if device is not None else source.device
+    n, M = int(source.shapes[0][1]), sum(int(m) for m, _ in source.shapes)
+    with ieee_float32():
+        if M < n:
+            layers = [source.layer(i).detach().to(device=device, dtype=dtype) for i in range(len(source.shapes))]
+            return _decompose(layers, regularization)
+        R, orthonormal = streamed_r(source, dtype, device)
+        _, Z = torch.linalg.eigh(streamed_hogsvd_matrix(source, R, regularization, dtype, device))
+        V = R.T @ Z
+        sigma = None
+        if orthonormal and not _needs_stored_u(R):
+            V_inv_T = torch.linalg.solve_triangular(R, Z, upper=True)
+            sigma = streamed_sigma(source, R, Z, V_inv_T, dtype, device)
+        if sigma is None:
+            sigma, U = streamed_u(source, R, Z, dtype, device)
+            return CategoryBasis(V=V, V_inv_T=None, sigma=sigma, U=U, rank_deficient=True)
+        return CategoryBasis(V=V, V_inv_T=V_inv_T, sigma=sigma, U=None, rank_deficient=False)

@@ -4,7 +4,9 @@ seeds, a resumed or repeated run) skips the HO-GSVD.
 
 Keyed by content: a sha256 over every element of the category's weights (as stored: a base that differs in
 one weight misses), the layer names and shapes, and what changes the result (regularization, basis dtype,
-the version of the decomposition's code). Not in the key: the device and thread count the entry was
+the build: a streamed decomposition's entry keys apart from the in-memory one's, whose factors differ from it
+by rounding; the version of the decomposition's code). The weights are hashed as the build reads them, one
+row block of one layer at a time (source_key). Not in the key: the device and thread count the entry was
 computed with (the factors agree to rounding; the entry records where it was computed). Callers give a
 directory and know nothing else of it.
 
@@ -24,12 +26,13 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .atomic import atomic_file
-from .basis import CategoryBasis
+from .basis import CategoryBasis, block_rows
+from .sources import TensorSource
 
 FORMAT = "frod-basis"
 LAYOUT_VERSION = 1  # of the entry file
@@ -42,28 +45,50 @@ ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
 TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\.safetensors\.tmp-.*")
 
 
+def blocks_digest(blocks: Iterable[torch.Tensor]) -> bytes:
+    """sha256 of a layer's bytes as stored (its dtype's bytes, row-major), given as its row blocks in order (the
+    same digest as the whole layer's), read on the CPU."""
+    h = hashlib.sha256()
+    for block in blocks:
+        t = block.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # hashlib releases the GIL
+    return h.digest()
+
+
 def layer_digest(W: torch.Tensor) -> bytes:
     """sha256 of every element of W as stored (its dtype's bytes, row-major), read on the CPU."""
-    t = W.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).digest()  # hashlib releases the GIL: layers hash in parallel threads
+    return blocks_digest([W])
+
+
+def source_key(category: str, source, regularization: float, basis_dtype: str, streamed: bool = False) -> str:
+    """The cache key of a category from a layer source (sources.py): each layer hashed as the source reads it, one
+    row block at a time (layers in parallel threads, one per core torch uses; in order for a collective source,
+    whose reads every rank makes together), with its name, shape and dtype, and the settings that change the
+    decomposition. The streamed build's factors differ from the in-memory one's by rounding, so it keys apart
+    (`streamed`); the in-memory key is the one entries had before the streamed build existed."""
+    rows = block_rows(source.shapes[0][1])
+    digest = lambda i: blocks_digest(source.blocks(i, rows))  # noqa: E731
+    if source.collective:
+        digests = [digest(i) for i in range(len(source.shapes))]
+    else:
+        threads = max(1, min(len(source.shapes), torch.get_num_threads()))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            digests = list(pool.map(digest, range(len(source.shapes))))
+    h = hashlib.sha256(f"{FORMAT}:{LAYOUT_VERSION}:{ALGORITHM_VERSION}".encode())
+    h.update(json.dumps([category, float(regularization).hex(), basis_dtype, *(["streamed"] if streamed else [])])
+             .encode())
+    for name, shape, dtype, d in zip(source.names, source.shapes, source.dtypes, digests):
+        h.update(json.dumps([name, [int(x) for x in shape], str(dtype)]).encode())
+        h.update(d)
+    return h.hexdigest()
 
 
 def entry_key(category: str, names: Sequence[str], weights: Sequence[torch.Tensor], regularization: float,
-              basis_dtype: str) -> str:
-    """The cache key of a category: its layers' full weights (hashed in parallel, one thread per core
-    torch uses), names, shapes and dtypes, and the settings that change the decomposition."""
-    threads = max(1, min(len(weights), torch.get_num_threads()))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = list(pool.map(layer_digest, weights))
-    h = hashlib.sha256(f"{FORMAT}:{LAYOUT_VERSION}:{ALGORITHM_VERSION}".encode())
-    h.update(json.dumps([category, float(regularization).hex(), basis_dtype]).encode())
-    for name, W, d in zip(names, weights, digests):
-        h.update(json.dumps([name, list(W.shape), str(W.dtype)]).encode())
-        h.update(d)
-    return h.hexdigest()
+              basis_dtype: str, streamed: bool = False) -> str:
+    """The cache key of a category whose weights are in memory (see source_key)."""
+    return source_key(category, TensorSource(weights, names), regularization, basis_dtype, streamed)
 
 
 def _tensors(basis: CategoryBasis) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ from typing import List, Optional, Union
 
 MODES = ("auto", "materialize", "project")
 BASIS_DTYPES = ("float32", "float64")
+BASIS_BUILDS = ("auto", "memory", "streamed")
 
 
 class FrodError(ValueError):
@@ -34,6 +35,10 @@ class FrodConfig:
     mode: str = "auto"
     # Keep U_i as a buffer (one extra copy of each adapted weight) instead of recomputing it per step.
     store_u: bool = False
+    # How a category's basis is decomposed: "memory" (the whole stack at once: fast, about 5 x the category's
+    # float32 size of workspace), "streamed" (one layer block at a time: a few n x n matrices, whatever the number
+    # of layers), "auto" (memory where it fits the device's free memory, else streamed). See build.py.
+    basis_build: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -54,6 +59,8 @@ class FrodConfig:
             raise FrodError(f"regularization must be > 0, got {self.regularization!r}")
         if self.mode not in MODES:
             raise FrodError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.basis_build not in BASIS_BUILDS:
+            raise FrodError(f"basis_build must be one of {', '.join(BASIS_BUILDS)}, got {self.basis_build!r}")
         if self.basis_dtype not in BASIS_DTYPES:
             raise FrodError(f"basis_dtype must be one of {', '.join(BASIS_DTYPES)}, got {self.basis_dtype!r}")
 

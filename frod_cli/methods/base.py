@@ -65,6 +65,10 @@ class Method:
     trains_everything: bool = False
     # Why this method cannot train on a 4-bit base (model.quantization=nf4|fp4), refused before any work; None: it can.
     refuse_quantized: Optional[str] = None
+    # What `adapt` computes from the base weights themselves, so that a process starting from the meta device
+    # (train.fsdp.load_on_rank0) cannot adapt: every process then loads the base. None: it adapts without them
+    # (its values then come from rank 0; FRoD's bases are built on the ranks holding the weights).
+    needs_base_weights: Optional[str] = None
 
     def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
         self.cfg = cfg
@@ -133,6 +137,26 @@ class Method:
         """A context opened around one evaluation or generation (the loop's, `frod eval`, `frod generate`): what
         the adapter may keep for the calls inside it, freed at its end. Default: nothing."""
         return contextlib.nullcontext()
+
+    def save_gathered(self, state: Dict[str, Any], directory: str) -> None:
+        """Save an adapter from `state`, the model's whole state dict gathered from its shards (a method whose
+        trainables FSDP shards: method=full). Other methods save from the model (`save_adapter`)."""
+        raise FrodCliError(f"method {self.name} saves its adapter from the model, not from gathered shards")
+
+    def reference_context(self, model: nn.Module) -> ContextManager:
+        """A context inside which `model` computes what the starting model computed (the policy before its first
+        optimizer step: the reference of a KL penalty, GRPO's task.beta > 0) without a second model in memory,
+        e.g. with the adapter switched off. Called on the unwrapped model, around calls without gradients.
+        Default: refused (`reference_refusal`)."""
+        raise FrodCliError(self.reference_refusal() or f"method {self.name} has no reference context")
+
+    def reference_refusal(self) -> Optional[str]:
+        """Why this method, as configured, cannot give the starting model inside the trained one (refused before
+        any work when a run needs it); None: `reference_context` gives it."""
+        if type(self).reference_context is Method.reference_context:
+            return (f"method {self.name} cannot switch back to the starting model, so a KL penalty against it "
+                    f"(task.beta > 0) cannot be computed; use task.beta=0")
+        return None
 
     def merge_into(self, model: nn.Module, base_model: nn.Module) -> nn.Module:
         """The trained update of `model` folded into `base_model`, another copy of its base (the unquantized

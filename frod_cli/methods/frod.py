@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, ContextManager, Dict, List, Optional
 
@@ -37,21 +36,15 @@ class FrodMethodConfig(FrodKeys):
     frod_mode: str = "auto"  # auto | materialize | project: how dW x is computed (frod_cli/frod/layer.py)
     store_u: bool = False  # keep U_i (one more copy of each adapted weight) instead of recomputing it
     basis_dtype: str = "float32"  # float32 | float64: precision of the decomposition
+    # auto | memory | streamed: decompose each category's stack at once (fast) or one layer block at a time (a few
+    # n x n matrices of memory, whatever the depth); auto: memory where it fits the device's free memory.
+    basis_build: str = "auto"
     # auto | window | micro_batch: build dW once per accumulation window (exact) or per micro-batch.
     # auto: window when train.grad_accum > 1 and the window's buffers fit the free memory.
     accumulate: str = "auto"
     # Keep each category's decomposition on disk and reuse it on the same base weights (sweeps, compare,
-    # repeated runs): FROD_CACHE_DIR, else ~/.cache/frod/basis; `frod cache` lists and clears it.
+    # repeated runs): $FROD_BASIS_CACHE, else $FROD_CACHE/basis (frod_cli/paths.py); `frod cache` lists and clears it.
     basis_cache: bool = True
-
-
-def basis_cache_dir() -> str:
-    """The basis cache's directory: $FROD_CACHE_DIR, else $XDG_CACHE_HOME/frod/basis (~/.cache/frod/basis)."""
-    explicit = os.environ.get("FROD_CACHE_DIR", "").strip()
-    if explicit:
-        return os.path.abspath(os.path.expanduser(explicit))
-    root = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "frod", "basis")
 
 
 @register_method("frod", config=FrodMethodConfig)
@@ -61,6 +54,10 @@ class FrodMethod(Method):
         check_frod_keys(cfg)
         if cfg.accumulate not in ACCUMULATE:
             raise FrodCliError(f"method.accumulate must be one of {', '.join(ACCUMULATE)}, got {cfg.accumulate!r}")
+        from frod_cli.frod.config import BASIS_BUILDS
+
+        if cfg.basis_build not in BASIS_BUILDS:
+            raise FrodCliError(f"method.basis_build must be one of {', '.join(BASIS_BUILDS)}, got {cfg.basis_build!r}")
         self.window_choice: Optional[str] = None
         self.eval_logged = False
         self.basis: Optional[Dict[str, Any]] = None  # how adapt got the bases (describe)
@@ -77,6 +74,7 @@ class FrodMethod(Method):
             modules_to_save=self.modules_to_save(),
             layers_to_transform=None,  # already applied by resolve_targets
             basis_dtype=c.basis_dtype,
+            basis_build=c.basis_build,
             mode=c.frod_mode,
             store_u=bool(c.store_u),
         )
@@ -87,11 +85,15 @@ class FrodMethod(Method):
         from frod_cli.frod import apply_frod, basis_report
 
         self.count_base(model)
+        from frod_cli.paths import basis_cache_dir
+
         cache_dir = basis_cache_dir() if self.cfg.basis_cache else None
         model = apply_frod(model, self.frod_config(model), device=self.device, cache_dir=cache_dir)
         report = basis_report(model)
         hits = sum(r["source"] == "cache" for r in report)
+        streamed = sum(r["source"] == "computed" and r["build"] == "streamed" for r in report)
         self.basis = {"categories": len(report), "cache_hits": hits, "computed": len(report) - hits,
+                      "streamed": streamed,
                       "compute_s": round(sum(r["seconds"] for r in report if r["source"] == "computed"), 3),
                       "processes": len({r["rank"] for r in report}), "cache_dir": cache_dir}
         return model
@@ -141,6 +143,24 @@ class FrodMethod(Method):
                      "(%.1f MiB for all; free memory %s)", "all" if budget is None or need <= budget else "some",
                      need / 2**20, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
         return evaluation_cache(model, max_bytes=budget)
+
+    # ---- the starting model (GRPO's KL penalty) -----------------------------------------------------------
+    def reference_context(self, model: nn.Module) -> ContextManager:
+        """Inside, every FRoD layer computes its base layer alone: at initialization W_i' = W_i exactly (dW_i = 0),
+        so this is the starting model, with no second copy of any weight (on a 4-bit base, the 4-bit base)."""
+        from frod_cli.frod import disable_adapter
+
+        why = self.reference_refusal()
+        if why:
+            raise FrodCliError(why)
+        return disable_adapter(model)
+
+    def reference_refusal(self) -> Optional[str]:
+        if self.modules_to_save():
+            return (f"method.modules_to_save={self.modules_to_save()} trains those modules whole, and switching "
+                    f"the FRoD layers off leaves them trained: the starting model (the reference of task.beta > 0) "
+                    f"is not inside the trained one; use task.beta=0 or no modules_to_save")
+        return None
 
     # ---- accumulation windows (issue 12) ------------------------------------------------------------
     def accumulation(self, model: nn.Module, micro_batches: int) -> ContextManager:

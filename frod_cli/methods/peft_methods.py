@@ -5,9 +5,11 @@ Linear4bit layers); pissa and peft_frod are refused there. merged/ then comes fr
 Groups: adapter (lora_A/B, magnitudes, VeRA vectors), head; peft_frod: sparse, scale, head."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Dict, Iterator, List, Optional
 
+import torch
 from torch import nn
 
 from frod_cli import FrodCliError
@@ -42,6 +44,12 @@ class PeftMethod(Method):
 
     def group_of(self, name: str) -> str:
         return "adapter"
+
+    def reference_context(self, model: nn.Module):
+        """PEFT's disable_adapter: the base layers alone and the original task head (modules_to_save keeps it),
+        which is the starting model for every PEFT method that starts at zero (LoRA's B = 0, DoRA's magnitude =
+        the weight's norm, VeRA's lambda_b = 0, PEFT's FRoD up to its rounding). PiSSA overrides it."""
+        return model.disable_adapter()
 
     def param_groups(self, model: nn.Module) -> Dict[str, List[nn.Parameter]]:
         groups: Dict[str, List[nn.Parameter]] = {}
@@ -132,6 +140,7 @@ class PissaMethod(LoraMethod):
     PiSSA-specific base."""
 
     extra = {"init_lora_weights": "pissa"}
+    needs_base_weights = "PiSSA initializes from the SVD of the base weights and rewrites them"
     refuse_quantized = ("PiSSA rewrites the base weights (W minus its principal part), which a 4-bit base cannot "
                         "hold (PEFT refuses it); use model.quantization=none, or lora/dora/vera/frod on the 4-bit base")
 
@@ -178,6 +187,12 @@ class PissaMethod(LoraMethod):
         cfg.save_pretrained(directory)
         save_file(out, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
+    def reference_context(self, model: nn.Module):
+        """PiSSA's base layers hold the residual W - s B0 A0, so switching the adapter off would give the residual,
+        not the starting model; inside, the adapter holds its initial factors instead (W_res + s B0 A0 = W), and
+        its trained values come back at the end. Costs one more copy of the adapter's factors for the block."""
+        return _initial_factors(model, getattr(self, "_init_state", None))
+
     def merge(self, model: nn.Module) -> nn.Module:
         # The trained PiSSA model = residual base + adapter: merging gives the adapted weights.
         return model.merge_and_unload()
@@ -201,6 +216,7 @@ class VeraMethod(PeftMethod):
 
 @register_method("peft_frod", config=FrodKeys)
 class PeftFrodMethod(PeftMethod):
+    needs_base_weights = "PEFT's FRoD builds its basis from every target weight, on every process"
     refuse_quantized = ("PEFT's FRoD reads every target weight as a dense matrix and has no 4-bit layer (it "
                         "decomposes the packed bytes and fails); use method=frod, which adapts 4-bit layers")
 
@@ -228,3 +244,26 @@ class PeftFrodMethod(PeftMethod):
         if "frod_lambda_l" in name:
             return "scale"
         return "adapter"
+
+
+@contextlib.contextmanager
+def _initial_factors(model: nn.Module, init: Optional[Dict[str, Any]]) -> Iterator[nn.Module]:
+    """Inside: every lora_A / lora_B of the adapter holds its value at initialization (`init`, keyed as PEFT's
+    get_peft_model_state_dict keys them: the parameter's name without the adapter name)."""
+    if init is None:
+        raise FrodCliError("method pissa: the adapter's initial factors are unknown (a reloaded adapter), so its "
+                           "starting model cannot be rebuilt; use task.beta=0")
+    swapped = []
+    with torch.no_grad():
+        try:
+            for name, p in model.named_parameters():
+                key = name.replace(".default", "")
+                if key in init and ("lora_A" in name or "lora_B" in name):
+                    swapped.append((p, p.detach().clone()))
+                    p.copy_(init[key].to(p.device, p.dtype))
+            if not swapped:
+                raise RuntimeError("pissa: no adapter factor matched the initial state's keys")
+            yield model
+        finally:
+            for p, trained in swapped:
+                p.copy_(trained)

@@ -135,10 +135,30 @@ def read_run(run_dir: PathLike) -> Dict[str, Any]:
             "overrides": overrides}
 
 
+def typed_task(task: Any, run_dir: PathLike) -> Any:
+    """A saved task config as its type's schema (frod_cli/tasks/) holds it: defaults for the keys it lacks, the keys
+    that are not its type's dropped."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.tasks import get_task
+
+    task = dict(task or {})
+    try:
+        cls = get_task(str(task.get("type"))).config_class
+    except ValueError as e:
+        raise FrodCliError(f"run {run_dir}: {e}") from None
+    known = set(cls.__dataclass_fields__)
+    if set(task) - known:  # a run of an older frod, whose task config held every type's keys
+        log.debug("run %s: task keys %s are not keys of task type %s; dropped", run_dir, sorted(set(task) - known),
+                  task.get("type"))
+    return OmegaConf.merge(OmegaConf.structured(cls(type=str(task["type"]))), {k: v for k, v in task.items() if k in known})
+
+
 def load_run_config(run_dir: PathLike) -> Any:
-    """The config a run trained with: its composed config, typed by the FrodRunConfig schema and its
-    method's own config, with the recipe's per_method settings applied as training applied them.
-    Keys a saved method config holds that its schema no longer has (runs of older versions) are dropped."""
+    """The config a run trained with: its composed config, typed by the FrodRunConfig schema, its method's own
+    config and its task type's, with the recipe's per_method settings applied as training applied them.
+    Keys a saved method or task config holds that its schema no longer has (runs of older versions: their task
+    config held every task type's keys) are dropped."""
     from omegaconf import OmegaConf
 
     from frod_cli.config import FrodRunConfig
@@ -156,6 +176,7 @@ def load_run_config(run_dir: PathLike) -> Any:
     if dropped:
         log.info("run %s: method keys %s are not keys of method %s; ignored", run_dir, dropped, method.get("name"))
     raw["method"] = {k: v for k, v in method.items() if k in known}
+    raw["task"] = typed_task(raw.get("task"), run_dir)
     schema = OmegaConf.structured(FrodRunConfig)
     schema.method = OmegaConf.structured(cls.config_class(name=method["name"]))
     cfg = OmegaConf.merge(schema, raw)

@@ -1,18 +1,60 @@
-"""Task registry: importing this package registers every task type (one module each)."""
+"""Task registry: name -> a `Task` and its config dataclass (see base.py). Every module of this package is imported
+with it, so adding a task type is one file here plus one YAML in recipes/task/."""
 from __future__ import annotations
 
-from . import image_cls, multiple_choice, seq_cls  # noqa: F401  (registration side effects)
-from . import causal_lm  # noqa: F401  (registration side effects)
-from . import preference  # noqa: F401  (registration side effects)
-from .base import TASKS, Task, register_task
+import importlib
+import pkgutil
+from typing import Any
+
+from .base import TASK_CONFIGS, TASKS, Task, register_task
+
+_DISCOVERED = False
+
+
+def discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":  # the task types register themselves; the helpers they share import harmlessly
+            importlib.import_module(f"{__name__}.{info.name}")
+    _DISCOVERED = True
 
 
 def get_task(type_name: str) -> type:
     """The Task class registered as `type_name`."""
+    discover()
     try:
         return TASKS[type_name]
     except KeyError:
         raise ValueError(f"unknown task type {type_name!r}; known: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["Task", "TASKS", "register_task", "get_task"]
+def available() -> list:
+    discover()
+    return sorted(TASKS)
+
+
+def register_task_schemas() -> None:
+    """Store every task type's config in Hydra's ConfigStore: group `task/schema`, name `<type>` (a task YAML lists
+    `- /task/schema@_here_: <type>` first in its defaults; `task.type=<type>` on the command line swaps it)."""
+    from hydra.core.config_store import ConfigStore
+
+    discover()
+    cs = ConfigStore.instance()
+    for name, cls in TASK_CONFIGS.items():
+        cs.store(group="task/schema", name=name, node=cls(type=name))
+
+
+def task_config(type_name: str, **values: Any) -> Any:
+    """The typed config of task type `type_name` (an OmegaConf node) with `values` set: for code and tests."""
+    from omegaconf import OmegaConf
+
+    cls = get_task(type_name).config_class
+    return OmegaConf.merge(OmegaConf.structured(cls(type=type_name)), values)
+
+
+discover()
+
+__all__ = ["Task", "TASKS", "TASK_CONFIGS", "available", "discover", "get_task", "register_task",
+           "register_task_schemas", "task_config"]

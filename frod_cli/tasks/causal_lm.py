@@ -12,9 +12,10 @@ data and settings). In short:
   chat, sharegpt     turns rendered with the tokenizer's chat template (refused without one: task.chat_template=chatml
                      gives it one); task.system_prompt becomes a system turn when the conversation has none. Loss on
                      the assistant turns only (each turn's text as the template renders it, end-of-turn markup
-                     included); EOS appended to the last one unless the template already put it there. Turns after
-                     the last assistant turn are dropped. For generation the prompt is everything before the last
-                     assistant turn with the generation prompt, the reference that turn.
+                     included; tool calls too, never tool outputs); EOS appended to the last one unless the
+                     template already put it there. Turns after the last assistant turn are dropped. For generation
+                     the prompt is everything before the last assistant turn kept with the generation prompt, the
+                     reference that turn.
   prompt_completion  strings: prompt and completion as they are (TRL's rule: no template); message lists: through the
                      template, loss on the completion's assistant turns.
   text               task.text_fields[0] (one column): plain documents, loss on every token, EOS appended;
@@ -29,9 +30,11 @@ without content, a role not in task.role_map, a conversation the template cannot
 line naming the first such row and the count; task.skip_malformed=true drops them with a count instead.
 
 Labels: the prompt's labels are -100 (`task.train_on_prompt=false`, the default) so the loss covers the
-response (+ EOS) only. Examples longer than `task.max_length` are truncated on the right (the response is
-cut); an example whose prompt alone fills max_length is dropped. Both counts are logged per split (and kept in
-metrics.json under `data`), and a split in which every example is dropped is refused.
+response (+ EOS) only. An example longer than `task.max_length` keeps every whole assistant turn that fits (cut
+at a turn boundary), is truncated on the right inside its first assistant turn when not even that fits, and is
+dropped only when the text before its first assistant turn fills max_length (frod_cli/tasks/lm_data.py states
+the rule). The counts are logged per split (and kept in metrics.json under `data_counts`), and a split in which
+every example is dropped is refused.
 
 Packing (`task.packing=true`, the train split only): whole examples are packed in order into blocks of at
 most max_length tokens (an example is never split across blocks; a batch pads its blocks to the longest).
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
@@ -77,6 +81,7 @@ import torch.nn.functional as F
 from frod_cli import FrodCliError
 
 from .. import metrics as metrics_lib
+from ..config import GenerationConfig
 from . import layouts, lm_data, templates
 from . import streaming as S
 from .answers import answer_rule, normalize_answer
@@ -92,36 +97,58 @@ FORMATS = layouts.FORMATS
 LOSS_METRICS = ("loss", "perplexity", "token_accuracy")
 
 
-@register_task("causal_lm")
+@dataclass
+class CausalLMConfig(layouts.ConversationConfig):
+    # Weighted mixture: a list of sources, each {name, weight, source, dataset, data_files, data_format, ...}
+    # (the keys of one source; the rest inherited from this task); trained on with probabilities weight / sum
+    mixture: List[Any] = field(default_factory=list)
+    mixture_stop: str = "first_exhausted"  # first_exhausted | all_exhausted: when the mixture's epoch ends
+    streaming: bool = False  # read and tokenize the training split while training (needs train.max_steps)
+    shuffle_buffer: int = 1000  # streaming: rows in the shuffle buffer (0: the stream's own order)
+    train_on_prompt: bool = False  # false: loss on the response tokens only
+    packing: bool = False  # pack examples into blocks of max_length (training split only)
+    # how the answer is read off a generation: full | last_number | first_word | regex:<pattern>
+    answer_pattern: str = "full"
+    labels: Optional[List[str]] = None  # answers that are labels: `accuracy` over them is reported too
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    objective: str = "loss"
+    objective_mode: str = "min"
+
+
+@register_task("causal_lm", config=CausalLMConfig)
 class CausalLM(DataTask):
     auto_class = "AutoModelForCausalLM"
-    modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model: no new head to train
-    defaults = {"objective": "loss", "objective_mode": "min", "metrics": ["exact_match"]}
+    lower_is_better = ("loss", "perplexity")
 
-    def __init__(self, cfg: Any, seed: int = 0):
-        super().__init__(cfg, seed)
-        if cfg.data_format not in FORMATS:
-            raise FrodCliError(f"unknown task.data_format {cfg.data_format!r}; use {', '.join(FORMATS)}")
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        from frod_cli.config import check_sampling
+
+        super().check_config(cfg)
         if int(cfg.max_length) < 2:
             raise FrodCliError(f"task.max_length must be at least 2 for a causal LM, got {cfg.max_length}")
-        self.extract = answer_rule(cfg.answer_pattern)  # refuses an unknown rule or a bad regex now
+        if cfg.data_format not in FORMATS:
+            raise FrodCliError(f"unknown task.data_format {cfg.data_format!r}; use {', '.join(FORMATS)}")
+        answer_rule(cfg.answer_pattern)  # an unknown rule or a bad regex
         for tpl in (cfg.prompt_template, cfg.response_template):
             if tpl is not None:
                 templates.fields(tpl)
-        known = self.known_metrics = list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if cfg.labels else [])
-        if cfg.objective not in known:
-            raise FrodCliError(f"task.objective {cfg.objective!r} is not a causal_lm metric; use one of {', '.join(known)}"
-                               + (" (accuracy needs task.labels)" if cfg.objective == "accuracy" else ""))
-        if cfg.objective in ("loss", "perplexity") and cfg.objective_mode != "min":
-            raise FrodCliError(f"task.objective={cfg.objective} is minimised: set task.objective_mode=min")
         layouts.check_chat_template_setting(cfg.chat_template)
+        check_sampling(cfg.generation, "task.generation.")
+        if int(cfg.shuffle_buffer) < 0:
+            raise FrodCliError(f"task.shuffle_buffer must be >= 0 (0: no shuffling), got {cfg.shuffle_buffer}")
+
+    def __init__(self, cfg: Any, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.extract = answer_rule(cfg.answer_pattern)
         self.sources = sources_of(cfg)  # refuses a bad mixture now, before any data is read
         for src in self.sources:
             if src.cfg.data_format not in FORMATS:
                 raise FrodCliError(f"source {src.name!r}: unknown data_format {src.cfg.data_format!r}; use {', '.join(FORMATS)}")
             layouts.role_map(src.cfg)
-        self._check_streaming()
+        if cfg.streaming and any(s.cfg.dedupe for s in self.sources):
+            raise FrodCliError("task.dedupe needs the whole data set at once: not with task.streaming=true")
         self.formats: List[Optional[str]] = [None if s.cfg.data_format == "auto" else str(s.cfg.data_format)
                                              for s in self.sources]
         self.stats: Dict[str, Dict[str, int]] = {}
@@ -129,14 +156,9 @@ class CausalLM(DataTask):
         self.train_counts: Optional[List[int]] = None
         self.tokenizer: Any = None
 
-    def _check_streaming(self) -> None:
-        cfg = self.cfg
-        if int(cfg.shuffle_buffer) < 0:
-            raise FrodCliError(f"task.shuffle_buffer must be >= 0 (0: no shuffling), got {cfg.shuffle_buffer}")
-        if not cfg.streaming:
-            return
-        if any(s.cfg.dedupe for s in self.sources):
-            raise FrodCliError("task.dedupe needs the whole data set at once: not with task.streaming=true")
+    @property
+    def streaming(self) -> bool:
+        return bool(self.cfg.streaming)
 
     @property
     def format(self) -> Optional[str]:
@@ -148,7 +170,7 @@ class CausalLM(DataTask):
         return [s.name for s in self.sources]
 
     def metric_names(self) -> Optional[List[str]]:
-        return list(self.known_metrics)
+        return list(LOSS_METRICS) + ["exact_match"] + (["accuracy"] if self.cfg.labels else [])  # accuracy: over labels
 
     # ------------------------------------------------------------------------------------------- data
     def model_kwargs(self) -> Dict[str, Any]:

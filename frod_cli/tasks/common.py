@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import datasets
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import metrics as metrics_lib
+from ..config import TaskConfig, open_map
 from .base import Task
 from .sources import dedupe, load_raw, make_splits, require_columns
 
@@ -100,10 +102,26 @@ def model_config(model: torch.nn.Module) -> Any:
     return getattr(model, "config", None)
 
 
+@dataclass
+class LabelledConfig(TaskConfig):
+    """Task types that predict a label column and score predictions with evaluate modules (frod_cli/metrics)."""
+
+    label_field: str = "label"
+    metrics: List[str] = field(default_factory=lambda: ["accuracy"])  # every evaluation reports these
+
+
+@dataclass
+class ClassificationConfig(LabelledConfig):
+    """A classification (or regression) head over the model: seq_cls, image_cls."""
+
+    labels: Optional[List[str]] = None  # class names, in the head's order; inferred from the data when None
+    label_aliases: Dict[str, str] = field(default_factory=open_map)  # e.g. ARC's answerKey {"1": "A", ...}
+    regression: bool = False  # one real-valued output (e.g. STS-B), MSE loss
+
+
 class DataTask(Task):
     """The load pipeline every task type shares: raw -> normalise -> check -> labels -> dedupe -> splits."""
 
-    modality = "text"  # which preprocessor frod_cli.models builds: "text" (tokenizer) or "image"
     label_column = "label"  # after `normalise`
 
     def input_columns(self) -> List[str]:
@@ -129,6 +147,10 @@ class DataTask(Task):
             raw = datasets.DatasetDict({s: dedupe(ds, self.input_columns()) for s, ds in raw.items()})
         return make_splits(raw, self.cfg, self.seed, stratify_by=self.stratify_column())
 
+
+class LabelledTask(DataTask):
+    """A DataTask whose predictions are scored by `task.metrics` (LabelledConfig)."""
+
     def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:
         return metrics_lib.compute(list(self.cfg.metrics), to_numpy(predictions), to_numpy(references), num_labels=self.num_labels)
 
@@ -148,7 +170,7 @@ def keep_configured_splits(raw: datasets.DatasetDict, cfg: Any) -> datasets.Data
     return datasets.DatasetDict({s: ds for s, ds in raw.items() if s in named})
 
 
-class ClassificationTask(DataTask):
+class ClassificationTask(LabelledTask):
     """A task whose model has a classification/regression head and returns `.logits` of shape [B, K]."""
 
     default_modules_to_save = ("classifier", "score")  # BERT/ViT heads, LLaMA-style sequence heads

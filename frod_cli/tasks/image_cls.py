@@ -7,7 +7,8 @@ image on disk. CIFAR's schema is `img`,`label`: set `task.image_field=img`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import datasets
 import numpy as np
@@ -15,7 +16,13 @@ import torch
 from PIL import Image
 
 from .base import register_task
-from .common import ClassificationTask, model_config
+from .common import ClassificationConfig, ClassificationTask, model_config
+
+
+@dataclass
+class ImageClassificationConfig(ClassificationConfig):
+    image_field: str = "image"
+    image_size: Optional[int] = None  # pixels per side the model sees; None: the model's own
 
 
 def to_image(x: Any, mode: str = "RGB") -> Image.Image:
@@ -34,7 +41,7 @@ def to_image(x: Any, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(arr).convert(mode)
 
 
-@register_task("image_cls")
+@register_task("image_cls", config=ImageClassificationConfig)
 class ImageClassification(ClassificationTask):
     auto_class = "AutoModelForImageClassification"
     modality = "image"

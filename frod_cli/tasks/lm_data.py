@@ -1,22 +1,35 @@
 """causal_lm's data: every source read into one row schema (a conversation), mixed, split, then tokenized.
 
-Reading (`load_sources`): each source (`frod_cli.tasks.mixture`) is loaded, its layout resolved from its columns
+Reading (`read_source`): each source (`frod_cli.tasks.mixture`) is loaded, its layout resolved from its columns
 (`layouts.resolve_format`), and every row read into the conversation schema `CONVERSATION` (turns, how many of them
-are prompt, the plain prompt, raw or not, the reference answer, the source's index, the row's number in its source)
-through `layouts.read_rows` (malformed rows refused or counted before any model is loaded). Then each source's
-splits are made (`sources.make_splits`), and a mixture's training splits are interleaved with the weights while
-its validation and test splits are concatenated (each row keeps `_source`, so evaluation reports per source).
+are prompt, the plain prompt, raw or not, the row's tool schemas, the reference answer, the source's index, the
+number and boolean cells written out as text, the row's number in its source) through `layouts.read_rows`
+(malformed rows refused or counted before any model is loaded). Arrow needs one fixed schema, so a turn's tool
+calls and a row's tools travel as JSON strings (frod_cli/tasks/tool_calls.py) and are decoded for the template.
+Then each source's splits are made (`sources.make_splits`), and a mixture's training splits are interleaved with
+the weights while its validation and test splits are concatenated (each row keeps `_source`, so evaluation
+reports per source).
 
 Tokenizing (`Encoder`, `encode_split`): a conversation becomes segments (`layouts.segments`), token ids and
-labels; `_status` says whether it was kept whole, truncated to max_length, or dropped (its prompt alone fills
-max_length). Both maps carry an explicit fingerprint (the input's, the settings, the tokenizer's content and this
-code's), so datasets' cache serves the next run on the same data and settings instead of tokenizing again (data
-loaded from files; an in-memory source is read again each time).
+labels. The long-conversation rule (`fit_turns`), for a conversation longer than task.max_length:
+  - every whole trained (assistant) turn that fits is kept, the loss on each, and the conversation ends after the
+    last of them (with EOS when the template does not end the turn with it): "cut at a turn boundary", its later
+    turns dropped (counted: turns_dropped);
+  - when not even the first trained turn fits whole, the conversation is truncated to max_length inside that turn
+    ("truncated"), as long as the text before it leaves room;
+  - it is dropped only when the text before its FIRST trained turn already fills max_length.
+Generation is scored on the last turn kept: the prompt is everything before it, the reference that turn (its text,
+then its tool calls as the built-in ChatML writes them). Per split, examples kept whole, cut, truncated, dropped
+and the turns dropped are logged and kept in metrics.json (`data_counts`). Both maps carry an explicit fingerprint
+(the input's, the settings, the tokenizer's content and this code's), so datasets' cache serves the next run on the
+same data and settings instead of tokenizing again (data loaded from files; an in-memory source is read again
+each time).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +38,7 @@ import numpy as np
 
 from frod_cli import FrodCliError
 
-from . import layouts
+from . import layouts, tool_calls
 from . import streaming as S
 from .common import keep_configured_splits
 from .mixture import Source, probabilities
@@ -35,13 +48,13 @@ log = logging.getLogger("frod_cli.tasks.causal_lm")
 
 _STRING, _INT32 = datasets.Value("string"), datasets.Value("int32")
 CONVERSATION = datasets.Features({
-    "messages": [{"role": _STRING, "content": _STRING}], "prompt_turns": _INT32, "plain_prompt": _STRING,
-    "raw": datasets.Value("bool"), "reference": _STRING, "_source": _INT32,
+    "messages": [{k: _STRING for k in layouts.MESSAGE_KEYS}], "prompt_turns": _INT32, "plain_prompt": _STRING,
+    "raw": datasets.Value("bool"), "tools": _STRING, "reference": _STRING, "_source": _INT32, "_converted": _INT32,
 })
 ENCODED = datasets.Features({
     "input_ids": datasets.Sequence(_INT32), "labels": datasets.Sequence(_INT32), "prompt_len": _INT32,
     "prompt": _STRING, "reference": _STRING, "has_reference": datasets.Value("bool"), "_status": datasets.Value("int8"),
-    "_source": _INT32,
+    "_turns_dropped": _INT32, "_converted": _INT32, "_source": _INT32,
 })
 
 
@@ -49,7 +62,7 @@ ENCODED = datasets.Features({
 def _code_digest() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in ("lm_data.py", "layouts.py", "templates.py"):
+    for name in ("lm_data.py", "layouts.py", "templates.py", "tool_calls.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
@@ -88,16 +101,18 @@ class RowReader:
             conv = layouts.read(row, self.fmt, self.cfg)
         except FrodCliError as e:  # a template that cannot be filled from this row
             raise layouts.MalformedRow(str(e)) from e
-        answers = [m["content"] for m in conv.messages[conv.prompt_turns:] if m["role"] == "assistant"]
+        answers = [m for m in conv.messages[conv.prompt_turns:] if m["role"] == "assistant"]
         if not answers:  # nothing to train on: found now, before any model loads
             raise layouts.MalformedRow("no assistant turn to train on" + (" in the completion" if conv.prompt_turns else ""))
-        reference = "" if self.fmt == "text" else answers[-1]
+        reference = "" if self.fmt == "text" else tool_calls.answer_text(answers[-1])
         return {"messages": conv.messages, "prompt_turns": conv.prompt_turns, "plain_prompt": conv.plain_prompt,
-                "raw": conv.raw, "reference": reference, "_source": self.source}
+                "raw": conv.raw, "tools": conv.tools, "reference": reference, "_source": self.source,
+                "_converted": conv.converted}
 
     def settings(self) -> Tuple:
         keys = ("data_format", "instruction_field", "input_field", "output_field", "messages_field", "conversations_field",
-                "prompt_field", "completion_field", "prompt_template", "response_template", "system_prompt", "text_fields")
+                "prompt_field", "completion_field", "prompt_template", "response_template", "system_prompt", "text_fields",
+                "tools_field")
         return (self.fmt, self.source, [str(getattr(self.cfg, k, None)) for k in keys], sorted(layouts.role_map(self.cfg).items()))
 
 
@@ -124,6 +139,14 @@ def resolve(src: Source, columns: Sequence[str], many: bool, split: str) -> str:
     return fmt
 
 
+def log_converted(ds: datasets.Dataset, where: str) -> int:
+    """The number and boolean cells the rows of `ds` had written out as text (its `_converted` column), logged."""
+    n = int(np.sum(np.asarray(ds["_converted"], dtype=np.int64))) if len(ds) else 0
+    if n:
+        log.info("%s: %d number or boolean cells written out as text", where, n)
+    return n
+
+
 def read_source(i: int, src: Source, seed: int, many: bool) -> Tuple[str, datasets.DatasetDict, Dict[str, Any]]:
     """(layout, train/validation/test in the CONVERSATION schema, what reading found) of one source."""
     cfg = src.cfg
@@ -135,12 +158,13 @@ def read_source(i: int, src: Source, seed: int, many: bool) -> Tuple[str, datase
         layouts.check_columns(fmt, cfg, ds.column_names, f"{where_of(src, many)}split {split!r}")
         read[split], report = layouts.read_rows(ds, reader, cfg, split, features=CONVERSATION, where=where_of(src, many),
                                                 fingerprint=fingerprint(ds, "read", reader.settings()))
-        found[split] = {"rows": report.rows, "malformed": report.malformed}
+        found[split] = {"rows": report.rows, "malformed": report.malformed,
+                        "converted": log_converted(read[split], f"{where_of(src, many)}split {split!r}")}
         if len(read[split]) == 0:
             raise FrodCliError(f"{where_of(src, many)}split {split!r} gives no example: all {report.rows} rows are "
                                "malformed (and task.skip_malformed=true dropped them)")
     if cfg.dedupe:
-        read = {s: dedupe(ds, ["messages", "plain_prompt", "raw"]) for s, ds in read.items()}
+        read = {s: dedupe(ds, ["messages", "plain_prompt", "raw", "tools"]) for s, ds in read.items()}
     return fmt, make_splits(datasets.DatasetDict(read), cfg, seed, stratify_by=None), found
 
 
@@ -177,6 +201,7 @@ def stream_source(i: int, src: Source, many: bool) -> Tuple[str, Dict[str, Any]]
         out["test"] = S.materialize(S.numbered(streams[cfg.test_split]), n_eval)
     for split in list(out):
         out[split], _ = layouts.read_rows(out[split], reader, cfg, split, features=CONVERSATION, where=where)
+        log_converted(out[split], f"{where}split {split!r}")
     feats = datasets.Features({**CONVERSATION, "_row": datasets.Value("int64"), "_malformed": _STRING})
     guard = layouts.Guarded(reader, layouts.blank_of(feats))
     del guard.blank["_malformed"]
@@ -200,8 +225,44 @@ def combine_streams(parts: List[Dict[str, Any]], sources: List[Source], seed: in
 
 
 # ----------------------------------------------------------------------------------------------- encoding
+@dataclass
+class Fit:
+    """What of a conversation fits max_length (`fit_turns`)."""
+
+    status: int  # streaming.KEPT | CUT | TRUNCATED | DROPPED
+    kept: int  # trained turns kept whole
+    last: int  # the trained turn (counted among them, from 0) that generation is scored on: the last kept one
+    pieces: List[Tuple[List[int], bool]]  # the token pieces up to that turn, which ends with EOS
+    prompt_len: int  # the tokens before that turn
+
+
+def fit_turns(pieces: List[Tuple[List[int], bool]], max_length: int, eos: Optional[int]) -> Fit:
+    """The long-conversation rule (the module docstring) on a conversation's token pieces [(ids, trained)]: every
+    whole trained turn that fits, each counted with the EOS it would end with."""
+    starts, ends, total = [], [], 0
+    for ids, trained in pieces:
+        if trained:
+            starts.append(total)
+            ends.append(total + len(ids) + int(eos is not None and eos not in ids))
+        total += len(ids)
+    kept = sum(e <= max_length for e in ends)  # ends grow turn by turn: the turns that fit are the first ones
+    if kept == len(ends):
+        status = S.KEPT
+    elif kept:
+        status = S.CUT
+    else:
+        status = S.TRUNCATED if starts[0] < max_length else S.DROPPED
+    last = max(kept, 1) - 1
+    end = [i for i, (_, trained) in enumerate(pieces) if trained][last]
+    out = list(pieces[: end + 1])
+    if eos is not None and eos not in out[-1][0]:
+        out[-1] = (out[-1][0] + [eos], True)
+    return Fit(status, kept, last, out, starts[last])
+
+
 class Encoder:
-    """A CONVERSATION row -> input_ids, labels, prompt_len, prompt, reference, has_reference, _status, _source."""
+    """A CONVERSATION row -> input_ids, labels, prompt_len, prompt, reference, has_reference, _status,
+    _turns_dropped, _converted, _source."""
 
     def __init__(self, tok: Any, max_length: int, train_on_prompt: bool, leading: Sequence[int]):
         self.tok, self.max_length, self.train_on_prompt, self.leading = tok, int(max_length), bool(train_on_prompt), list(leading)
@@ -216,49 +277,58 @@ class Encoder:
     def __call__(self, row: Dict[str, Any]) -> Dict[str, Any]:
         if row.get("_malformed"):  # a streamed row its reading found malformed: keep its reason
             raise layouts.MalformedRow(row["_malformed"])
-        conv = layouts.Conversation(list(row["messages"]), int(row["prompt_turns"]), row["plain_prompt"], bool(row["raw"]))
+        conv = layouts.Conversation(list(row["messages"]), int(row["prompt_turns"]), row["plain_prompt"], bool(row["raw"]),
+                                    tools=row.get("tools") or "")
         segs = layouts.conversation_segments(conv, self.tok, None)
         with_template = layouts.templated(self.tok, conv.raw)
-        pieces = layouts.token_segments(segs, self.tok, with_template=with_template)
-        ids: List[int] = [] if with_template else list(self.leading)  # a plain prompt's BOS: never a target
-        labels: List[int] = [-100] * len(ids)
-        for piece, trained in pieces:
+        pieces = layouts.token_segments(segs, self.tok, with_template=with_template, leading=self.leading, close=False)
+        turns = layouts.trained_turns(conv.messages, ("assistant",), conv.prompt_turns)
+        turns = turns if with_template else turns[-1:]  # a plain rendering trains the last turn only
+        fit = fit_turns(pieces, self.max_length, self.tok.eos_token_id)
+        ids: List[int] = []
+        labels: List[int] = []
+        for piece, trained in fit.pieces:
             ids += piece
             labels += piece if (trained or self.train_on_prompt) else [-100] * len(piece)
-        prompt_len = len(ids) - len(pieces[-1][0])
-        status = S.KEPT
-        if prompt_len >= self.max_length:
-            status = S.DROPPED
-        elif len(ids) > self.max_length:
-            ids, labels, status = ids[: self.max_length], labels[: self.max_length], S.TRUNCATED
-        reference = str(row["reference"] or "")
-        return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len, "prompt": "".join(t for t, _ in segs[:-1]),
-                "reference": reference, "has_reference": bool(reference.strip()), "_status": status,
-                "_source": int(row["_source"])}
+        lead = 0 if with_template else len(self.leading)
+        labels[:lead] = [-100] * lead  # a plain prompt's BOS: never a target
+        if fit.status == S.TRUNCATED:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        before = [i for i, (_, trained) in enumerate(segs) if trained][fit.last]  # the scored turn's segment
+        reference = str(row["reference"] or "") if fit.last == len(turns) - 1 else \
+            tool_calls.answer_text(conv.messages[turns[fit.last]])
+        return {"input_ids": ids, "labels": labels, "prompt_len": fit.prompt_len, "prompt": "".join(t for t, _ in segs[:before]),
+                "reference": reference, "has_reference": bool(reference.strip()), "_status": fit.status,
+                "_turns_dropped": 0 if fit.status == S.DROPPED else len(turns) - max(fit.kept, 1),
+                "_converted": int(row.get("_converted") or 0), "_source": int(row["_source"])}
 
 
 def encode_split(ds: datasets.Dataset, encoder: Encoder, cfg: Any, split: str) -> Tuple[datasets.Dataset, Dict[str, int]]:
     """(the kept examples of one split, its counts); refuses a split in which no example is left."""
     enc, report = layouts.read_rows(ds, encoder, cfg, split, features=ENCODED, desc=f"tokenizing {split}",
                                     fingerprint=fingerprint(ds, "encode", encoder.settings()))
-    status = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=3)
+    status = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=4)
     n, max_len = report.rows, encoder.max_length
-    kept = int(status[S.KEPT] + status[S.TRUNCATED])
-    stats = {"examples": n, "kept": kept, "truncated": int(status[S.TRUNCATED]), "dropped": int(status[S.DROPPED]),
+    stats = {"examples": n, "kept": int(len(enc) - status[S.DROPPED]), "whole": int(status[S.KEPT]),
+             "cut": int(status[S.CUT]), "truncated": int(status[S.TRUNCATED]), "dropped": int(status[S.DROPPED]),
+             "turns_dropped": int(np.sum(np.asarray(enc["_turns_dropped"], dtype=np.int64))) if len(enc) else 0,
              "malformed": report.malformed}
-    if kept == 0:
+    if stats["kept"] == 0:
         if status[S.DROPPED]:
-            raise FrodCliError(f"every example of split {split!r} is too long: the prompt alone fills task.max_length="
-                               f"{max_len} ({n} examples); raise task.max_length")
+            raise FrodCliError(f"every example of split {split!r} is too long: the text before its first trained turn "
+                               f"fills task.max_length={max_len} ({n} examples); raise task.max_length")
         raise FrodCliError(f"split {split!r} has no example left to train or evaluate on ({n} rows)")
-    if status[S.TRUNCATED] or status[S.DROPPED]:
-        log.warning("causal_lm split %r: %d of %d examples truncated to task.max_length=%d, %d dropped "
-                    "(prompt alone fills max_length)", split, status[S.TRUNCATED], n, max_len, status[S.DROPPED])
+    if stats["whole"] < len(enc):
+        log.warning("causal_lm split %r: %d of %d examples longer than task.max_length=%d: %d cut at a turn boundary, "
+                    "%d truncated inside their first trained turn (%d later assistant turns left out in all), %d "
+                    "dropped (the text before their first trained turn fills max_length)", split,
+                    len(enc) - stats["whole"], n, max_len, stats["cut"], stats["truncated"], stats["turns_dropped"],
+                    stats["dropped"])
     else:
         log.info("causal_lm split %r: %d examples, none longer than task.max_length=%d", split, n, max_len)
-    if len(enc) > kept:
+    if status[S.DROPPED]:
         enc = enc.filter(lambda s: [v != S.DROPPED for v in s], input_columns="_status", batched=True)
-    return enc.remove_columns(["_status", "_row"]), stats
+    return enc.remove_columns(["_status", "_turns_dropped", "_converted", "_row"]), stats
 
 
 # ------------------------------------------------------------------------------------------------ packing

@@ -30,7 +30,7 @@ STOPS = ("first_exhausted", "all_exhausted")
 DATA_KEYS = ("source", "dataset", "subset", "data_files", "format")
 SOURCE_KEYS = DATA_KEYS + (
     "data_format", "text_fields", "instruction_field", "input_field", "output_field", "messages_field",
-    "conversations_field", "role_map", "prompt_field", "completion_field", "prompt_template", "response_template",
+    "conversations_field", "role_map", "tools_field", "prompt_field", "completion_field", "prompt_template", "response_template",
     "system_prompt", "train_split", "validation_split", "test_split", "validation_fraction", "test_fraction",
     "max_train_samples", "max_eval_samples", "dedupe", "skip_malformed")
 
@@ -52,8 +52,9 @@ def default_name(cfg: Any) -> str:
 
 
 def sources_of(cfg: Any) -> List[Source]:
-    """The task's sources: its mixture's entries, or the task itself as the one source."""
-    if not cfg.mixture:
+    """The task's sources: its mixture's entries, or the task itself as the one source (task types without a
+    `mixture` key read one source)."""
+    if not cfg.get("mixture"):
         return [Source(default_name(cfg), 1.0, cfg)]
     if cfg.mixture_stop not in STOPS:
         raise FrodCliError(f"unknown task.mixture_stop {cfg.mixture_stop!r}; use {' or '.join(STOPS)}")

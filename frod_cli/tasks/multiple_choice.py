@@ -19,6 +19,7 @@ Schemas recognised by `normalise` (first match, by the train split's columns), a
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import datasets
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_task
-from .common import DataTask, is_missing
+from .common import LabelledConfig, LabelledTask, is_missing
 
 SCHEMAS = ("piqa", "arc", "boolq", "hellaswag", "siqa", "winogrande", "generic")
 _MC_FEATURES = datasets.Features(
@@ -107,10 +108,18 @@ def normalise_example(ex: Dict[str, Any], schema: str, cfg: Any) -> Tuple[str, L
     return _qa(ex[cfg.question_field], context), [str(c) for c in choices], _label_index(ex[cfg.label_field], choices)
 
 
-@register_task("multiple_choice")
-class MultipleChoice(DataTask):
+@dataclass
+class MultipleChoiceConfig(LabelledConfig):
+    """The generic schema's columns (the known schemas are recognised by their columns)."""
+
+    question_field: str = "question"
+    choices_field: str = "choices"  # a list of strings, or {text: [...]}
+    context_field: Optional[str] = None  # placed before the question
+
+
+@register_task("multiple_choice", config=MultipleChoiceConfig)
+class MultipleChoice(LabelledTask):
     auto_class = "AutoModelForCausalLM"
-    modality = "text"
     default_modules_to_save = ()  # the LM head scores choices; there is no new head to train
 
     def input_columns(self) -> List[str]:
@@ -205,6 +214,9 @@ class MultipleChoice(DataTask):
         return collate_fn
 
     # ------------------------------------------------------------------------------------------ scoring
+    def outputs(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scores(model, batch).float()
+
     def scores(self, model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, K] summed choice log-probs; -inf where an example has fewer than K choices."""
         ids, mask, tmask = batch["input_ids"], batch["attention_mask"], batch["target_mask"]

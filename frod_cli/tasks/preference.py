@@ -16,9 +16,18 @@ causal_lm does. A row is malformed
 `task.skip_malformed=true`) when a column or turn is missing, an answer is empty, the last turn of an answer is
 not the assistant's, or, implicit prompt, the two conversations' prompts differ.
 
-Truncation (`task.max_length`, prompt + answer): the prompt is kept whole and each answer cut on the right (its
-start kept) to the tokens the prompt leaves; a pair whose prompt alone fills max_length is dropped. Truncated
+Truncation (`task.max_length`, prompt + answer), by the prompt-fitting rule (`layouts.fit_prompt`, which a
+prompt-only task calls too): a prompt too long for itself and its longer answer drops its oldest whole turns
+(back to a user turn; a system turn kept) until the answers fit; when even the last user turn (with the system
+turn) leaves no room for them, the answers are cut on the right (their start kept) to the tokens it leaves; the
+system turn goes too when that leaves none; a pair is dropped only when its last user turn alone fills max_length.
+A string prompt has no turns to drop: its answers are cut. Shortened prompts (and the turns dropped), cut answers
 and dropped pairs are counted per split and logged; a split in which every pair is dropped is refused.
+
+Pairs whose chosen and rejected answers are the same carry no preference (their loss has no gradient, and
+reward_accuracy never counts them right): a warning gives their count per split, and task.skip_malformed=true
+drops them (counted). Number and boolean cells are written out as text (counted). Tool calls and a `tools` column
+are read as causal_lm reads them (frod_cli/tasks/tool_calls.py): an answer may be a tool call.
 
 Training: the chosen and the rejected sequences of a batch of B pairs go through the model in one forward (2B
 rows, chosen first); the loss covers the answer tokens only (the prompt's labels are -100). log pi(y|x) is the
@@ -52,6 +61,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import datasets
@@ -61,7 +71,9 @@ import torch.nn.functional as F
 
 from frod_cli import FrodCliError, one_line
 
+from . import tool_calls
 from .base import register_task
+from .layouts import ConversationConfig
 from .common import DataTask, keep_configured_splits
 from .sources import dedupe, load_raw, make_splits
 
@@ -142,8 +154,9 @@ def _view(cfg: Any, **changes: Any) -> Any:
 
 
 class _PairReader:
-    """One raw row -> prompt tokens, chosen and rejected answer tokens (truncated), their texts and a status.
-    Rows are read and rendered by frod_cli.tasks.layouts; a row it cannot use raises MalformedRow."""
+    """One raw row -> prompt tokens, chosen and rejected answer tokens (fitted to max_length), their texts, a
+    status and counts. Rows are read and rendered by frod_cli.tasks.layouts; a row it cannot use raises
+    MalformedRow."""
 
     def __init__(self, cfg: Any, tokenizer: Any, explicit_prompt: bool):
         from frod_cli.decoding import leading_special_ids
@@ -162,7 +175,7 @@ class _PairReader:
         last = conv.messages[-1]
         if last["role"] != "assistant":
             raise layouts.MalformedRow(f"the last turn of {field!r} is the {last['role']}'s, not an assistant answer")
-        if not str(last["content"]).strip():
+        if not str(last["content"]).strip() and not last.get("tool_calls"):
             raise layouts.MalformedRow(f"the answer in {field!r} is empty")
         return conv
 
@@ -185,24 +198,62 @@ class _PairReader:
                         min(len(w.messages), len(l.messages)))
             raise layouts.MalformedRow(f"{self.fields[0]!r} and {self.fields[1]!r} do not share their prompt "
                                        f"(turn {turn} differs)")
+        fitted = self.fit(w, l)
+        counts = {"_identical": w.messages[-1] == l.messages[-1], "_converted": w.converted + l.converted}
+        if fitted is None:
+            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt": "", "chosen": "",
+                    "rejected": "", "_status": _DROPPED, "_turns_dropped": 0, **counts}
+        (prompt, chosen, rejected, prompt_text), dropped = fitted
+        room = self.max_length - len(prompt)
+        status = _TRUNCATED if max(len(chosen), len(rejected)) > room else _OK
+        return {"prompt_ids": prompt, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room],
+                "prompt": prompt_text, "chosen": tool_calls.answer_text(w.messages[-1]),
+                "rejected": tool_calls.answer_text(l.messages[-1]), "_status": status, "_turns_dropped": dropped, **counts}
+
+    def pair_tokens(self, w: Any, l: Any) -> Tuple[List[int], List[int], List[int], str]:
+        """(prompt, chosen, rejected ids, rendered prompt) of a pair as it stands."""
+        from . import layouts
+
         prompt, chosen, prompt_text = self.tokens(w, self.views[0])
         prompt_l, rejected, _ = self.tokens(l, self.views[1])
         if prompt_l != prompt:  # the same turns rendered alike: a template that depends on the answer
             raise layouts.MalformedRow("the chat template renders the prompt of the two answers differently")
-        room = self.max_length - len(prompt)
-        if room < 1:
-            return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt": "", "chosen": "",
-                    "rejected": "", "_status": _DROPPED}
-        status = _TRUNCATED if max(len(chosen), len(rejected)) > room else _OK
-        return {"prompt_ids": prompt, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room],
-                "prompt": prompt_text, "chosen": str(w.messages[-1]["content"]),
-                "rejected": str(l.messages[-1]["content"]), "_status": status}
+        return prompt, chosen, rejected, prompt_text
+
+    def fit(self, w: Any, l: Any) -> Optional[Tuple[Tuple[List[int], List[int], List[int], str], int]]:
+        """The pair's tokens with its prompt fitted to max_length by the prompt-fitting rule (layouts.fit_prompt:
+        the oldest whole turns dropped, a system turn kept, before the answers are cut), and the turns dropped;
+        None when not even the last user turn fits."""
+        from . import layouts
+
+        tokens = self.pair_tokens(w, l)
+        longest = max(len(tokens[1]), len(tokens[2]))
+        if len(tokens[0]) + longest <= self.max_length:
+            return tokens, 0
+        found = layouts.fit_prompt(w.messages[:-1], lambda turns: len(self.tokens(_with_prompt(w, turns),
+                                                                                  self.views[0])[0]),
+                                   self.max_length, longest)
+        if found is None:
+            return None
+        turns, dropped = found
+        if dropped:
+            tokens = self.pair_tokens(_with_prompt(w, turns), _with_prompt(l, turns))
+        return tokens, dropped
+
+
+def _with_prompt(conv: Any, turns: List[Dict[str, str]]) -> Any:
+    """The conversation with `turns` before its answer (its oldest turns dropped)."""
+    from dataclasses import replace
+
+    return replace(conv, messages=list(turns) + conv.messages[-1:],
+                   prompt_turns=max(0, conv.prompt_turns - (len(conv.messages) - 1 - len(turns))))
 
 
 _FEATURES = datasets.Features({
     **{c: datasets.Sequence(datasets.Value("int32")) for c in _IDS},
     "prompt": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-    "_status": datasets.Value("int8"),
+    "_status": datasets.Value("int8"), "_turns_dropped": datasets.Value("int32"), "_identical": datasets.Value("bool"),
+    "_converted": datasets.Value("int32"),
 })
 
 
@@ -235,51 +286,50 @@ class _Collator:
         return collate_pairs(features, self.pad_id)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    """The process's peak memory so far: CUDA's allocator peak, else the peak resident set (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+@dataclass
+class PreferenceConfig(ConversationConfig):
+    """Pairs of answers to one prompt (TRL's prompt/chosen/rejected columns, or chosen/rejected conversations).
+    Not here, because they do not apply to pairs: packing (pairs are never packed), train_on_prompt (the loss covers
+    the answers only), mixture (one source of pairs per run), streaming (the reference pass reads every pair first)."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    loss: str = "dpo"  # dpo | ipo | simpo
+    beta: Optional[float] = None  # None: 0.1 for dpo and ipo (IPO's tau), 2.0 for simpo
+    gamma: Optional[float] = None  # simpo's target reward margin; None: beta / 2
+    objective: str = "reward_accuracy"
+    objective_mode: str = "max"
 
 
-@register_task("preference")
+@register_task("preference", config=PreferenceConfig)
 class Preference(DataTask):
     auto_class = "AutoModelForCausalLM"
-    modality = "text"
     default_modules_to_save = ()  # the LM head is part of the model
-    defaults = {"objective": "reward_accuracy", "objective_mode": "max", "metrics": ["reward_accuracy"]}
-    own_keys = ("loss", "beta", "gamma", "chosen_field", "rejected_field")
+    lower_is_better = ("loss",)
 
-    def __init__(self, cfg: Any, seed: int = 0):
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
         from . import layouts
 
-        super().__init__(cfg, seed)
-        self.loss_name = str(cfg.loss)
-        if self.loss_name not in LOSSES:
-            raise FrodCliError(f"unknown task.loss {self.loss_name!r} for preference tuning; use {', '.join(LOSSES)}")
-        self.beta = float(cfg.beta) if cfg.beta is not None else DEFAULT_BETA[self.loss_name]
-        if not self.beta > 0:
+        super().check_config(cfg)
+        if str(cfg.loss) not in LOSSES:
+            raise FrodCliError(f"unknown task.loss {cfg.loss!r} for preference tuning; use {', '.join(LOSSES)}")
+        if cfg.beta is not None and not float(cfg.beta) > 0:
             raise FrodCliError(f"task.beta must be positive, got {cfg.beta}")
-        if cfg.gamma is not None and self.loss_name != "simpo":
-            raise FrodCliError(f"task.gamma is SimPO's target margin; task.loss={self.loss_name} has none (drop it)")
-        self.gamma = float(cfg.gamma) if cfg.gamma is not None else self.beta / 2
-        for key, value, why in (("data_format", cfg.data_format != "auto", "the layout follows the columns (a "
-                                 "prompt column or not); leave it at auto"),
-                                ("packing", bool(cfg.packing), "pairs are never packed"),
-                                ("train_on_prompt", bool(cfg.train_on_prompt), "the loss covers the answers only"),
-                                ("mixture", bool(cfg.mixture), "one source of pairs per run"),
-                                ("streaming", bool(cfg.streaming), "the reference pass reads every pair first")):
-            if value:
-                raise FrodCliError(f"task.{key}={getattr(cfg, key)} does not apply to preference data: {why}")
+        if cfg.gamma is not None and str(cfg.loss) != "simpo":
+            raise FrodCliError(f"task.gamma is SimPO's target margin; task.loss={cfg.loss} has none (drop it)")
+        if cfg.data_format != "auto":
+            raise FrodCliError(f"task.data_format={cfg.data_format} does not apply to preference data: the layout "
+                               "follows the columns (a prompt column or not); leave it at auto")
         layouts.check_chat_template_setting(cfg.chat_template)
         if int(cfg.max_length) < 2:
             raise FrodCliError(f"task.max_length must be at least 2 for a causal LM, got {cfg.max_length}")
-        if cfg.objective not in METRICS:
-            raise FrodCliError(f"task.objective {cfg.objective!r} is not a preference metric; use one of {', '.join(METRICS)}")
-        if cfg.objective == "loss" and cfg.objective_mode != "min":
-            raise FrodCliError("task.objective=loss is minimised: set task.objective_mode=min")
+
+    def __init__(self, cfg: Any, seed: int = 0):
+        super().__init__(cfg, seed)
+        self.loss_name = str(cfg.loss)
+        self.beta = float(cfg.beta) if cfg.beta is not None else DEFAULT_BETA[self.loss_name]
+        self.gamma = float(cfg.gamma) if cfg.gamma is not None else self.beta / 2
         self.explicit_prompt: Optional[bool] = None
         self.tokenizer: Any = None
         self.stats: Dict[str, Dict[str, int]] = {}
@@ -342,23 +392,49 @@ class Preference(DataTask):
         return {"splits": self.stats}
 
     def _keep(self, enc: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Drop (and count) the pairs whose prompt fills max_length; refuse a split left empty; number the rest."""
-        counts = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=3)
-        n, max_len, kept = len(enc), int(self.cfg.max_length), int(counts[_OK] + counts[_TRUNCATED])
-        self.stats[split] = {"pairs": n, "kept": kept, "truncated": int(counts[_TRUNCATED]), "dropped": int(counts[_DROPPED])}
-        if kept == 0:
-            raise FrodCliError(f"every pair of split {split!r} is too long: the prompt alone fills task.max_length="
-                               f"{max_len} ({n} pairs); raise task.max_length")
-        if counts[_TRUNCATED] or counts[_DROPPED]:
-            log.warning("preference split %r: %d of %d pairs truncated to task.max_length=%d (answers cut on the "
-                        "right), %d dropped (the prompt alone fills max_length)", split, counts[_TRUNCATED], n,
-                        max_len, counts[_DROPPED])
-        else:
-            log.info("preference split %r: %d pairs, none longer than task.max_length=%d", split, n, max_len)
-        if kept < n:
-            enc = enc.filter(lambda s: [v != _DROPPED for v in s], input_columns="_status", batched=True)
-        enc = enc.remove_columns([c for c in ("_status", "_row") if c in enc.column_names])
+        """Drop (and count) the pairs whose last user turn fills max_length, and with task.skip_malformed the
+        pairs whose two answers are the same; refuse a split left empty; number the rest."""
+        status = np.asarray(enc["_status"], dtype=np.int64)
+        counts = np.bincount(status, minlength=3)
+        turns = np.asarray(enc["_turns_dropped"], dtype=np.int64)
+        identical = np.asarray(enc["_identical"], dtype=bool) & (status != _DROPPED)
+        drop = (status == _DROPPED) | (identical if self.cfg.skip_malformed else False)
+        n, max_len = len(enc), int(self.cfg.max_length)
+        self.stats[split] = {"pairs": n, "kept": int(n - drop.sum()), "truncated": int(counts[_TRUNCATED]),
+                             "dropped": int(counts[_DROPPED]), "prompts_shortened": int((turns > 0).sum()),
+                             "prompt_turns_dropped": int(turns.sum()), "identical": int(identical.sum()),
+                             "converted": int(np.sum(np.asarray(enc["_converted"], dtype=np.int64)))}
+        self._log_counts(split, self.stats[split], max_len, int(((status != _OK) | (turns > 0)).sum()))
+        if self.stats[split]["kept"] == 0:
+            if counts[_DROPPED]:
+                raise FrodCliError(f"every pair of split {split!r} is too long: its last user turn alone fills "
+                                   f"task.max_length={max_len} ({n} pairs); raise task.max_length")
+            raise FrodCliError(f"split {split!r} has no pair left: the chosen and rejected answers of all {n} are the "
+                               "same (task.skip_malformed=true dropped them)")
+        if drop.any():
+            enc = enc.select(np.flatnonzero(~drop))
+        enc = enc.remove_columns([c for c in ("_status", "_row", "_turns_dropped", "_identical", "_converted")
+                                  if c in enc.column_names])
         return enc.add_column("index", list(range(len(enc))))
+
+    def _log_counts(self, split: str, st: Dict[str, int], max_len: int, too_long: int) -> None:
+        if too_long:
+            log.warning("preference split %r: %d of %d pairs too long for task.max_length=%d: %d prompts shortened "
+                        "(%d oldest turns dropped in all, a system turn kept), %d with their answers cut on the "
+                        "right, %d dropped (the last user turn alone fills max_length)", split, too_long, st["pairs"],
+                        max_len, st["prompts_shortened"], st["prompt_turns_dropped"], st["truncated"], st["dropped"])
+        else:
+            log.info("preference split %r: %d pairs, none longer than task.max_length=%d", split, st["pairs"], max_len)
+        if st["identical"]:
+            if self.cfg.skip_malformed:
+                log.warning("preference split %r: dropped %d pairs whose chosen and rejected answers are the same "
+                            "(task.skip_malformed=true)", split, st["identical"])
+            else:
+                log.warning("preference split %r: %d of %d pairs have the same chosen and rejected answer: they carry "
+                            "no preference (no gradient; reward_accuracy never counts them right); "
+                            "task.skip_malformed=true drops them", split, st["identical"], st["pairs"])
+        if st["converted"]:
+            log.info("preference split %r: %d number or boolean cells written out as text", split, st["converted"])
 
     def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
         from frod_cli.decoding import pad_id_of
@@ -477,13 +553,12 @@ class Preference(DataTask):
             info = {"computed": False, "file": REFERENCE_FILE, "pairs": sum(len(v) for v in values.values())}
             log.info("preference: reference log-probabilities of %d pairs read back from %s", info["pairs"], path)
         else:
-            device = accelerator.device
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.time()
+            from frod_cli.memory import PeakMemory
+
+            memory, t0 = PeakMemory(accelerator.device), time.time()  # the pass's own peak (frod_cli/memory.py)
             values = self.reference_logps(model, encoded, accelerator, batch_size)
             info = {"computed": True, "file": REFERENCE_FILE, "pairs": sum(len(v) for v in values.values()),
-                    "seconds": time.time() - t0, "peak_memory_mb": _peak_memory_mb(device)}
+                    "seconds": time.time() - t0, "peak_memory_mb": memory.peak_mb()}
             self.pending = (values, prints, info)
             log.info("preference: reference log-probabilities of %d pairs in %.1f s (peak memory %.0f MiB)",
                      info["pairs"], info["seconds"], info["peak_memory_mb"])

@@ -10,25 +10,35 @@ dropped before the label checks (`common.keep_configured_splits`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import datasets
 import torch
 
 from . import templates
 from .base import register_task
-from .common import ClassificationTask
+from .common import ClassificationConfig, ClassificationTask
 
 
-@register_task("seq_cls")
+@dataclass
+class SequenceClassificationConfig(ClassificationConfig):
+    text_fields: List[str] = field(default_factory=lambda: ["text"])  # 1 or 2 (paired) text columns
+    # One text rendered from any columns instead (tasks/templates.py), e.g. "Question: {question}\nAnswer:"
+    prompt_template: Optional[str] = None
+
+
+@register_task("seq_cls", config=SequenceClassificationConfig)
 class SequenceClassification(ClassificationTask):
     auto_class = "AutoModelForSequenceClassification"
-    modality = "text"
 
-    def __init__(self, cfg: Any, seed: int = 0):
-        super().__init__(cfg, seed)
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        from frod_cli import FrodCliError
+
+        super().check_config(cfg)
         if cfg.prompt_template is None and not 1 <= len(cfg.text_fields) <= 2:
-            raise ValueError(f"task.text_fields takes one column or a pair, got {list(cfg.text_fields)}")
+            raise FrodCliError(f"task.text_fields takes one column or a pair, got {list(cfg.text_fields)}")
 
     def input_columns(self) -> List[str]:
         if self.cfg.prompt_template is not None:

@@ -18,6 +18,9 @@ Offline sources (no Hub needed), `task.source=offline task.dataset=<name>`:
                      pairs made from sft_tiny (right answer chosen, a wrong one rejected; scripts/make_pref_tiny.py
                      says how), for the preference task
   pref_tiny_chat     chosen,rejected (lists of {role, content} sharing their prompt turns); the same 320 pairs
+  tools_tiny_chat    messages: 32 function-calling conversations in OpenAI's form (assistant tool_calls, tool
+                     turns; one to three exchanges, two calls at once), written by scripts/make_tool_files.py
+  tools_tiny_sharegpt  conversations: the same 32 in ShareGPT's form (function_call / observation turns)
 """
 from __future__ import annotations
 
@@ -140,8 +143,10 @@ def _packaged_jsonl(name: str) -> datasets.DatasetDict:
 
 # The packaged jsonl sets (frod_cli/tasks/data/): sft_tiny and its chat conversations (scripts/make_sft_tiny.py),
 # the same conversations as ShareGPT and 96 rows as prompt/completion strings (scripts/make_layout_files.py), the
-# preference pairs built from sft_tiny (scripts/make_pref_tiny.py).
-for _name in ("sft_tiny", "sft_tiny_chat", "sft_tiny_sharegpt", "sft_tiny_completions", "pref_tiny", "pref_tiny_chat"):
+# preference pairs built from sft_tiny (scripts/make_pref_tiny.py), the function-calling conversations in both forms
+# (scripts/make_tool_files.py).
+for _name in ("sft_tiny", "sft_tiny_chat", "sft_tiny_sharegpt", "sft_tiny_completions", "pref_tiny", "pref_tiny_chat",
+              "tools_tiny_chat", "tools_tiny_sharegpt"):
     register_source(_name)(functools.partial(_packaged_jsonl, _name))
 
 

@@ -2,8 +2,9 @@
 
 The sources are opened with datasets' streaming mode (Hub or local files; an offline source is streamed from
 memory). A source's named validation and test splits are read up front (at most task.max_eval_samples rows
-each); a source without a validation split holds out its first task.max_eval_samples rows of train (required
-then: a stream has no length to take a fraction of). The training rows of every source are read (`layouts`),
+each); a source without a validation split holds out its first task.max_eval_samples rows of train, or its first
+DEFAULT_HOLDOUT (100) rows when that is not set (logged: a stream has no length to take a fraction of, as the
+non-streaming path does); a stream that ends within them is refused (no row would be left to train on). The training rows of every source are read (`layouts`),
 mixed (`task.mixture`, through `interleave_datasets` on the streams), shuffled in a buffer of
 task.shuffle_buffer rows seeded by (train.seed, pass), tokenized lazily and, with task.packing, packed into
 blocks as they come. A pass that ends starts the next one (reshuffled); train.max_steps says when to stop.
@@ -17,13 +18,19 @@ examples each source gave, travel with the position and end up in metrics.json.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from frod_cli import FrodCliError
 
-# An encoded example's `_status`: kept whole, kept but cut to max_length, dropped (its prompt fills max_length)
-KEPT, TRUNCATED, DROPPED = 0, 1, 2
-COUNTS = ("rows", "malformed", "truncated", "dropped", "examples")
+log = logging.getLogger("frod_cli.tasks.causal_lm")
+
+# An encoded example's `_status` (the long-conversation rule, frod_cli/tasks/lm_data.py): kept whole, truncated
+# inside its first trained turn, dropped (the text before its first trained turn fills max_length), cut at a turn
+# boundary (its later assistant turns dropped)
+KEPT, TRUNCATED, DROPPED, CUT = 0, 1, 2, 3
+COUNTS = ("rows", "malformed", "cut", "truncated", "dropped", "turns_dropped", "converted", "examples")
+DEFAULT_HOLDOUT = 100  # rows of a stream held out for validation when it has no validation split
 
 
 def columns_of(stream: Any) -> List[str]:
@@ -47,11 +54,21 @@ def materialize(stream: Any, n: Optional[int]) -> Any:
 
 
 def holdout(stream: Any, n: Optional[int], where: str) -> Tuple[Any, Any]:
-    """(the first n rows as a Dataset, the stream after them): a validation split carved out of a stream."""
-    if n is None or int(n) <= 0:
-        raise FrodCliError(f"{where}has no validation split, and a stream cannot be cut by a fraction: set "
-                           "task.max_eval_samples=N to hold out its first N training rows for validation")
-    return materialize(stream, int(n)), stream.skip(int(n))
+    """(the first n rows as a Dataset, the stream after them): a validation split carved out of a stream; n is
+    task.max_eval_samples, DEFAULT_HOLDOUT when it is not set."""
+    if n is not None and int(n) <= 0:
+        raise FrodCliError(f"task.max_eval_samples must be positive, got {n}")
+    why = "task.max_eval_samples" if n is not None else "the default; task.max_eval_samples=N holds out another number"
+    n = DEFAULT_HOLDOUT if n is None else int(n)
+    held = materialize(stream, n)
+    rest = stream.skip(n)
+    if len(held) < n or next(iter(rest.take(1)), None) is None:
+        raise FrodCliError(f"{where or 'the training stream '}has no validation split, and it holds {len(held)} "
+                           f"rows: holding out the first {n} for validation leaves none to train on; set "
+                           "task.max_eval_samples to fewer, or give a validation file (task.data_files.validation=...)")
+    log.info("%s: no validation split: its first %d training rows are held out for validation (%s)",
+             where.strip() or "the training stream", n, why)
+    return held, rest
 
 
 def numbered(stream: Any) -> Any:
@@ -103,11 +120,13 @@ class ExampleStream:
                 yield pos + 1, None, counts
                 continue
             status = int(row["_status"])
+            counts["converted"] = int(row.get("_converted") or 0)
             if status == DROPPED:
                 counts["dropped"] = 1
                 yield pos + 1, None, counts
                 continue
-            counts["truncated"] = int(status == TRUNCATED)
+            counts["truncated"], counts["cut"] = int(status == TRUNCATED), int(status == CUT)
+            counts["turns_dropped"] = int(row.get("_turns_dropped") or 0)
             counts["examples"] = 1
             counts[f"source:{int(row.get('_source', 0))}"] = 1
             yield pos + 1, row, counts

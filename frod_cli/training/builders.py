@@ -67,6 +67,7 @@ def quiet_libraries() -> None:
 
 
 def build_task(task_cfg: Any, seed: int):
+    """The task of a config (its keys checked as it is built: Task.check_config)."""
     from frod_cli.tasks import get_task
 
     with user_input(f"task {task_cfg.name}"):
@@ -89,12 +90,12 @@ def encode_data(task: Any, data: Any, preprocessor: Any):
         return task.encode(data, preprocessor)
 
 
-def load_model(model_cfg: Any, task: Any):
+def load_model(model_cfg: Any, task: Any, **options: Any):
     """(model, preprocessor) for the task (frod_cli.models)."""
     from frod_cli.models import load_model as _load
 
     with user_input(f"model {model_cfg.name_or_path}"):
-        return _load(model_cfg, task)
+        return _load(model_cfg, task, **options)
 
 
 def build_method(method_cfg: Any, task: Any, model_cfg: Any):
@@ -114,14 +115,6 @@ def make_loader(dataset, batch_size: int, collate, shuffle: bool = False, seed: 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def examples_in(batch: Dict[str, Any]) -> int:
-    """The number of examples of a collated batch: the first dimension of its first tensor."""
-    for v in batch.values():
-        if torch.is_tensor(v) and v.dim() > 0:
-            return int(v.shape[0])
-    return 0
 
 
 def epoch_batches(n: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int) -> List[List[int]]:
@@ -171,23 +164,28 @@ def build_scheduler(optimizer, opt_cfg: Any, total_steps: int):
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank."""
+    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank. A
+    sharded parameter (method=full under FSDP) is hashed whole: a collective then, every rank calls it."""
+    from frod_cli.training.sharded import whole
+
     h = hashlib.sha256()
     items = [(n, b) for n, b in model.named_buffers() if b is not None]
     items += [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, t in sorted(items, key=lambda x: x[0]):
+        t = whole(t.detach())
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def load_base(model_cfg: Any, task: Any, seed: int):
+def load_base(model_cfg: Any, task: Any, seed: int, **options: Any):
     """(model, preprocessor) as `frod train` loads the base: the seed is set first, so a model built from a
-    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run."""
+    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run. options: how a
+    sharded launch loads it (models.load_model's empty, quant_storage, quant_device; training/distributed.py)."""
     from accelerate.utils import set_seed
 
     set_seed(int(seed))
-    return load_model(model_cfg, task)
+    return load_model(model_cfg, task, **options)
 
 
 def load_adapted(model_cfg: Any, method_cfg: Any, task: Any, seed: int, adapter_dir: str):

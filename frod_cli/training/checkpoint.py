@@ -11,6 +11,8 @@ Layout (under the run directory; written by the main process only):
     rng.safetensors         torch CPU (and CUDA) RNG states, numpy's key
     rng.json                the rest of numpy's state and Python's random state
     config.yaml             the composed config (to refuse resuming a run of another recipe)
+    strategy.safetensors    the training step's own state (frod_cli/tasks/steps.py: e.g. a rollout buffer), if any:
+    strategy.json           its tensors here, the rest as JSON
     state.json              step, epoch, batches consumed in the epoch, best so far, metrics.jsonl size
 
 Every step directory is written to a temporary sibling and renamed into place, then older ones are
@@ -23,7 +25,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -161,8 +163,10 @@ def check_same_run(saved_cfg: Dict[str, Any], current_cfg: Dict[str, Any], where
 def save_checkpoint(run_dir: str, step: int, *, trainable: Dict[str, torch.Tensor],
                     best: Optional[Dict[str, torch.Tensor]], optimizer_sd: Dict[str, Any],
                     scheduler_sd: Dict[str, Any], state: Dict[str, Any], config: Dict[str, Any],
-                    keep: int = 2) -> str:
-    """Write checkpoints/step-<step>/ atomically; keep the newest `keep` complete checkpoints."""
+                    strategy: Optional[Dict[str, Any]] = None, keep: int = 2,
+                    extra: Optional[Callable[[str], None]] = None) -> str:
+    """Write checkpoints/step-<step>/ atomically; keep the newest `keep` complete checkpoints. extra(tmp): more
+    files into the step directory before it is complete (the other processes' shards, training/sharded.py)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -183,6 +187,13 @@ def save_checkpoint(run_dir: str, step: int, *, trainable: Dict[str, torch.Tenso
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 json.dump(obj, f)
         OmegaConf.save(OmegaConf.create(config), os.path.join(tmp, "config.yaml"))
+        if strategy:
+            save_file({k: v.detach().cpu().contiguous() for k, v in strategy.items() if torch.is_tensor(v)},
+                      os.path.join(tmp, "strategy.safetensors"))
+            with open(os.path.join(tmp, "strategy.json"), "w", encoding="utf-8") as f:
+                json.dump({k: _jsonable(v) for k, v in strategy.items() if not torch.is_tensor(v)}, f)
+        if extra is not None:
+            extra(tmp)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:  # last: marks it complete
             json.dump(_jsonable(state), f, indent=1)
 
@@ -215,6 +226,10 @@ def load_checkpoint(ckpt_dir: str) -> Dict[str, Any]:
             out["rng"] = (load_file(os.path.join(ckpt_dir, "rng.safetensors")), json.load(f))
         with open(os.path.join(ckpt_dir, STATE_FILE), encoding="utf-8") as f:
             out["state"] = _unjson(json.load(f))
+        out["strategy"] = {}
+        if os.path.exists(os.path.join(ckpt_dir, "strategy.json")):
+            with open(os.path.join(ckpt_dir, "strategy.json"), encoding="utf-8") as f:
+                out["strategy"] = {**_unjson(json.load(f)), **load_file(os.path.join(ckpt_dir, "strategy.safetensors"))}
     except Exception as e:  # noqa: BLE001 - safetensors/json errors of a damaged file
         raise FrodCliError(f"checkpoint {ckpt_dir} is truncated or corrupt ({one_line(e, 200)})") from None
     return out

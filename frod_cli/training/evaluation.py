@@ -86,12 +86,10 @@ def majority_accuracy(refs) -> Optional[float]:
 
 # ---- merge check ------------------------------------------------------------------------------------
 def model_outputs(model, batch, task=None) -> torch.Tensor:
-    """The logits (or first output) of a model on a batch, in float32; a multiple-choice task's choice
-    scores (its batches are not plain model inputs)."""
-    if task is not None and hasattr(task, "scores"):
-        return task.scores(model, batch).float()
-    if task is not None and hasattr(task, "model_inputs"):
-        batch = task.model_inputs(model, batch)
+    """The logits (or first output) of a model on a batch, in float32: the task's `outputs` (a multiple-choice
+    task's choice scores), or the plain model's on a batch of model inputs."""
+    if task is not None:
+        return task.outputs(model, batch)
     out = model(**batch)
     t = getattr(out, "logits", None)
     if t is None:

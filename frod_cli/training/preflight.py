@@ -34,8 +34,6 @@ def validate(cfg: Any) -> None:
         raise FrodCliError(f"unknown optimizer.name {oc.name!r}; available: {', '.join(OPTIMIZERS)}")
     if tc.mixed_precision not in MIXED_PRECISION:
         raise FrodCliError(f"train.mixed_precision must be no, bf16 or fp16, got {tc.mixed_precision!r}")
-    if cfg.task.objective_mode not in ("max", "min"):
-        raise FrodCliError(f"task.objective_mode must be max or min, got {cfg.task.objective_mode!r}")
     for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
         if int(tc[key]) < 1:
             raise FrodCliError(f"train.{key} must be a positive integer, got {tc[key]}")
@@ -47,11 +45,6 @@ def validate(cfg: Any) -> None:
                            f"train.epochs epochs; got {tc.max_steps}")
     if int(tc.max_steps) == -1 and not float(tc.epochs) > 0:
         raise FrodCliError(f"train.epochs must be > 0 (or set train.max_steps), got {tc.epochs}")
-    if int(cfg.task.max_length) < 1:
-        raise FrodCliError(f"task.max_length must be at least 1 token, got {cfg.task.max_length}")
-    from frod_cli.config import check_sampling
-
-    check_sampling(cfg.task.generation, "task.generation.")
     _positive_number(oc.lr, "optimizer.lr")
     _positive_number(oc.lr_scale, "optimizer.lr_scale")
     for name, value in (oc.group_lr or {}).items():
@@ -68,56 +61,62 @@ def validate(cfg: Any) -> None:
         raise FrodCliError(f"method.target_modules must be a list of module-path suffixes or one regex string, got {tm!r}")
 
 
-def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
-    """`task.type=<type>` on the command line switches the task type: its objective and metrics follow the new
-    type (the task class's `defaults`) unless the command line names them too."""
-    from omegaconf import open_dict
+# What `task.type=<type>` on the command line resets to the new type's defaults (its config dataclass's), unless
+# the command line names them too: the recipe's task chose them for its own type.
+TYPE_DEFAULTS = ("objective", "objective_mode", "metrics")
 
+
+def apply_task_defaults(task: Any, user_overrides: Sequence[str]) -> None:
+    """`task.type=<type>` on the command line switches the task type (frod train's prepare swaps the schema): its
+    objective and metrics follow the new type unless the command line names them too."""
     from frod_cli.tasks import get_task
+    from frod_cli.tasks.base import schema_defaults
 
     keys = override_keys(user_overrides)
     if "task.type" not in keys:
         return
-    try:
-        defaults = get_task(task.type).defaults
-    except ValueError as e:
-        raise FrodCliError(str(e)) from None
-    changed = {k: v for k, v in defaults.items() if f"task.{k}" not in keys and task.get(k) != v}
+    defaults = schema_defaults(get_task(task.type).config_class)
+    changed = {k: defaults[k] for k in TYPE_DEFAULTS if k in defaults and f"task.{k}" not in keys and task[k] != defaults[k]}
+    for k, v in changed.items():
+        task[k] = v
     if changed:
-        with open_dict(task):
-            for k, v in changed.items():
-                task[k] = v
         log.info("task.type=%s: %s (its defaults)", task.type, ", ".join(f"task.{k}={v}" for k, v in changed.items()))
 
 
-def check_task_keys(task: Any, user_overrides: Sequence[str]) -> None:
-    """A task key given on the command line that only another task type reads (a Task's `own_keys`) would be
-    silently ignored by this one: refused in one line."""
-    from frod_cli.tasks import TASKS
+DATA_FILES = "task.data_files."
+
+
+def user_data_splits(user_overrides: Sequence[str]) -> list:
+    """The splits the command line gives files for: `task.data_files.<split>=<file>` (with or without +), or
+    `task.data_files={<split>: <file>, ...}`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys = override_keys(user_overrides)
-    for name, cls in sorted(TASKS.items()):
-        if name == task.type:
-            continue
-        for k in cls.own_keys:
-            if f"task.{k}" in keys and k not in getattr(TASKS.get(task.type), "own_keys", ()):
-                raise FrodCliError(f"task.{k} is read by task.type={name} only; this task ({task.name}) is "
-                                   f"{task.type}: drop it, or train a {name} task")
-
-
-DATA_FILES = "task.data_files."
+    given = {k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES)}
+    whole = [o for o in user_overrides if o.lstrip("+").split("=", 1)[0] == DATA_FILES[:-1]]
+    for override in OverridesParser.create().parse_overrides(whole) if whole else []:
+        value = override.value()
+        if isinstance(value, dict):
+            given |= {str(k) for k in value}
+    return sorted(given)
 
 
 def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
     """The user's data wins: `task.data_files.<split>=<file>` on the command line makes the task read those local
     files, whatever source the recipe's task had (a packaged set, a Hub dataset). The recipe's own files, Hub id
     and separate test set are dropped, each with a log line; a file for a split the task does not name becomes
-    that split (validation / test), and any other split name is refused."""
+    that split (validation / test), and any other split name is refused. The task is then named after the data
+    (the train file's stem: logs, metrics.json, the loss plot) and its layout read from the files' columns
+    (data_format auto), unless the command line names them (task.name, task.data_format). A data set named on the
+    command line (task.dataset=...) names the task too."""
     from omegaconf import open_dict
 
     keys = override_keys(user_overrides)
-    given = sorted(k[len(DATA_FILES):] for k in keys if k.startswith(DATA_FILES))
+    given = user_data_splits(user_overrides)
     if not given:
+        if "task.dataset" in keys and "task.name" not in keys and not task.get("mixture"):
+            with open_dict(task):
+                _name_after_data(task)  # another data set named on the command line: the same rule
         return
     if "task.source" in keys and task.source != "local":
         raise FrodCliError(f"task.data_files are local files but task.source={task.source}: drop one of the two")
@@ -125,16 +124,7 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
         raise FrodCliError(f"task.data_files names {', '.join(given)} but no {task.train_split!r} file: with your own "
                            f"files, give task.data_files.{task.train_split}=<file> too")
     with open_dict(task):
-        for split in given:
-            if split in (task.train_split, task.validation_split, task.test_split):
-                continue
-            if split == "validation" and "task.validation_split" not in keys:
-                task.validation_split = "validation"
-            elif split == "test" and "task.test_split" not in keys:
-                task.test_split = "test"
-            else:
-                raise FrodCliError(f"task.data_files.{split}: not a split of this task (train_split={task.train_split}, "
-                                   f"validation_split={task.validation_split}, test_split={task.test_split})")
+        _name_user_splits(task, given, keys)
         dropped = {k: v for k, v in task.data_files.items() if k not in given}
         if dropped:
             log.info("the recipe's task.data_files %s are not used: your files replace its data", dict(dropped))
@@ -148,6 +138,36 @@ def apply_user_data(task: Any, user_overrides: Sequence[str]) -> None:
             task.test_dataset = None
         if task.format and "task.format" not in keys:
             task.format = None  # guessed from your files' suffix
+        if task.get("data_format", "auto") != "auto" and "task.data_format" not in keys:
+            log.info("task.data_format %s -> auto: the layout of your files is read from their columns "
+                     "(task.data_format=... names it)", task.data_format)
+            task.data_format = "auto"
+        if "task.name" not in keys:
+            _name_after_data(task)
+
+
+def _name_after_data(task: Any) -> None:
+    """task.name from the data the command line gave (a file's stem, a data set's id or offline name)."""
+    from frod_cli.tasks.mixture import default_name
+
+    name = default_name(task)
+    if name != task.name:
+        log.info("task.name %s -> %s: the name of your data (task.name=... names it otherwise)", task.name, name)
+        task.name = name
+
+
+def _name_user_splits(task: Any, given: Sequence[str], keys: Any) -> None:
+    """A file for validation / test becomes that split when the task names none; any other split is refused."""
+    for split in given:
+        if split in (task.train_split, task.validation_split, task.test_split):
+            continue
+        if split == "validation" and "task.validation_split" not in keys:
+            task.validation_split = "validation"
+        elif split == "test" and "task.test_split" not in keys:
+            task.test_split = "test"
+        else:
+            raise FrodCliError(f"task.data_files.{split}: not a split of this task (train_split={task.train_split}, "
+                               f"validation_split={task.validation_split}, test_split={task.test_split})")
 
 
 def run_dir(cfg: Any, default: Optional[str]) -> Optional[str]:

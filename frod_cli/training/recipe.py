@@ -12,8 +12,9 @@ Run directory (written by the main process only, each file atomically; see frod_
   merged/            a plain transformers model + preprocessor (AutoModelFor...from_pretrained)
   loss.png           the loss curve
   trackers/          experiment-tracker files (train.log_with, e.g. TensorBoard event files)
-  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py;
-                     for resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
+  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py; under
+                     FSDP with method=full each process's shards in shards/: training/sharded.py; for
+                     resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
 
 Hooks for what wraps this loop: `wrap_model` (sharding), `Method.accumulation` (a context around one
 optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation),
@@ -38,14 +39,18 @@ from frod_cli.config import apply_per_method
 from frod_cli.console import fmt_metrics, print_final, progress_bar
 from frod_cli.export.peft_frod import peft_format_note
 from frod_cli.memory import PeakMemory
+from frod_cli.precision import settle
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
 from frod_cli.runs.lock import hold
 from frod_cli.runs.plots import plot_loss_curve
+from frod_cli.share.card import describe_hardware, write_run_cards
+from frod_cli.share.hub import check_push_settings, push_finished_run
 from frod_cli.tasks.sources import describe_source
 from frod_cli.training import builders as B
 from frod_cli.training import checkpoint as ck
 from frod_cli.training import distributed as D
 from frod_cli.training import preflight
+from frod_cli.training import sharded as S
 from frod_cli.training import streaming as TS
 from frod_cli.training.evaluation import (Evaluator, check_batch, majority_accuracy, merge_and_check, model_outputs,
                                           save_merged)
@@ -72,9 +77,9 @@ class FinetuneRecipe:
         self.user_overrides, self.hydra_files, self.run_log = list(user_overrides), hydra_files, run_log
         apply_per_method(cfg, user_overrides)
         preflight.apply_task_defaults(cfg.task, user_overrides)
-        preflight.check_task_keys(cfg.task, user_overrides)
         preflight.apply_user_data(cfg.task, user_overrides)
         preflight.validate(cfg)
+        check_push_settings(cfg.train)  # train.push_to_hub: refused now, not after the training
         from omegaconf import OmegaConf
 
         OmegaConf.resolve(cfg)
@@ -93,6 +98,8 @@ class FinetuneRecipe:
         """Every check and every load; nothing is written into the run directory before `accept`."""
         B.quiet_libraries()
         self._setup_accelerator()
+        # model.dtype=auto and a 4-bit base's compute dtype, for this device: before a checkpoint's config is compared
+        self.precision = settle(self.cfg.model, self.acc.device, self.mixed)
         self._setup_output()
         self._setup_task()
         self._setup_model()
@@ -177,23 +184,14 @@ class FinetuneRecipe:
         seed = int(self.tc.seed)
         set_seed(seed)
         self.task = B.build_task(self.cfg.task, seed)
-        if self.cfg.task.streaming:
+        if self.task.streaming:
             TS.check_config(self.cfg)  # before any data or model is read
-        self._check_objective()
         self.data = B.load_task_data(self.task)
-
-    def _check_objective(self) -> None:
-        """task.objective must be a metric the task reports: found now, not after the first evaluation."""
-        objective = self.cfg.task.objective
-        with B.user_input(f"task {self.cfg.task.name}"):
-            names = self.task.metric_names()
-        if names is not None and objective not in names:
-            raise FrodCliError(f"task.objective {objective!r} is not among the metrics this task reports "
-                               f"({', '.join(names)}): set task.objective to one of them or add it to task.metrics")
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed))
+        options = D.load_options(cfg, self.mixed) if self.sharded else {}  # sharded: where and how it loads
+        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed), **options)
         self.method = B.build_method(cfg.method, self.task, cfg.model)
         self.method.device = self.acc.device  # FRoD decomposes on the accelerator the run trains on
         t0 = time.time()
@@ -206,7 +204,8 @@ class FinetuneRecipe:
         note = peft_format_note(model)
         if note and self.main:
             log.warning(note)
-        self._check_identical_ranks()
+        if not self.sharded:  # a sharded run checks once its weights are in place (_setup_data)
+            self._check_identical_ranks()
         if self.main:
             preflight.check_free_space(self.output_dir, preflight.disk_need(model, bool(self.tc.save_merged)))
 
@@ -251,6 +250,8 @@ class FinetuneRecipe:
         self.train_set = self.encoded["train"]
         self.streaming = TS.is_stream(self.train_set)  # task.streaming: read while training (training/streaming.py)
         self.model, self.optimizer = self.acc.prepare(self.wrap_model(self.model), self.optimizer)
+        if self.sharded:
+            self._check_identical_ranks()
         self.evaluator = Evaluator(self.task, self.acc, self.encoded, self.collate, int(tc.eval_batch_size),
                                    int(tc.num_workers), method=self.method)
 
@@ -260,7 +261,7 @@ class FinetuneRecipe:
         that become units and the trainables that stay whole (training/distributed.py)."""
         self._float32_trainables(model)
         if self.sharded:
-            self.acc.set_model_policy(model, self.tc.fsdp.wrap)
+            self.acc.set_model_policy(model, self.tc.fsdp.wrap, self.method.trains_everything)
             D.drop_frod_caches(model)
         return model
 
@@ -326,6 +327,8 @@ class FinetuneRecipe:
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.window_loss = torch.zeros(2, device=acc.device)  # loss sum, count since the last log line
         self.state = TrainState(num_processes=acc.num_processes, total_steps=self.total_steps)
+        self.deferred_sync = False  # train_step: whether the loop syncs a window's gradients itself
+        self.step = self.task.training_step(self)  # the task's strategy for one optimizer step (tasks/steps.py)
 
     # ---- the task's pass with the starting model (Task.prepare_training) --------------------------
     def _prepare_task(self) -> None:
@@ -359,20 +362,17 @@ class FinetuneRecipe:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def snapshot(self) -> Dict[str, torch.Tensor]:
-        params = dict(self.unwrapped.named_parameters())
-        return {n: params[n].detach().to("cpu", copy=True) for n in self.trainable_names}
+        """The trainables' values held by this process (a sharded one's local shard: training/sharded.py)."""
+        return S.snapshot(self.unwrapped, self.trainable_names)
 
     def restore(self, values: Dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            params = dict(self.unwrapped.named_parameters())
-            for n, t in values.items():
-                params[n].copy_(t.to(params[n].device))
+        S.restore(self.unwrapped, values)
 
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
         """Continue from checkpoints/step-N/: trainables, optimizer, scheduler, TrainState (read only: metrics.jsonl
         is cut back to what it held then when the run is accepted). Returns the saved RNG states (set just
         before training)."""
-        saved = ck.load_checkpoint(path)
+        saved = S.with_shards(ck.load_checkpoint(path), self.unwrapped, self.optimizer, self.acc)
         missing = set(self.trainable_names) - set(saved["trainable"])
         if missing:
             raise FrodCliError(f"checkpoint {path} does not fit this model: no values for {sorted(missing)[:3]}")
@@ -383,6 +383,7 @@ class FinetuneRecipe:
         self.restore(saved["trainable"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.step.load_state_dict(saved["strategy"])
         self.state, self.best_values, self.last_ckpt = st, saved["best"], path
         from frod_cli.runs import read_jsonl
 
@@ -401,13 +402,17 @@ class FinetuneRecipe:
     def save_checkpoint(self) -> None:
         acc, st = self.acc, self.state
         win = acc.reduce(self.window_loss.clone(), reduction="sum") if acc.num_processes > 1 else self.window_loss
+        # sharded trainables (method=full under FSDP): every process stages its shards, rank 0 moves them in
+        trainable, best, optimizer_sd, extra = S.checkpoint_parts(
+            self.unwrapped, self.snapshot(), self.best_values, self.optimizer.state_dict(), self.output_dir,
+            st.step, acc)
         if self.main:
             st.window_loss = [float(x) for x in win.tolist()]
             st.jsonl_bytes = os.path.getsize(self.paths.log)
             self.last_ckpt = ck.save_checkpoint(
-                self.output_dir, st.step, trainable=self.snapshot(), best=self.best_values,
-                optimizer_sd=self.optimizer.state_dict(), scheduler_sd=self.scheduler.state_dict(),
-                state=st.to_dict(), config=preflight.plain_config(self.cfg))
+                self.output_dir, st.step, trainable=trainable, best=best, optimizer_sd=optimizer_sd,
+                scheduler_sd=self.scheduler.state_dict(), state=st.to_dict(), config=preflight.plain_config(self.cfg),
+                strategy=self.step.state_dict(), extra=extra)
         acc.wait_for_everyone()
 
     # ---- training -------------------------------------------------------------------------------
@@ -481,37 +486,35 @@ class FinetuneRecipe:
                 return
 
     def train_step(self, window: List[Dict[str, Any]]) -> None:
-        """One optimizer step over the micro-batches of one accumulation window."""
-        acc, size = self.acc, len(window)
-        bad = torch.zeros((), device=acc.device)
-        bad_value = torch.zeros((), device=acc.device)
-        context = self.method.accumulation(self.unwrapped, size)
+        """One optimizer step over the micro-batches of one accumulation window: the task's strategy turns them
+        into gradients (frod_cli/tasks/steps.py), the loop syncs, checks, clips and steps."""
+        acc = self.acc
+        window = self.step.prepare(window)
+        context = self.method.accumulation(self.unwrapped, len(window))
         # A method's window context hands its gradients over at the window's end, after the last backward:
         # the loop then syncs every gradient itself, once per window, instead of DDP's per-backward hooks.
-        deferred = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
+        self.deferred_sync = acc.num_processes > 1 and not isinstance(context, contextlib.nullcontext)
         with context:
-            for j, batch in enumerate(window):
-                batch = B.to_device(batch, acc.device)
-                sync = not deferred and j == size - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                    loss = self.task.loss(self.model, batch)  # the prepared model autocasts (mixed precision)
-                    # flagged on the device (no sync per micro-batch); checked once per optimizer step
-                    nonfinite = ~torch.isfinite(loss.detach().float())
-                    bad += nonfinite.any()
-                    bad_value = torch.where(nonfinite, loss.detach().float(), bad_value).reshape(())
-                    acc.backward(loss / size)
-                self.window_loss += torch.stack([loss.detach().float(), torch.ones((), device=acc.device)])
-        seen = sum(B.examples_in(b) for b in window) * acc.num_processes  # equal shards on every process
+            outcome = self.step.run(window)
+        self.window_loss += torch.stack([outcome.loss_sum, outcome.count])
+        seen = outcome.examples * acc.num_processes  # equal shards on every process
         self.samples_window += seen
         self.samples_trained += seen
-        if deferred:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables too)
+        if self.deferred_sync:  # the mean over processes, one flat all-reduce (FSDP's rule for its whole trainables)
             D.average_gradients(self.trainable_params, acc.num_processes)
-        self._check_finite(bad, bad_value)
+        self._check_finite(outcome.nonfinite, outcome.bad_value)
         if float(self.cfg.optimizer.max_grad_norm) > 0:
             acc.clip_grad_norm_(self.trainable_params, float(self.cfg.optimizer.max_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def micro_batch(self, j: int, size: int) -> Any:
+        """The context of micro-batch j of a window of `size` (frod_cli/tasks/steps.py): DDP's gradient sync runs
+        after the last one only, and not at all when the loop syncs the window itself."""
+        if not self.deferred_sync and j == size - 1:
+            return contextlib.nullcontext()
+        return self.acc.no_sync(self.model)
 
     def _check_finite(self, bad: torch.Tensor, bad_value: torch.Tensor) -> None:
         if self.acc.num_processes > 1:
@@ -555,6 +558,7 @@ class FinetuneRecipe:
         record = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / self.steps_per_epoch, 4),
                   "loss": mean_loss, "lr": lrs, "samples_per_s": sps, "elapsed_s": elapsed, "eta_s": eta,
                   "peak_memory_mb": self.memory.peak_mb(), "current_memory_mb": self.memory.current_mb()}
+        record.update(self.step.log_metrics())  # the strategy's own figures (every process: it may reduce)
         if self.main:
             self.jsonl.write(record)
         self.trackers.log_training(record)
@@ -578,8 +582,8 @@ class FinetuneRecipe:
             st.best, st.best_step, st.best_val, st.bad_evals = metrics[objective], st.step, metrics, 0
             self.best_values = self.snapshot()
             self._write_predictions(result.records, "validation")
-            if self.main and self.tc.save_adapter:
-                atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))
+            if self.tc.save_adapter:
+                S.save_adapter(self.method, self.unwrapped, str(self.paths.adapter), self.main, atomic_dir)
         else:
             st.bad_evals += 1
         if self.main:
@@ -596,14 +600,15 @@ class FinetuneRecipe:
         if st.last_eval_step != st.step:
             self.evaluate()
         self.restore(self.best_values or {})
-        if self.main and self.tc.save_adapter and self.best_values is not None and not self.paths.adapter.is_dir():
-            atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))  # resumed
+        if self.tc.save_adapter and self.best_values is not None and not self.paths.adapter.is_dir():  # resumed
+            S.save_adapter(self.method, self.unwrapped, str(self.paths.adapter), self.main, atomic_dir)
         results, test_majority = self._evaluate_best()
         merge_diff = self._write_merged() if self.tc.save_merged else None
         final = self._final_metrics(results, test_majority, merge_diff)
         if self.main:
             self.jsonl.close()
             atomic_write_json(str(self.paths.metrics), final)
+            write_run_cards(self.output_dir, self.plan.final_dir, config=self.cfg)  # README.md model cards in merged/, adapter/
             plot_loss_curve(str(self.paths.log), str(self.paths.loss_png),
                             title=f"{self.cfg.recipe_name}: {self.cfg.method.name} on {final['data']}")
             print_final(final, self.plan.final_dir)
@@ -618,6 +623,8 @@ class FinetuneRecipe:
         D.shutdown(self.acc)
         if self.main and self.plan.replaces:
             self._replace_finished_run()
+        if self.main and self.tc.push_to_hub:
+            push_finished_run(self.plan.final_dir, self.tc)
         return float(st.best) if st.best is not None else float("nan")
 
     def _replace_finished_run(self) -> None:
@@ -688,8 +695,8 @@ class FinetuneRecipe:
         with torch.no_grad():
             trained = model_outputs(self.model, batch, self.task).cpu()
         diff = None
+        plain = self._rebuild_on_cpu()  # every process takes part (sharded trainables are gathered)
         if self.main:
-            plain = self._rebuild_on_cpu()
             cpu_batch = B.to_device(batch, torch.device("cpu"))
             with torch.no_grad():
                 rebuilt = model_outputs(plain, cpu_batch, self.task)
@@ -703,14 +710,17 @@ class FinetuneRecipe:
         self.acc.wait_for_everyone()
         return diff
 
-    def _rebuild_on_cpu(self) -> torch.nn.Module:
-        """The trained model, unsharded, on CPU: the base loaded as in setup + an adapter of the current values."""
+    def _rebuild_on_cpu(self) -> Optional[torch.nn.Module]:
+        """The trained model, unsharded, on rank 0's CPU (None elsewhere): the base loaded as in setup + an adapter
+        of the current values (gathered from the shards where they are sharded)."""
         import tempfile
 
         cfg = self.cfg
         with tempfile.TemporaryDirectory(prefix="frod-merge-") as d:
             adapter = os.path.join(d, "adapter")
-            self.method.save_adapter(self.unwrapped, adapter)  # trainables are whole under FSDP
+            S.save_adapter(self.method, self.unwrapped, adapter, self.main, lambda path, fill: fill(path))
+            if not self.main:
+                return None
             model, _, _ = B.load_adapted(cfg.model, cfg.method, self.task, int(self.tc.seed), adapter)
         return model.eval()
 
@@ -733,12 +743,14 @@ class FinetuneRecipe:
             "rank_fingerprints": self.fingerprints, "resumed_from": self.resume_from,
             "mixed_precision": self.mixed, "method_details": self.method.describe(),
             "task_preparation": self.task_prep, "data_counts": self._data_counts(),
+            "hardware": describe_hardware(self.acc.device, self.acc.num_processes),
+            **self.precision.record(),  # compute_dtype; on a CPU run its capability and what it emulates
         }
 
     def _data_counts(self) -> Optional[Dict[str, Any]]:
         """What the task read (per split and per source: rows, malformed, truncated, dropped, training examples);
         a streamed run adds what its stream gave (training/streaming.py)."""
-        counts = self.task.data_stats() if hasattr(self.task, "data_stats") else None
+        counts = self.task.data_stats()
         if self.streaming and counts is not None:
             counts["stream"] = TS.summary(self.state.stream, list(getattr(self.train_set, "sources", [])))
         return counts
