@@ -2,15 +2,18 @@
 recipes/ tree (config.yaml for train, eval.yaml, merge.yaml).
 
 Exit codes: 0 done; 2 bad input (unknown recipe or option, misspelt key, wrong type, a value the run
-cannot use, missing or malformed data or model files): one line on stderr, no traceback; 1 a bug in frod:
-the traceback and one line asking to report it; 130 interrupted. FROD_DEBUG=1 shows the traceback of
-every error.
+cannot use, missing or malformed data or model files), a run directory or output another frod command holds
+(frod_cli/runs/lock.py), or a file-system error (no space, quota, read-only, permission: the path and the
+cause): one line on stderr, no traceback; 1 a bug in frod: the traceback and one line asking to report it;
+130 interrupted. FROD_DEBUG=1 shows the traceback of every error.
 """
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -84,6 +87,32 @@ def _user_error_types() -> Tuple[type, ...]:
     from frod_cli.frod import FrodError
 
     return (HydraException, OmegaConfBaseException, FrodCliError, FrodError)
+
+
+# errno values that say the file system refused a write (not that frod did something wrong): one line, exit 2
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def file_system_error(ex: BaseException) -> Optional[str]:
+    """'<path>: <cause>' when `ex` (or what it was raised from) is the file system refusing a write, else None.
+    safetensors reports an OSError only in its message ('... (os error 28)')."""
+    found: List[Tuple[int, Any]] = []  # (errno, file name) along the chain
+    seen: List[BaseException] = []
+    e: Optional[BaseException] = ex
+    while e is not None and e not in seen and len(seen) < 20:
+        seen.append(e)
+        code = e.errno if isinstance(e, OSError) else None
+        if code is None:
+            m = _OS_ERROR_CODE.search(str(e))
+            code = int(m.group(1)) if m else None
+        if code in FILE_SYSTEM_ERRNOS:
+            found.append((code, getattr(e, "filename", None)))
+        e = e.__cause__ or e.__context__
+    if not found:
+        return None
+    code, where = next((f for f in found if f[1]), found[0])  # the one that names its file, if one does
+    return f"file system: {f'{where}: ' if where else ''}{os.strerror(code)} ({errno.errorcode.get(code, code)})"
 
 
 def _debug() -> bool:
@@ -198,12 +227,26 @@ def _targets(node: Any, path: str = "") -> List[Tuple[str, str]]:
     return out
 
 
-def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
-    """Compose the config (with Hydra's own part) as the verb will, and refuse any `_target_` outside
-    ALLOWED_TARGET_PREFIXES. Sweep overrides are dropped for this check; a composition error is left to
-    Hydra to report."""
+def compose_for_checks(verb: str, args: Sequence[str]) -> Any:
+    """The config as the verb will compose it, Hydra's part included (sweep overrides dropped), for the checks
+    made before Hydra runs; None when it does not compose (Hydra reports that itself)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")
+                 and not any(t in a.split("=", 1)[1] for t in (",", "range(", "choice(", "interval(", "glob("))]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=recipes_dir(), version_base="1.3"):
+            return compose(config_name=verbs()[verb].config, overrides=overrides, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def refuse_foreign_targets(args: Sequence[str], composed: Any) -> None:
+    """Refuse any `_target_` outside ALLOWED_TARGET_PREFIXES, on the command line or in the composed config."""
     from omegaconf import OmegaConf
 
     from frod_cli import FrodCliError
@@ -213,18 +256,9 @@ def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
             value = a.split("=", 1)[1]
             if not value.startswith(ALLOWED_TARGET_PREFIXES):
                 raise FrodCliError(f"refused {a!r}: a config may only name the project's own classes (_target_)")
-    overrides = [a for a in args if "=" in a and not a.startswith("-")
-                 and not any(t in a.split("=", 1)[1] for t in (",", "range(", "choice(", "interval(", "glob("))]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=recipes_dir(), version_base="1.3"):
-            cfg = compose(config_name=verbs()[verb].config, overrides=overrides, return_hydra_config=True)
-            tree = OmegaConf.to_container(cfg, resolve=False)
-    except Exception:  # noqa: BLE001 - Hydra reports composition errors itself
+    if composed is None:
         return
-    finally:
-        GlobalHydra.instance().clear()
-    for where, target in _targets(tree):
+    for where, target in _targets(OmegaConf.to_container(composed, resolve=False)):
         if not target.startswith(ALLOWED_TARGET_PREFIXES):
             raise FrodCliError(f"refused {where}={target!r}: recipes may only instantiate the project's own "
                                "classes (registries: method.name, task.type)")
@@ -233,18 +267,12 @@ def refuse_foreign_targets(verb: str, args: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Running a verb
 # ---------------------------------------------------------------------------------------------
-def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
-    """Run one verb in-process. Returns (exit code, the task function's return value)."""
-    from hydra import main as hydra_main
-    from hydra.core.global_hydra import GlobalHydra
+HELP_FLAGS = ("--help", "-h", "--info", "--cfg", "-c", "--hydra-help")
 
-    from frod_cli.schemas import register_configs
 
-    register_configs()
-    spec = verbs()[verb]
-    config_name, fn = spec.config, spec.run
-    result: Dict[str, Any] = {}
-
+def _task_function(fn: Any, result: Dict[str, Any]) -> Any:
+    """The Hydra task function around a verb's `run`: its value, or its error kept for `_report` (a multirun
+    lets Hydra see it, to name the failing job's overrides)."""
     user_errors = _user_error_types()
 
     def task_fn(cfg: Any) -> Any:
@@ -253,51 +281,83 @@ def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
 
         try:
             result["value"] = fn(cfg)
-        except user_errors as e:
-            if HydraConfig.get().mode == RunMode.MULTIRUN or _debug():
-                raise  # Hydra names the failing job's overrides
-            result["error"] = e  # reported as one line below, without Hydra's job banner
-        except Exception as e:  # noqa: BLE001 - a bug: reported with its traceback below
+        except Exception as e:  # noqa: BLE001 - a refusal (one line) or a bug (its traceback), reported below
             if HydraConfig.get().mode == RunMode.MULTIRUN or _debug():
                 raise
-            result["bug"] = e
+            result["error" if isinstance(e, user_errors) else "bug"] = e
         return result.get("value")
 
     task_fn.__module__ = __name__
+    return task_fn
+
+
+def _before_hydra(verb: str, args: Sequence[str]) -> Tuple[List[str], Any]:
+    """The verb's own rewriting of its command line, then the checks made before Hydra composes and creates
+    anything: foreign `_target_`s, and the verb's `check` (frod train: its output directory)."""
+    spec = verbs()[verb]
+    cleanup = None
+    args = list(args)
+    if spec.prepare is not None:
+        args, cleanup = spec.prepare(args)
+        sys.argv = [f"frod {verb}", *args]
+    if not any(a in HELP_FLAGS for a in args):
+        composed = compose_for_checks(verb, args)
+        refuse_foreign_targets(args, composed)
+        if spec.check is not None and composed is not None:
+            args = spec.check(composed, args)
+            sys.argv = [f"frod {verb}", *args]
+    return args, cleanup
+
+
+def _report(verb: str, e: BaseException) -> int:
+    """The exit code of a verb that raised `e`, with what it prints: one line for a refusal or a file-system
+    error, the traceback for a bug. Called inside the `except` block that caught `e`."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"frod {verb}: interrupted", file=sys.stderr)
+        return 130
+    if _debug():
+        raise  # noqa: PLE0704 - re-raises `e`, which is being handled
+    if isinstance(e, _user_error_types()):
+        print(f"frod {verb}: error: {one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    disk = file_system_error(e)
+    if disk is not None:
+        print(f"frod {verb}: error: {disk}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    report_bug(verb)
+    return BUG_EXIT
+
+
+def run_verb(verb: str, args: Sequence[str]) -> Tuple[int, Any]:
+    """Run one verb in-process. Returns (exit code, the task function's return value)."""
+    from hydra import main as hydra_main
+    from hydra.core.global_hydra import GlobalHydra
+
+    from frod_cli.runs.lock import release_all
+    from frod_cli.schemas import register_configs
+
+    register_configs()
+    result: Dict[str, Any] = {}
     old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
     cleanup = None
     sys.argv = [f"frod {verb}", *args]
     try:
-        if spec.prepare is not None:
-            args, cleanup = spec.prepare(args)
-            sys.argv = [f"frod {verb}", *args]
-        if not any(a in ("--help", "-h", "--info", "--cfg", "-c", "--hydra-help") for a in args):
-            refuse_foreign_targets(verb, args)
+        args, cleanup = _before_hydra(verb, args)
         GlobalHydra.instance().clear()
-        hydra_main(version_base="1.3", config_path=recipes_dir(), config_name=config_name)(task_fn)()
-        if "error" in result:
-            raise result["error"]
-        if "bug" in result:
-            raise result["bug"]
+        hydra_main(version_base="1.3", config_path=recipes_dir(),
+                   config_name=verbs()[verb].config)(_task_function(verbs()[verb].run, result))()
+        for key in ("error", "bug"):
+            if key in result:
+                raise result[key]
         return 0, result.get("value")
     except SystemExit as e:  # --help, --cfg, --info
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         return code, result.get("value")
-    except KeyboardInterrupt:
-        print(f"frod {verb}: interrupted", file=sys.stderr)
-        return 130, None
-    except user_errors as e:
-        if _debug():
-            raise
-        print(f"frod {verb}: error: {one_line(e)}", file=sys.stderr)
-        return USER_ERROR_EXIT, None
-    except Exception:  # noqa: BLE001 - a bug in frod: its traceback, and how to report it
-        if _debug():
-            raise
-        report_bug(verb)
-        return BUG_EXIT, None
+    except BaseException as e:  # noqa: BLE001 - every outcome gets its exit code and its message
+        return _report(verb, e), None
     finally:
+        release_all()  # the locks of the command (runs/lock.py); the kernel would release them at exit anyway
         sys.argv = old_argv
         if cleanup is not None:
             cleanup()

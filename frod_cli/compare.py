@@ -174,28 +174,10 @@ def build_report(
 
     summary: Dict[str, Any] = {
         "sweep_dir": str(root), "objective": objective, "objective_mode": mode, "split": split,
-        "smooth_window": smooth_window, "thresholds": thresholds, "groups": {},
+        "smooth_window": smooth_window, "thresholds": thresholds,
+        "groups": {label: _group_summary(rs, objective, split, metric_keys, thresholds, smooth_window)
+                   for label, rs in groups.items()},
     }
-    for label, rs in groups.items():
-        finals = [r["final"] for r in rs]
-        reach = {}
-        for t in thresholds:
-            per_seed = [steps_to_reach(r["loss"], t, smooth_window) for r in rs]
-            ms = mean_std([s for s in per_seed if s is not None])
-            reach[str(t)] = {**ms, "reached": sum(s is not None for s in per_seed), "runs": len(rs), "per_run": per_seed}
-        summary["groups"][label] = {
-            "method": rs[0]["method"],
-            "runs": [r["dir"] for r in rs],
-            "seeds": [r["seed"] for r in rs],
-            "validation": {objective: mean_std([_metric(f, "validation", objective) for f in finals])},
-            split: {k: mean_std([_metric(f, split, k) for f in finals]) for k in metric_keys},
-            "trainable_percent": mean_std([f.get("trainable_percent") for f in finals]),
-            "trainable_params": mean_std([f.get("trainable_params") for f in finals]),
-            "steps": mean_std([f.get("steps") for f in finals]),
-            "time_per_step_s": mean_std([_per_step(f) for f in finals]),
-            "wall_time_s": mean_std([f.get("wall_time_s") for f in finals]),
-            "steps_to_loss": reach,
-        }
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "loss_curves": _plot_curves(groups, out / "loss_curves.png"),
@@ -206,6 +188,30 @@ def build_report(
     atomic_write_text(str(out / "report.md"), _markdown(summary, metric_keys))
     atomic_write_json(str(out / "summary.json"), summary)
     return summary
+
+
+def _group_summary(rs: List[Dict[str, Any]], objective: str, split: str, metric_keys: List[str],
+                   thresholds: Sequence[float], smooth_window: int) -> Dict[str, Any]:
+    """One group's numbers: mean +- std over its runs, and the steps each needed to reach each loss threshold."""
+    finals = [r["final"] for r in rs]
+    reach = {}
+    for t in thresholds:
+        per_seed = [steps_to_reach(r["loss"], t, smooth_window) for r in rs]
+        ms = mean_std([s for s in per_seed if s is not None])
+        reach[str(t)] = {**ms, "reached": sum(s is not None for s in per_seed), "runs": len(rs), "per_run": per_seed}
+    return {
+        "method": rs[0]["method"],
+        "runs": [r["dir"] for r in rs],
+        "seeds": [r["seed"] for r in rs],
+        "validation": {objective: mean_std([_metric(f, "validation", objective) for f in finals])},
+        split: {k: mean_std([_metric(f, split, k) for f in finals]) for k in metric_keys},
+        "trainable_percent": mean_std([f.get("trainable_percent") for f in finals]),
+        "trainable_params": mean_std([f.get("trainable_params") for f in finals]),
+        "steps": mean_std([f.get("steps") for f in finals]),
+        "time_per_step_s": mean_std([_per_step(f) for f in finals]),
+        "wall_time_s": mean_std([f.get("wall_time_s") for f in finals]),
+        "steps_to_loss": reach,
+    }
 
 
 def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
@@ -242,7 +248,8 @@ def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path) -> Optional[str]:
+def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path,
+                 title: str = "training loss (mean ± std over seeds)") -> Optional[str]:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
@@ -261,7 +268,7 @@ def _plot_curves(groups: Dict[str, List[Dict[str, Any]]], path: Path) -> Optiona
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
-    ax.set_title("training loss (mean ± std over seeds)")
+    ax.set_title(title)
     save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
@@ -312,6 +319,67 @@ def _plot_reach(s: Dict[str, Any], path: Path) -> Optional[str]:
     save_fig(fig, str(path))
     plt.close(fig)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep summary (`frod train -m`): one row per job, read and plotted as the report above reads and plots
+# ---------------------------------------------------------------------------------------------
+SWEEP_COLUMNS = ("trainable_params", "trainable_percent", "steps", "samples_per_s", "train_time_s", "wall_time_s")
+
+
+def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
+    """One row per finished job under `sweep_dir`: its directory, the overrides that differ between jobs, the
+    method, the validation and test metrics, and SWEEP_COLUMNS (each job's own times: its metrics.json measures
+    from the job's start, the libraries already imported, so the first job carries no start-up of the process)."""
+    runs = [read_run(d) for d in find_runs(sweep_dir)]
+    common = set.intersection(*(set(r["overrides"]) for r in runs)) if len(runs) > 1 else set()
+    rows = []
+    for r in runs:
+        final = r["final"]
+        row = {"job": os.path.relpath(r["dir"], sweep_dir), "overrides": " ".join(o for o in r["overrides"]
+                                                                                    if o not in common),
+               "method": final.get("method"), "run": r}
+        for split in ("validation", "test"):
+            row.update({f"{split}_{k}": v for k, v in (final.get(split) or {}).items()})
+        row.update({k: final.get(k) for k in SWEEP_COLUMNS})
+        rows.append(row)
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
+
+def summarize_sweep(sweep_dir: str) -> Optional[Dict[str, str]]:
+    """summary.csv, summary.md (a row per job) and loss_curves.png (every job's training loss) in `sweep_dir`;
+    the paths written, or None when no job finished."""
+    import csv
+    import io
+
+    rows = job_rows(sweep_dir)
+    if not rows:
+        return None
+    metrics = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("validation_", "test_"))))
+    cols = ["job", "overrides", "method", *metrics, *SWEEP_COLUMNS]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    paths = {k: os.path.join(sweep_dir, f) for k, f in (("csv", "summary.csv"), ("md", "summary.md"),
+                                                        ("png", "loss_curves.png"))}
+    atomic_write_text(paths["csv"], buf.getvalue())
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    atomic_write_text(paths["md"], f"# Sweep summary: {sweep_dir}\n\n" + "\n".join(md) + "\n")
+    curves = {f"{r['job']}: {r['overrides'] or r['method']}"[:90]: [r["run"]] for r in rows}
+    _plot_curves(curves, Path(paths["png"]), title=f"{len(rows)} jobs: training loss")
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +539,9 @@ def _search_markdown(found: Dict[str, Any], objective: str) -> str:
 def run_compare(cfg: Any, root: str, user_overrides: Sequence[str]) -> Dict[str, Any]:
     """The `frod compare` verb: search and/or comparison runs under `root`, then the report."""
 
+    from frod_cli.runs.lock import hold
+
+    hold(root, "comparison directory")  # one frod compare at a time in it (each job also locks its own run)
     cc = cfg.compare
     stage = str(cc.stage)
     if stage not in ("compare", "search", "both"):

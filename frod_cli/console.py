@@ -8,6 +8,7 @@ import sys
 from typing import Any, Dict, Optional
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+PLAIN_WIDTH = 200  # columns of a rendered line (the progress bar) when stdout is not a terminal
 _CONSOLE = None
 
 
@@ -18,6 +19,8 @@ def console() -> Any:
         from rich.console import Console
 
         _CONSOLE = Console(soft_wrap=True)  # long lines stay whole (the terminal, or the file, wraps them)
+        if not _CONSOLE.is_terminal:  # a log file: the progress bar's last line whole, not cut to 80 columns
+            _CONSOLE = Console(soft_wrap=True, width=PLAIN_WIDTH)
     return _CONSOLE
 
 

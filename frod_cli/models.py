@@ -252,6 +252,7 @@ def load_model(model_cfg: Any, task: Any, *, empty: bool = False, quant_storage:
         model = _build_tiny(model_cfg, task, preprocessor, overrides, empty)
         if quant is not None:
             model = quantize_built(model, _auto_class(task), quant, loaded_dtype(model_cfg), quant_device)
+        model.name_or_path = model_cfg.name_or_path  # the name given (the basis cache lists it), not a temp folder
     else:
         model = _load_pretrained(model_cfg, task, overrides, quant, empty, quant_device)
     if quant is not None:

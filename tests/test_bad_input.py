@@ -223,6 +223,12 @@ VERB_CASES = [
     ("compare_zero_jobs", "compare", lambda f, c, m, t: [*tiny(f["good"]), "compare.jobs=0", f"hydra.run.dir={t / 'cmp'}"],
      "compare.jobs must be >= 1"),
     ("compare_report_of_nothing", "compare", lambda f, c, m, t: [str(t / "nope")], "no run directory"),
+    # outputs and output directories (frod_cli/runs/lock.py, the checks before Hydra)
+    ("eval_relative_output_exists", "eval", lambda f, c, m, t: [f"path={c}", "output=metrics.json"],
+     "metrics.json: the file exists"),  # a relative output= lies in the run directory
+    ("train_sweep_dir_under_a_file", "train", lambda f, c, m, t: ["-m", *tiny(f["good"]), "train.seed=1,2",
+                                                                  f"hydra.sweep.dir={f['good']}/sweep"],
+     "is not writable"),
 ]
 
 
@@ -379,6 +385,37 @@ def test_bug_shows_traceback_and_asks_for_a_report(files, tmp_path, capsys, monk
 
     with pytest.raises(ConfigCompositionException):
         main(["train", *tiny(files["good"]), "train.bach_size=3", f"hydra.run.dir={tmp_path / 'run2'}"])
+
+
+def test_verbs_writing_into_a_run_another_command_holds_are_refused(finished, finished_lm, tmp_path, capsys):
+    """While another frod command holds a run (frod train of it, say), eval, merge, export and generate refuse to
+    write into it, each in one line naming the holder's pid, and change nothing."""
+    from test_reliability import hold_in_another_process
+
+    before, before_lm = digest(finished), digest(finished_lm)
+    holder = hold_in_another_process(finished, finished_lm)
+    try:
+        for verb, args in (("eval", [f"path={finished}"]), ("merge", [f"run={finished}", "overwrite=true"]),
+                           ("export", [f"path={finished}", "format=merged"]),
+                           ("generate", [f"path={finished_lm}", "prompt=hi", "output=answers.jsonl"]),
+                           ("eval", [f"path={finished_lm}/merged", "task=sft_tiny"])):
+            if verb == "generate":
+                args[-1] = f"output={finished_lm / 'answers.jsonl'}"
+            assert main([verb, *args]) == 2, verb
+            line = one_error_line(capsys)
+            assert f"is in use by another frod command (pid {holder.pid})" in line, line
+            assert str(finished_lm if "lm" in " ".join(args) else finished) in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert digest(finished) == before and digest(finished_lm) == before_lm
+
+
+def test_generate_logs_the_runs_config_once(finished_lm, capsys):
+    """The run's config (and its per_method line) is read once, not once to check it and once to load it."""
+    assert main(["generate", f"path={finished_lm}", "prompt=hi", "max_new_tokens=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("per_method.frod settings") == 1, out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -377,6 +377,30 @@ def test_frod_cache_verb_lists_and_clears(basis_cache, capsys):
     assert "the actions are list and clear" in capsys.readouterr().err
 
 
+def test_frod_cache_list_names_a_4bit_base_by_its_given_name_and_counts_what_it_lists(basis_cache, capsys):
+    """A tiny LLaMA loaded in NF4 (through a temporary folder, the way transformers quantizes) is listed as the
+    user named it (`tiny:llama`), and the header counts exactly the entries listed, a damaged file included."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.cli import run_verb
+    from frod_cli.config import ModelConfig
+    from frod_cli.training import builders as B
+    from conftest import compose_train
+
+    cfg = compose_train(["recipe=qfrod_smoke"])
+    task = B.build_task(cfg.task, 0)
+    model, _ = B.load_model(OmegaConf.structured(ModelConfig(name_or_path="tiny:llama", quantization="nf4")), task)
+    adapted(model, cache_dir=basis_cache)
+    (basis_cache / f"{'0' * 64}.safetensors").write_bytes(b"not a safetensors file")
+    code, listing = run_verb("cache", [])
+    lines = [l for l in capsys.readouterr().out.strip().splitlines() if not l.startswith("[")]  # not log records
+    assert code == 0 and len(listing["entries"]) == 8
+    assert lines[0].startswith(f"FRoD basis cache {basis_cache}: 8 entries") and "(1 damaged)" in lines[0]
+    assert [l for l in lines if l.startswith("base ")] == [next(l for l in lines if l.startswith("base tiny:llama "))]
+    assert "7 entries" in lines[1] and "frod-4bit" not in "\n".join(lines)
+    assert sum(l.startswith(("  ", "damaged: ")) for l in lines) == 8
+
+
 @pytest.mark.slow
 def test_bench_build_on_tiny_shapes(tmp_path, capsys):
     """The basis-build benchmark (scripts/bench.py --build: cold, cache hit, 2 processes against 1) runs end to

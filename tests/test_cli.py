@@ -33,10 +33,50 @@ def test_train_help_lists_groups(capsys):
         assert group in out, group
 
 
+@pytest.mark.parametrize("verb", ["train", "eval", "merge", "generate", "compare", "export", "cache"])
+def test_every_verb_has_its_own_help(verb, capsys):
+    """`frod <verb> --help` opens with that verb (frod compare composes frod train's config, not its help)."""
+    assert main([verb, "--help"]) == 0
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert first.startswith(f"frod {verb}: "), first
+
+
+def test_the_progress_bar_keeps_its_times_whole_in_a_log(capsys):
+    """Outside a terminal the bar's last line is written whole (rich would cut it to 80 columns: '0:00:…')."""
+    from frod_cli.console import progress_bar
+
+    bar = progress_bar(True)
+    task = bar.add_task("a_long_recipe_name [frod]", total=4, completed=0, loss="1.0986", lr="1.00e-03", sps="64")
+    bar.start()
+    bar.update(task, completed=4)
+    bar.stop()
+    out = capsys.readouterr().out
+    assert "4/4" in out and "…" not in out, out
+
+
 def test_recipes_listing(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "quickstart" in out and "peft_frod" in out and "frod_optuna" in out
+
+
+def test_the_default_run_exports_in_peft_format():
+    """MiniLM's targets (model/minilm.yaml, the quickstart's model) are every linear layer of its blocks but not the
+    pooler (a category of one layer, whose basis PEFT recomputes differently at load), so `frod export format=peft`
+    of the default run is not refused; [query, key, value, dense] takes the pooler, which a run of it is told at
+    its start."""
+    from transformers import AutoModelForSequenceClassification
+
+    from frod_cli.export.peft_frod import peft_format_note, unrebuildable
+    from frod_cli.models import OFFLINE_MODELS
+    from conftest import compose_train
+
+    cfg = compose_train([])
+    assert cfg.model.name_or_path == "offline:all-minilm-l6-v2"
+    model = AutoModelForSequenceClassification.from_pretrained(OFFLINE_MODELS["all-minilm-l6-v2"](), num_labels=3)
+    assert unrebuildable(model, list(cfg.model.target_modules)) == []
+    assert unrebuildable(model, ["query", "key", "value", "dense"]) == ["bert.pooler.dense|in=384"]
+    assert peft_format_note(model) is None  # no FRoD layer yet: nothing to say
 
 
 def test_default_is_quickstart(capsys):

@@ -154,6 +154,15 @@ def trained(run: Path):
     return L, lambda: fresh_base(job, L.task)
 
 
+def auto_peft(task, out: Path):
+    """The export loaded by PEFT alone, its base found through adapter_config.json's base_model_name_or_path."""
+    import peft
+
+    auto = {"AutoModelForCausalLM": peft.AutoPeftModelForCausalLM,
+            "AutoModelForSequenceClassification": peft.AutoPeftModelForSequenceClassification}[task.auto_class]
+    return auto.from_pretrained(str(out)).eval()
+
+
 def logits(model, L) -> torch.Tensor:
     from frod_cli.training.evaluation import model_outputs
 
@@ -181,6 +190,9 @@ def test_peft_export_loads_in_peft_and_matches_frods_logits(which, request, tmp_
     assert report["max_relative_weight_error"] < TOLERANCE and report["check"]["relative_diff"] < TOLERANCE
     if which == "bert_run":
         assert config["modules_to_save"] == ["classifier"] and report["modules_to_save"] == ["classifier"]
+    # a tiny:* base exists in no file: the export carries it, and its adapter_config.json names it
+    assert config["base_model_name_or_path"] == str(out / "base")
+    assert relative(logits(auto_peft(L.task, out), L), logits(L.model, L)) < TOLERANCE
 
 
 @pytest.mark.slow
@@ -248,12 +260,45 @@ def test_existing_output_and_the_run_itself_are_refused(bert_run, tmp_path, caps
 
 @pytest.mark.slow
 def test_a_peft_method_run_exports_its_adapter_as_it_is(tmp_path):
+    """A LoRA run's adapter is copied as it is, with a base that loads (a tiny:* base carried beside it); and the
+    run printed none of the libraries' per-run warnings (transformers' is_gradient_checkpointing deprecation,
+    PEFT's search for the base's config.json)."""
+    import warnings
+
     run, out = tmp_path / "lora_run", tmp_path / "peft"
-    code, _ = run_verb("train", ["debug=fast", "method=lora", f"hydra.run.dir={run}"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _ = run_verb("train", ["debug=fast", "method=lora", f"hydra.run.dir={run}"])
     assert code == 0
+    noise = [str(w.message) for w in seen if "is_gradient_checkpointing" in str(w.message)
+             or "Could not find a config file" in str(w.message)]
+    assert noise == []
     assert main(["export", f"path={run}", "format=peft", f"output={out}"]) == 0
-    mine = ("export.json", "README.md")  # the export's report and its own model card (frod_cli/share/card.py)
-    assert {k: v for k, v in digest(run / "adapter").items() if k not in mine} == \
-        {k: v for k, v in digest(out).items() if k not in mine}
+    mine = ("export.json", "README.md", "adapter_config.json")  # the export's report, its card, its loadable base
+    copied = {k: v for k, v in digest(out).items() if k not in mine and not k.startswith("base/")}
+    assert {k: v for k, v in digest(run / "adapter").items() if k not in mine} == copied
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "base")
     assert f'PeftModel.from_pretrained(base, "{out}")' in (out / "README.md").read_text()
+    L, _ = trained(run)
+    assert relative(logits(auto_peft(L.task, out), L), logits(L.model, L)) < 1e-5
     assert main(["export", f"path={run}", "format=lora", "rank=4", f"output={tmp_path / 'lora'}"]) == 2
+
+
+def test_a_causal_lms_saved_tokenizer_feeds_generate(tmp_path):
+    """merged/ (and format=merged) of a causal LM: its tokenizer gives no token_type_ids (tiny:llama's, BERT's,
+    would), so `model.generate(**tokenizer(text, return_tensors="pt"))` works on what was saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from frod_cli.training import builders as B
+    from frod_cli.training.evaluation import save_merged
+    from conftest import compose_train
+
+    cfg = compose_train(["recipe=sft_smoke"])
+    task = B.build_task(cfg.task, 0)
+    model, tok = B.load_model(cfg.model, task)
+    assert "token_type_ids" in tok("hi")  # what the training tokenizer gives
+    save_merged(model, tok, str(tmp_path / "merged"))
+    tok, model = AutoTokenizer.from_pretrained(tmp_path / "merged"), AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    inputs = tok("hi", return_tensors="pt")
+    assert "token_type_ids" not in inputs
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2

@@ -30,7 +30,7 @@ from frod_cli.training import distributed as D
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
-TIMING = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+TIMING = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
 COMMON = ["train.cpu=true", "train.keep_checkpoints=true", "train.progress=false", "train.fsdp.enabled=true"]
 BERT = ["debug=default", *NO_DROPOUT, *COMMON]
 NF4 = ["recipe=qfrod_smoke", "train.max_steps=2", "train.eval_every=2", *COMMON]

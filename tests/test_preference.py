@@ -20,7 +20,7 @@ from conftest import compose_train, train_run
 from frod_cli.cli import main, run_verb
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+TIMING = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -315,15 +315,20 @@ def test_qfrod_smoke_merged_is_plain_and_generates_what_the_adapter_does(qfrod_r
 
 
 @pytest.mark.slow
-def test_frod_merge_into_the_unquantized_base(qfrod_run, tmp_path):
+def test_frod_merge_into_the_unquantized_base(qfrod_run, tmp_path, capsys):
     """`frod merge base=tiny:llama`: the same update folded into the unquantized weights; the report says how far
-    its outputs are from the trained (4-bit) model's, which is the NF4 rounding of the base."""
+    its outputs are from the trained (4-bit) model's, which is the NF4 rounding of the base, next to how far the
+    trained model's are from its own 4-bit base's (the adapter off: the update's own size), and the ratio."""
     from frod_cli.cli import run_verb
 
     method, run = qfrod_run
     code, report = run_verb("merge", [f"run={run}", "base=tiny:llama", f"output={tmp_path / 'merged'}"])
     assert code == 0 and report["base"] == "tiny:llama"
-    assert 1e-4 < report["max_abs_diff"] < 1.0
+    assert 1e-4 < report["max_abs_diff"] < 1.0 and report["update_max_abs_diff"] > 1e-4
+    assert report["ratio"] == pytest.approx(report["max_abs_diff"] / report["update_max_abs_diff"])
+    printed = capsys.readouterr().out
+    assert f"largest |trained - the run's base| on the same outputs: {report['update_max_abs_diff']:.3e}" in printed
+    assert f"(ratio {report['ratio']:.3g})" in printed
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
 

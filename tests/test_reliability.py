@@ -51,7 +51,7 @@ def tree_digest(d: Path) -> dict:
 
 def jsonl_rows(run: Path) -> list:
     """metrics.jsonl without the timing fields (which differ between any two runs)."""
-    drop = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+    drop = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
     return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -326,6 +326,159 @@ def test_full_output_dir_is_refused_before_training(data, tmp_path, monkeypatch,
     assert main(["train", *tiny(data), f"hydra.run.dir={run}"]) == 2
     assert "MiB free" in one_error_line(capsys)
     assert not (run / "checkpoints").exists() and not (run / "adapter").exists()
+
+
+def test_unwritable_output_dir_is_refused_before_hydra_creates_it(data, tmp_path, monkeypatch, capsys):
+    """A read-only directory (chmod stops no root, so the refusal is injected where the probe writes): one line,
+    and Hydra never made the run directory or its parents."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and str(dir).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*a, dir=dir, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(["train", *tiny(data), f"hydra.run.dir={tmp_path / 'ro' / 'a' / 'run'}"]) == 2
+    assert f"output directory {tmp_path / 'ro' / 'a' / 'run'} is not writable (Permission denied)" in one_error_line(capsys)
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_disk_full_midway_is_one_line_and_the_same_command_resumes(data, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of a checkpoint write (as a write() raises it: no file name): one line naming the
+    checkpoint and the cause, exit 2, the run left incomplete with its previous checkpoint; the same command then
+    resumes and finishes, metrics.jsonl holding each step once."""
+    import errno
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, path, *a, **k):
+        if ".step-00000003.tmp-" in str(path) and path.endswith("optimizer.safetensors"):  # the third, midway
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    run = tmp_path / "run"
+    args = ["train", *tiny(data, "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=1"),
+            f"hydra.run.dir={run}"]
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("frod train: error: file system: ") and "No space left on device (ENOSPC)" in line
+    assert str(run / "checkpoints" / "step-00000003") in line
+    assert ck.latest_checkpoint(str(run)).endswith("step-00000002") and not (run / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main(args) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["resumed_from"].endswith("step-00000002") and m["steps"] == 4
+    assert [r["step"] for r in jsonl_rows(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_refused_log_line_names_metrics_jsonl(tmp_path):
+    """A metrics.jsonl line the disk refuses names the file (a write() error carries no file name)."""
+    import errno
+
+    from frod_cli.runs import JsonlWriter
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        close = flush = lambda self: None
+
+    writer = JsonlWriter(str(tmp_path / "metrics.jsonl"))
+    writer.f.close()
+    writer.f = Full()
+    with pytest.raises(OSError) as e:
+        writer.write({"step": 1})
+    assert e.value.filename == str(tmp_path / "metrics.jsonl") and e.value.errno == errno.ENOSPC
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. One frod command at a time per run directory (frod_cli/runs/lock.py)
+# ---------------------------------------------------------------------------------------------------
+HOLDER = ("import sys, time\nfrom frod_cli.runs.lock import hold\nfor p in sys.argv[1:]:\n    hold(p)\n"
+          "print('held', flush=True)\ntime.sleep(600)\n")
+
+
+def hold_in_another_process(*paths: Path) -> subprocess.Popen:
+    """A process holding the locks of `paths` (as a running frod command would) until it is killed."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, paths)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_held_run_directory_is_refused_naming_the_holder_until_it_is_killed(data, tmp_path, capsys):
+    """A run directory, a sweep directory and a comparison directory another process holds: each command refuses
+    in one line naming that process, before it trains anything; once the holder is killed the lock is free."""
+    from frod_cli.runs.lock import Lock, lock_file
+
+    run, sweep, cmp = tmp_path / "run", tmp_path / "sweep", tmp_path / "cmp"
+    holder = hold_in_another_process(run, sweep, cmp)
+    try:
+        assert main(["train", *tiny(data, "train.max_steps=2"), f"hydra.run.dir={run}"]) == 2
+        line = one_error_line(capsys)
+        assert f"run directory {run} is in use by another frod command (pid {holder.pid})" in line
+        assert not run.exists()  # refused: the directory Hydra made for it is gone again
+        assert main(["train", "-m", *tiny(data, "train.max_steps=2"), "train.seed=1,2", f"hydra.sweep.dir={sweep}"]) == 2
+        assert f"sweep directory {sweep} is in use by another frod command (pid {holder.pid})" in one_error_line(capsys)
+        assert not sweep.exists()
+        assert main(["compare", *tiny(data, "train.max_steps=2"), f"hydra.run.dir={cmp}"]) == 2
+        assert f"comparison directory {cmp} is in use by another frod command (pid {holder.pid})" in \
+            one_error_line(capsys)
+        assert not (cmp / "runs").exists() and not (cmp / "search").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(lock_file(str(run))).exists()  # a killed holder leaves its file behind, but no lock
+    Lock(str(run), "run directory").acquire().release()
+    assert not Path(lock_file(str(run))).exists()  # released: removed
+
+
+def test_the_lock_is_one_holder_at_a_time_and_never_inside_the_directory(tmp_path):
+    from frod_cli import FrodCliError
+    from frod_cli.runs.lock import Lock, lock_file
+
+    run = tmp_path / "a" / "run"
+    first = Lock(str(run), "run directory").acquire()
+    assert lock_file(str(run)) == str(tmp_path / "a" / ".run.frod-lock") and not run.exists()
+    with pytest.raises(FrodCliError, match=f"in use by another frod command \\(pid {os.getpid()}\\)"):
+        Lock(str(run), "run directory").acquire()  # another open file: flock refuses it within one process too
+    first.release()
+    Lock(str(run), "run directory").acquire().release()
+    assert not (tmp_path / "a").exists()  # the parent made for the lock file goes with it
+
+
+@pytest.mark.slow
+def test_two_trains_started_together_into_one_directory(data, tmp_path):
+    """Two `frod train` of one run directory started at the same moment: one trains, the other refuses in one line
+    (the directory held by the winner's pid, or, had it started after the end, holding a finished run); the
+    directory ends with the winner's run alone, its metrics.jsonl unmixed."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "frod_cli.cli", "train", *tiny(data, "train.max_steps=2", "train.eval_every=2"),
+           f"hydra.run.dir={run}"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], (codes, errs)
+    winner, loser = procs[codes.index(0)], codes.index(2)
+    err = [l for l in errs[loser].splitlines() if l.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert (f"run directory {run} is in use by another frod command (pid {winner.pid})" in err[0]
+            or "holds a finished run" in err[0]), err
+    rows = jsonl_rows(run)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and sum(r.get("split") == "validation" for r in rows) == 1
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock file left, no other directory
 
 
 # ---------------------------------------------------------------------------------------------------

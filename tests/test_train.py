@@ -37,8 +37,12 @@ def test_run_directory(text_run):
     assert m["merge_max_abs_diff"] < 1e-5
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     logs = [l for l in lines if "loss" in l]
-    assert logs and {"step", "loss", "lr", "samples_per_s", "memory_mb"} <= set(logs[0])
+    assert logs and {"step", "loss", "lr", "samples_per_s", "peak_memory_mb", "current_memory_mb"} <= set(logs[0])
     assert any(l.get("split") == "validation" for l in lines)
+    # memory: a peak over training (it is at least every amount logged while training), named by its method
+    assert m["peak_memory_mb"] >= max(l["current_memory_mb"] for l in logs) > 0
+    assert [l["peak_memory_mb"] for l in logs] == sorted(l["peak_memory_mb"] for l in logs)
+    assert "from the first training step to the last" in m["peak_memory_method"]
 
 
 def test_merged_loads_with_plain_transformers(text_run):
@@ -73,10 +77,10 @@ def test_eval_reproduces_training_metrics(text_run, tmp_path):
     for split in ("validation", "test"):
         for k, v in m[split].items():
             assert ev[split][k] == pytest.approx(v, abs=1e-6), (split, k)
-    # base model + adapter gives the same numbers
-    out2 = tmp_path / "eval_adapter.json"
-    assert main(["eval", f"path={run}", "use_adapter=true", f"output={out2}"]) == 0
-    ev2 = json.loads(out2.read_text())
+    # base model + adapter gives the same numbers; a relative output= lies in the run directory
+    assert main(["eval", f"path={run}", "use_adapter=true", "output=eval_adapter.json"]) == 0
+    ev2 = json.loads((run / "eval_adapter.json").read_text())
+    (run / "eval_adapter.json").unlink()
     assert ev2["test"]["accuracy"] == pytest.approx(m["test"]["accuracy"], abs=1e-6)
     # a merged checkpoint plus a task
     out3 = tmp_path / "eval_ckpt.json"
@@ -106,7 +110,8 @@ def test_two_job_sweep_summary(tmp_path):
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [r["method"] for r in rows] == ["frod", "lora"]
     assert "method=frod" in rows[0]["overrides"]
-    for col in ("validation_accuracy", "test_accuracy", "trainable_percent", "wall_time_s"):
+    for col in ("validation_accuracy", "test_accuracy", "trainable_percent", "samples_per_s", "train_time_s",
+                "wall_time_s"):
         assert rows[0][col] != "", col
     assert "| job |" in (sweep / "summary.md").read_text()
     assert (sweep / "loss_curves.png").stat().st_size > 0
@@ -183,9 +188,16 @@ def test_target_modules_suffix_with_a_dot_trains_exactly_those_layers(tmp_path):
     assert m["trainable_params"] == expected
 
 
-def test_a_batch_larger_than_the_data_is_clamped_and_throughput_counts_real_examples(tmp_path, capsys):
+def test_a_batch_larger_than_the_data_is_clamped_and_throughput_counts_real_examples(tmp_path, capsys, monkeypatch):
     """debug=default trains on 64 examples: train.batch_size=1000 becomes 64 with a warning, and samples/s
-    counts the 64 examples of each step (not 1000)."""
+    counts the 64 examples of each step (not 1000) over the training time only: an evaluation made to take 3 s
+    is in evaluation_time_s, not in train_time_s."""
+    import time
+
+    from frod_cli.training.evaluation import Evaluator
+
+    real = Evaluator.split
+    monkeypatch.setattr(Evaluator, "split", lambda self, model, split: time.sleep(3) or real(self, model, split))
     run = tmp_path / "run"
     code, _ = run_verb("train", [*TINY_TEXT, "train.batch_size=1000", "train.max_steps=3", "train.eval_every=3",
                                  "train.save_merged=false", f"hydra.run.dir={run}"])
@@ -193,3 +205,4 @@ def test_a_batch_larger_than_the_data_is_clamped_and_throughput_counts_real_exam
     assert "train.batch_size=1000 is larger than the training split (64 examples): batches of 64" in capsys.readouterr().out
     m = json.loads((run / "metrics.json").read_text())
     assert m["samples_per_s"] * m["train_time_s"] == pytest.approx(3 * 64, rel=1e-6)
+    assert m["evaluation_time_s"] >= 3 > m["train_time_s"]

@@ -13,8 +13,8 @@ Layout, one module per question over shared helpers:
                   loading's host memory, the per-rank bytes of an NF4 base and of method=full's AdamW state;
 - fsdp_step.py    --fsdp-step: the train step under FSDP2 (torchrun processes over gloo): full fine-tuning on the shards
                   against FRoD per micro-batch and with accumulation windows over the shards, and what a window holds;
-- common.py       what they share: the resident-set peak (`PeakRSS`: VmHWM after clear_refs, a sampling thread
-                  elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),
+- common.py       what they share: the resident-set peak (`PeakRSS` from frod_cli/memory.py, as frod train
+                  measures it: VmHWM after clear_refs, a sampling thread elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),
                   `params_buffers_bytes` / `optimizer_state_bytes` / `storage_bytes` (each storage once),
                   `summarize` (median, min, max, spread of repeated timings), `ratio`, `environment(device, dtypes)`
                   (the record every result carries: date, host, versions, CPU, threads, load, the CPU's capability

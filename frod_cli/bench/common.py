@@ -12,12 +12,13 @@ import os
 import platform
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional
 
 import torch
+
+# the resident set and its peak over a block: one piece with frod train's metrics (frod_cli/memory.py)
+from frod_cli.memory import PeakRSS, reset_hwm, rss_bytes  # noqa: F401 - the benchmarks import them from here
 
 Log = Callable[..., None]
 
@@ -85,78 +86,6 @@ def malloc_trim() -> None:
         _LIBC[0].malloc_trim(0)
     except OSError:
         pass
-
-
-def status_bytes(key: str) -> Optional[int]:
-    """A field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int:
-    v = status_bytes("VmRSS")
-    if v is not None:
-        return v
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def clear_refs_works() -> bool:
-    """Whether writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0)."""
-    if sys.platform != "linux":
-        return False
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = status_bytes("VmHWM"), status_bytes("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 4 * 1024 * 1024
-
-
-class PeakRSS:
-    """High-water mark of the resident set over a block: VmHWM after a reset through /proc/self/clear_refs,
-    else a sampling thread (every 1 ms). After the block: before, peak and extra (= peak - before), bytes."""
-
-    use_hwm: Optional[bool] = None
-
-    def __enter__(self):
-        if PeakRSS.use_hwm is None:
-            PeakRSS.use_hwm = clear_refs_works()
-        self.before = rss_bytes()
-        if PeakRSS.use_hwm:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return self
-        import psutil
-
-        proc, self._stop, self._peak = psutil.Process(), threading.Event(), self.before
-
-        def sample():
-            while not self._stop.is_set():
-                self._peak = max(self._peak, proc.memory_info().rss)
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if PeakRSS.use_hwm:
-            self.peak = max(status_bytes("VmHWM") or 0, self.before)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self._peak, rss_bytes())
-        self.extra = self.peak - self.before
-        return False
 
 
 class DevicePeak:
@@ -257,7 +186,7 @@ def environment(device: str, dtypes: Iterable[str]) -> Dict[str, Any]:
            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "argv": sys.argv,
            "loadavg_start": loadavg(),
-           "peak_rss_method": "VmHWM after clear_refs" if clear_refs_works() else "sampling thread"}
+           "peak_rss_method": "VmHWM after clear_refs" if reset_hwm() else "sampling thread"}
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)

@@ -241,7 +241,7 @@ def memory_step(r: Runner, batches, loss_fn, device, record: bool = False, windo
     with PeakRSS() as pk:
         run_steps([r], batches, loss_fn, device, record, window_k=window_k)
     r.mem = {"rss_before": pk.before, "rss_peak": pk.peak, "step_peak_extra": pk.extra,
-             "method": "VmHWM" if PeakRSS.use_hwm else "sampling"}
+             "method": "VmHWM" if pk.use_hwm else "sampling"}
     if device.type == "cuda":
         r.mem["cuda_before"] = cuda_before
         r.mem["cuda_peak"] = torch.cuda.max_memory_allocated(device)

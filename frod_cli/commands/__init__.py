@@ -5,6 +5,8 @@ one file here plus its YAML; frod_cli/cli.py runs them (argv, Hydra, the one-lin
 A verb module defines `run(cfg)` (the Hydra task function) and may give:
   prepare(args) -> (args, cleanup)   rewrites the command line before Hydra sees it (train: resume=, ranks)
   direct(args) -> exit code | None   handles a command line without Hydra (compare <dir>: a report only)
+  check(composed, args) -> args      checks on the composed config (Hydra's part included) before Hydra creates
+                                     any directory (train: its output directory is writable; a sweep's is locked)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class Verb:
     summary: str  # one line for `frod --help`
     prepare: Optional[Callable[[Sequence[str]], Prepared]] = None
     direct: Optional[Callable[[Sequence[str]], Optional[int]]] = None
+    check: Optional[Callable[[Any, Sequence[str]], List[str]]] = None
 
 
 VERBS: Dict[str, Verb] = {}
@@ -31,13 +34,13 @@ _DISCOVERED = False
 
 
 def register_verb(name: str, *, config: str, summary: str, prepare: Optional[Callable] = None,
-                  direct: Optional[Callable] = None) -> Callable[[Callable], Callable]:
+                  direct: Optional[Callable] = None, check: Optional[Callable] = None) -> Callable[[Callable], Callable]:
     """Decorates a verb's `run(cfg)`."""
 
     def deco(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if name in VERBS and VERBS[name].run is not run:
             raise ValueError(f"verb {name!r} registered twice")
-        VERBS[name] = Verb(name, config, run, summary, prepare, direct)
+        VERBS[name] = Verb(name, config, run, summary, prepare, direct, check)
         return run
 
     return deco

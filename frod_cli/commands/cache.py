@@ -56,16 +56,18 @@ def size(n: float) -> str:
 
 
 def describe(directory: str, entries: List[Dict[str, Any]]) -> List[str]:
-    """The listing: a header, then per base its entries (category, layers, n, settings, where computed)."""
-    lines = [f"FRoD basis cache {directory}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-             f"{size(sum(int(e['bytes']) for e in entries))}"]
+    """The listing: a header counting every entry it lists, then per base model (the name the run gave it, and
+    its weights' fingerprint) its entries (category, layers, n, settings, where computed), then damaged files."""
     damaged = [e for e in entries if "problem" in e]
+    lines = [f"FRoD basis cache {directory}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+             f"{size(sum(int(e['bytes']) for e in entries))}" + (f" ({len(damaged)} damaged)" if damaged else "")]
     by_base: Dict[str, List[Dict[str, Any]]] = {}
     for e in entries:
         if "problem" not in e:
             by_base.setdefault(f"{e.get('base')} (weights {e.get('base_fingerprint')})", []).append(e)
     for name, group in sorted(by_base.items()):
-        lines.append(f"base {name}: {len(group)} categories, {size(sum(int(e['bytes']) for e in group))}")
+        lines.append(f"base {name}: {len(group)} entr{'y' if len(group) == 1 else 'ies'}, "
+                     f"{size(sum(int(e['bytes']) for e in group))}")
         for e in sorted(group, key=lambda e: str(e.get("category"))):
             n = (e.get("shapes") or [[0, 0]])[0][1]
             lines.append(f"  {e.get('category')}  {len(e.get('layers') or [])} layers, n={n}, "

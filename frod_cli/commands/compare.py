@@ -2,19 +2,40 @@
 on the same budget and seeds, then a report (frod_cli/compare.py); `frod compare <sweep dir>`: the report only."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from frod_cli import FrodCliError
 from frod_cli.commands import Prepared, register_verb
 
 
+# frod compare composes frod train's config (recipes/config.yaml): its --help says what compare is
+HELP = {
+    "app_name": "frod compare",
+    "header": "frod compare: every method of the compare block of a recipe on the same budget and seeds (each run a "
+              "frod train of its own), then a report; or the report only of a directory of finished runs.",
+    "footer": "Examples:\n"
+              "  frod compare recipe=compare/text_minilm                      # the methods x seeds, then report/\n"
+              "  frod compare recipe=compare/text_minilm compare.stage=search # a learning-rate search per method first\n"
+              "  frod compare recipe=compare/text_minilm compare.jobs=2       # two runs at a time\n"
+              "  frod compare multirun/quickstart/<date> [--out DIR]          # the report of any finished sweep\n"
+              "The compare.* keys are in the composed config above; every other key is a frod train key.",
+}
+
+
+def help_overrides() -> List[str]:
+    return [f"hydra.help.{key}='{text}'" for key, text in HELP.items()]
+
+
 def prepare(args: Sequence[str]) -> Prepared:
-    """`frod compare` runs its own sweep: no -m; its directory defaults to runs/<recipe>/compare_<time>."""
+    """`frod compare` runs its own sweep: no -m; its directory defaults to runs/<recipe>/compare_<time>; its
+    --help is its own."""
     if any(a in ("-m", "--multirun") for a in args):
         raise FrodCliError("frod compare runs its own sweep: drop -m (methods and seeds come from compare.*)")
     from frod_cli.commands.train import user_data_args
 
     args = user_data_args(args)
+    if any(a in ("--help", "-h") for a in args):
+        args = help_overrides() + args
     if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
         args.insert(0, "hydra.run.dir=${frod_dir:runs}/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args, None

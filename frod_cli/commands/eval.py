@@ -25,9 +25,9 @@ def prepare(args: Sequence[str]) -> Prepared:
 
 def check(cfg: Any) -> str:
     """Refuse what cannot be evaluated before any model loads; returns the output file."""
-    from frod_cli.runs.directory import check_output
-
     from frod_cli.runs import is_run_dir
+    from frod_cli.runs.directory import check_output
+    from frod_cli.runs.lock import hold_output
 
     if not os.path.exists(os.path.expanduser(str(cfg.path))):
         raise FrodCliError(f"no such run directory or model directory: {cfg.path}")
@@ -40,9 +40,24 @@ def check(cfg: Any) -> str:
     unknown = [s for s in cfg.splits if s not in SPLITS]
     if unknown:
         raise FrodCliError(f"splits: unknown split {unknown[0]!r}; use {', '.join(SPLITS)}")
-    default = "harness.json" if cfg.harness.tasks else "eval.json"  # harness.tasks: lm-evaluation-harness
-    out = os.path.abspath(os.path.expanduser(str(cfg.output or os.path.join(str(cfg.path), default))))
+    out = output_file(cfg)
     check_output(out, bool(cfg.overwrite))
+    hold_output(out)  # a run's own file: the run's lock (not while frod train holds it); else the file's own
+    return out
+
+
+def output_file(cfg: Any) -> str:
+    """Where the metrics go: `<path>/eval.json` by default (`harness.json` for lm-evaluation-harness's tasks);
+    a relative `output=` lies in `path` too (the run directory, or the model directory evaluated), said in the
+    log; an absolute one where it names."""
+    path = os.path.abspath(os.path.expanduser(str(cfg.path)))
+    if cfg.output is None:
+        return os.path.join(path, "harness.json" if cfg.harness.tasks else "eval.json")
+    given = os.path.expanduser(str(cfg.output))
+    if os.path.isabs(given):
+        return given
+    out = os.path.join(path, given)
+    log.info("output=%s is a relative path: written into %s (%s)", given, cfg.path, out)
     return out
 
 

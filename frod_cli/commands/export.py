@@ -12,8 +12,6 @@ renamed into place, so a refused or failed export leaves nothing and changes not
 from __future__ import annotations
 
 import os
-import shutil
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict
 
@@ -25,8 +23,6 @@ FORMATS = ("peft", "lora", "merged")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TOLERANCE = 1e-3  # see docs/SERVING.md: float32 rounding of PEFT's rebuild is ~1e-6, basis mixing larger
 PEFT_METHODS = ("lora", "dora", "pissa", "vera", "peft_frod")
-# warnings PEFT and torch print while an export builds and reloads PEFT models; none concerns the user's input
-LIBRARY_NOISE = ".*(Sparse invariant checks|base_model_name_or_path|is_gradient_checkpointing).*"
 
 
 @dataclass
@@ -101,12 +97,14 @@ def check_method(fmt: str, run: Any) -> None:
 
 def resolve_output(cfg: Any, src: Source) -> str:
     from frod_cli.runs.directory import check_output
+    from frod_cli.runs.lock import hold_output
 
     out = os.path.abspath(cfg.output or os.path.join(src.run_dir, f"export-{cfg.format}"))
     read = os.path.join(src.run_dir, src.kind)
     if out == read or out.startswith(read + os.sep) or src.run_dir == out or src.run_dir.startswith(out + os.sep):
         raise FrodCliError(f"output {out} would replace what the export reads ({read}): name another directory")
     check_output(out, bool(cfg.overwrite))
+    hold_output(out)  # inside the run: the run's lock (refused while frod train holds it); else the output's
     return out
 
 
@@ -122,9 +120,7 @@ def run(cfg: Any) -> Dict[str, Any]:
     out = resolve_output(cfg, src)
     created = missing_dirs(os.path.dirname(os.path.abspath(out)))  # a refused or failed export removes them
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
-            report = dispatch(cfg, src, out)
+        report = dispatch(cfg, src, out)
     except BaseException:
         remove_if_empty(created)
         raise
@@ -133,33 +129,13 @@ def run(cfg: Any) -> Dict[str, Any]:
 
 
 def dispatch(cfg: Any, src: Source, out: str) -> Dict[str, Any]:
-    if cfg.format == "peft" and src.run.method.name != "frod":
-        return copy_peft_adapter(src, out)
     from frod_cli.export import pipelines
 
     job = pipelines.Job(src.run_dir, src.run, src.kind, out, int(cfg.check_batch_size), bool(cfg.cpu))
+    if cfg.format == "peft" and src.run.method.name != "frod":
+        return pipelines.copy_peft_adapter(job)
     if cfg.format == "peft":
         return pipelines.export_peft(job, DEFAULT_TOLERANCE if cfg.tolerance is None else float(cfg.tolerance))
     if cfg.format == "lora":
         return pipelines.export_lora(job, cfg.rank, cfg.energy)
     return pipelines.export_merged(job, cfg.dtype or src.run.model.dtype)
-
-
-def copy_peft_adapter(src: Source, out: str) -> Dict[str, Any]:
-    """A PEFT method's adapter/ is PEFT's format already: copied as it is."""
-    from frod_cli.export.pipelines import EXPORT_JSON
-    from frod_cli.runs import atomic_dir, atomic_write_json
-
-    report = {"format": "peft", "run": src.run_dir, "method": src.run.method.name, "output": out,
-              "note": "the run's PEFT adapter, copied unchanged"}
-
-    def write(tmp: str) -> None:
-        from frod_cli.share.card import write_export_card
-
-        shutil.copytree(os.path.join(src.run_dir, "adapter"), tmp, dirs_exist_ok=True)
-        atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
-        write_export_card(tmp, report)  # the export's card, not the run adapter/'s
-
-    atomic_dir(out, write)
-    print(f"copied the {src.run.method.name} run's PEFT adapter: PeftModel.from_pretrained(base, {out!r})")
-    return report

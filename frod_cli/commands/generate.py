@@ -87,7 +87,7 @@ def _causal_task_config() -> Any:
 def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str, Optional[Any]]:
     """(model, tokenizer, the run's task config or None, what was loaded, the method that loaded adapter/ or
     None) for a GenerateRunConfig."""
-    from frod_cli.runs import is_run_dir, load_run_config
+    from frod_cli.runs import is_run_dir, read_config
     from frod_cli.tasks import get_task
     from frod_cli.training.builders import load_trained
 
@@ -101,14 +101,18 @@ def load_generation_model(cfg: Any) -> Tuple[Any, Any, Optional[Any], str, Optio
         t = load_trained(path, task_cfg=_causal_task_config(), load_data=False)
         return t.model, t.preprocessor, None, cfg.path, None
 
-    run = load_run_config(path)
-    task_cls = get_task(run.task.type)
+    task_type = str((read_config(path).get("task") or {}).get("type"))  # checked before anything loads
+    try:
+        task_cls = get_task(task_type)
+    except ValueError as e:
+        raise FrodCliError(f"{cfg.path}: .hydra/config.yaml names no task this version knows ({e})") from None
     if task_cls.auto_class != "AutoModelForCausalLM":
-        raise FrodCliError(f"{cfg.path} was trained for task type {run.task.type!r} ({task_cls.auto_class}); "
+        raise FrodCliError(f"{cfg.path} was trained for task type {task_type!r} ({task_cls.auto_class}); "
                            "frod generate needs a causal LM run")
-    # merged/ (or base + adapter/ with use_adapter=true, or when merged/ is missing), as `frod eval` loads it
+    # merged/ (or base + adapter/ with use_adapter=true, or when merged/ is missing), as `frod eval` loads it; the
+    # run's config is read once (its per_method line logged once)
     t = load_trained(path, use_adapter=bool(cfg.use_adapter), load_data=False)
-    return t.model, t.preprocessor, run.task, f"{cfg.path} ({t.what})", t.method
+    return t.model, t.preprocessor, t.run.task, f"{cfg.path} ({t.what})", t.method
 
 
 def _layout_for(run_task: Optional[Any], run_dir: str) -> bool:
@@ -137,12 +141,14 @@ def run(cfg: Any) -> List[Dict[str, str]]:
     from frod_cli.config import check_sampling
     from frod_cli.decoding import encode_prompt, generate_texts, has_chat_template, sampling_settings
     from frod_cli.runs.directory import check_output
+    from frod_cli.runs.lock import hold_output
     from frod_cli.training.builders import quiet_libraries
 
     quiet_libraries()
     check_sampling(cfg)  # bad input is refused before a model is loaded
     if cfg.output:
         check_output(os.path.abspath(os.path.expanduser(str(cfg.output))), bool(cfg.overwrite))
+        hold_output(os.path.abspath(os.path.expanduser(str(cfg.output))))
     prompts = read_prompts(cfg)
     model, tok, run_task, what, method = load_generation_model(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")

@@ -3,7 +3,9 @@ largest output difference between the merged and the unmerged model on a batch.
 
 `base=<model>` folds the trained update into another copy of the base instead, typically the unquantized
 original of a 4-bit base (what QLoRA users ship): the same dW (for FRoD, built on the 4-bit base it trained on),
-and the report gives how far that model's outputs are from the trained (4-bit) model's."""
+and the report gives how far that model's outputs are from the trained (4-bit) model's, next to how far the trained
+model's outputs are from its own base's (the adapter switched off: the update's own size on the same outputs) and
+the ratio of the two."""
 from __future__ import annotations
 
 import os
@@ -19,6 +21,7 @@ def run(cfg: Any) -> Dict[str, Any]:
 
     from frod_cli.runs import RunPaths, atomic_write_json, is_run_dir
     from frod_cli.runs.directory import check_output
+    from frod_cli.runs.lock import hold_output
     from frod_cli.training import builders as B
     from frod_cli.training.evaluation import check_batch, merge_and_check, save_merged
 
@@ -33,6 +36,7 @@ def run(cfg: Any) -> Dict[str, Any]:
     own = RunPaths.of(run_dir).merged
     out = os.path.abspath(cfg.output or own)
     check_output(out, bool(cfg.overwrite))
+    hold_output(out)  # merged/ of the run: the run's lock (refused while frod train holds it); else the output's
     report_file = os.path.join(run_dir if out == str(own) else out, "merge.json")
     t = B.load_trained(run_dir, use_adapter=True)
     model, pre, task, data, run, method = t.model, t.preprocessor, t.task, t.data, t.run, t.method
@@ -41,26 +45,37 @@ def run(cfg: Any) -> Dict[str, Any]:
     split = "validation" if "validation" in data else next(iter(data))
     encoded = B.encode_data(task, data, pre)
     batch = check_batch(encoded[split], task.collate(pre), int(cfg.check_batch_size), device)
-    if cfg.base:
-        merged, diff = merge_into_base(method, model, batch, task, str(cfg.base), run)
-    else:
-        merged, diff = merge_and_check(method, model, batch, task)
-    save_merged(merged, pre, out)
-    report = {"run": run_dir, "method": run.method.name, "output": out, "max_abs_diff": diff,
+    report = {"run": run_dir, "method": run.method.name, "output": out,
               "check_examples": int(batch[next(iter(batch))].shape[0]), "check_split": split}
     if cfg.base:
-        report["base"] = str(cfg.base)
+        merged, diffs = merge_into_base(method, model, batch, task, str(cfg.base), run)
+        report.update(base=str(cfg.base), **diffs)
+    else:
+        merged, report["max_abs_diff"] = merge_and_check(method, model, batch, task)
+    save_merged(merged, pre, out)
     atomic_write_json(report_file, report)
-    into = cfg.base or run.model.name_or_path
-    print(f"merged {run.method.name} adapter into {into} -> {out}")
-    what = "merged - trained" if cfg.base else "merged - unmerged"
-    print(f"largest |{what}| output difference on {report['check_examples']} {split} examples: {diff:.3e}")
+    print(f"merged {run.method.name} adapter into {cfg.base or run.model.name_or_path} -> {out}")
+    print(describe_check(report))
     return report
 
 
+def describe_check(report: Dict[str, Any]) -> str:
+    """The merge check as one line: the largest output difference, and with base= the trained update's own size
+    on the same outputs beside it (a difference is small only next to what the update changes)."""
+    where = f"on {report['check_examples']} {report['check_split']} examples"
+    if "base" not in report:
+        return f"largest |merged - unmerged| output difference {where}: {report['max_abs_diff']:.3e}"
+    ratio = "-" if report["ratio"] is None else f"{report['ratio']:.3g}"
+    return (f"largest |merged - trained| output difference {where}: {report['max_abs_diff']:.3e}; the trained "
+            f"update's own size, largest |trained - the run's base| on the same outputs: "
+            f"{report['update_max_abs_diff']:.3e} "
+            f"(ratio {ratio})")
+
+
 def merge_into_base(method: Any, model: Any, batch: Dict[str, Any], task: Any, base: str, run: Any):
-    """(the trained update folded into `base`, loaded unquantized in the run's dtype; the largest difference
-    between its outputs and the trained model's on `batch`)."""
+    """(the trained update folded into `base`, loaded unquantized in the run's dtype; on `batch`: max_abs_diff,
+    the largest |merged - trained| output difference, update_max_abs_diff, the largest |trained - run's base|
+    one (what the update itself changes: the run's own base, the adapter switched off), and their ratio)."""
     import torch
     from omegaconf import OmegaConf
 
@@ -70,6 +85,8 @@ def merge_into_base(method: Any, model: Any, batch: Dict[str, Any], task: Any, b
     model.eval()
     with torch.no_grad():
         trained = model_outputs(model, batch, task)
+        with without_update(model):
+            own_base = model_outputs(model, batch, task)
     mcfg = OmegaConf.merge(run.model, {"name_or_path": base, "quantization": "none"})
     other, _ = B.load_base(mcfg, task, int(run.train.seed))
     merged = method.merge_into(model, other.to(trained.device)).eval()
@@ -78,4 +95,14 @@ def merge_into_base(method: Any, model: Any, batch: Dict[str, Any], task: Any, b
     if after.shape != trained.shape:
         raise FrodCliError(f"base={base} gives outputs of shape {tuple(after.shape)}, the run's model "
                            f"{tuple(trained.shape)}: not the same model")
-    return merged, float((after - trained).abs().max().item())
+    diff, size = float((after - trained).abs().max()), float((trained - own_base).abs().max())
+    return merged, {"max_abs_diff": diff, "update_max_abs_diff": size, "ratio": diff / size if size > 0 else None}
+
+
+def without_update(model: Any) -> Any:
+    """A context in which the trained model gives its base's outputs: PEFT's `disable_adapter`, or FRoD's."""
+    if hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    from frod_cli.frod import disable_adapter
+
+    return disable_adapter(model)

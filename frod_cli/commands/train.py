@@ -98,7 +98,37 @@ def prepare(args: Sequence[str]) -> Prepared:
     return args, cleanup
 
 
-@register_verb("train", config="config", prepare=prepare,
+def hydra_value(text: str) -> str:
+    """`text` as the value of a Hydra override (quoted unless it is a plain path)."""
+    import re
+
+    if re.fullmatch(r"[\w./~+-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def check(composed: Any, args: Sequence[str]) -> List[str]:
+    """Before Hydra creates anything: the directory the run (or the sweep) writes is writable (probed in it, or in
+    the nearest directory above it that exists), and a sweep's directory is locked for the whole sweep (its
+    jobs lock their own run directories); the sweep directory is pinned to the value checked (its default
+    holds the time, which Hydra would read again)."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.runs.lock import hold
+    from frod_cli.training.preflight import check_output_dir
+
+    args = list(args)
+    if any(a in ("-m", "--multirun") for a in args):
+        sweep = str(OmegaConf.select(composed, "hydra.sweep.dir"))
+        check_output_dir(sweep)
+        hold(sweep, "sweep directory")
+        return [a for a in args if a.split("=", 1)[0] != "hydra.sweep.dir"] + [f"hydra.sweep.dir={hydra_value(sweep)}"]
+    if distributed_rank() == 0:
+        check_output_dir(str(composed.get("resume") or composed.get("output_dir") or composed.hydra.run.dir))
+    return args
+
+
+@register_verb("train", config="config", prepare=prepare, check=check,
                summary="train a recipe (default recipe: quickstart, offline on CPU); -m for sweeps")
 def run(cfg: Any) -> float:
     """One run. Hydra's run directory is only a default: the recipe decides where it writes (a finished run is
@@ -108,8 +138,11 @@ def run(cfg: Any) -> float:
     from hydra.types import RunMode
 
     from frod_cli.runs.directory import RunLog, remove_if_empty
+    from frod_cli.runs.lock import scope
     from frod_cli.training import recipe_main
+    from frod_cli.training.builders import import_libraries
 
+    import_libraries()  # before the run's clock starts
     hc = HydraConfig.get()
     hydra_dir = hc.runtime.output_dir
     made = list(HYDRA_MADE) if hc.mode == RunMode.RUN else [hydra_dir]
@@ -117,7 +150,8 @@ def run(cfg: Any) -> float:
     hydra_files = {"hydra_config": hc, "overrides": overrides}
     run_log = RunLog() if distributed_rank() == 0 else None
     try:
-        return recipe_main(cfg, hydra_dir, overrides, hydra_files=hydra_files, run_log=run_log)
+        with scope():  # the run directory's lock (taken by the recipe) ends with the run, a sweep's job included
+            return recipe_main(cfg, hydra_dir, overrides, hydra_files=hydra_files, run_log=run_log)
     finally:
         if run_log is not None:
             run_log.close()

@@ -4,8 +4,8 @@ Torch, safetensors and PEFT; the verb is frod_cli/commands/export.py."""
 from frod_cli.export.build import (TASK_TYPES, check_lora, check_peft_frod, compare_outputs, frod_layer_names,
                                    head_states, lora_adapter, relative_diff, target_names, write_peft_frod)
 from frod_cli.export.lora import LoraAdapter, LoraPair, energy_rank, lora_pair
-from frod_cli.export.peft_frod import Alignment, align, fill_peft_model, weight_errors
+from frod_cli.export.peft_frod import Alignment, align, fill_peft_model, peft_format_note, weight_errors
 
 __all__ = ["TASK_TYPES", "Alignment", "LoraAdapter", "LoraPair", "align", "check_lora", "check_peft_frod",
            "compare_outputs", "energy_rank", "fill_peft_model", "frod_layer_names", "head_states", "lora_adapter",
-           "lora_pair", "relative_diff", "target_names", "weight_errors", "write_peft_frod"]
+           "lora_pair", "peft_format_note", "relative_diff", "target_names", "weight_errors", "write_peft_frod"]

@@ -22,7 +22,7 @@ PEFT's V is an arbitrary rotation of ours and the adapter cannot be expressed; t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,6 +90,41 @@ def moved_pattern(rows: torch.Tensor, cols: torch.Tensor, al: Alignment, nnz: in
         extra = torch.tensor(free, dtype=torch.long)
         a, b = torch.cat([a, extra // n]), torch.cat([b, extra % n])
     return torch.stack([a, b]).long()
+
+
+def rebuildable(shapes: List[Tuple[int, int]]) -> bool:
+    """Whether PEFT can rebuild the basis of a category of layers of these (out, in) shapes: not where its HO-GSVD
+    matrix T is c I and any rotation of V is a solution, one layer or two stacking to a square matrix. `align`
+    stays the final word (near-equal eigenvalues can mix too); this is what is known before training."""
+    return not (len(shapes) == 1 or (len(shapes) == 2 and sum(m for m, _ in shapes) == shapes[0][1]))
+
+
+def unrebuildable(model: nn.Module, target_modules: Any = None) -> List[str]:
+    """The categories PEFT cannot rebuild: of a FRoD model's layers, or (target_modules given) of the layers a
+    FRoD run of these targets would adapt in `model` (no basis computed)."""
+    from frod_cli.frod import FrodConfig, find_targets, frod_layers
+    from frod_cli.frod.adapter import group_categories
+    from frod_cli.frod.layer import weight_shape
+
+    if target_modules is None:
+        shapes: Dict[str, List[Tuple[int, int]]] = {}
+        for _, layer in frod_layers(model):
+            shapes.setdefault(layer.category.key, []).append((layer.out_features, layer.in_features))
+    else:
+        groups = group_categories(find_targets(model, FrodConfig(target_modules=target_modules)))
+        shapes = {key: [tuple(weight_shape(m)) for _, m in members] for key, members in groups.items()}
+    return sorted(key for key, s in shapes.items() if not rebuildable(s))
+
+
+def peft_format_note(model: nn.Module) -> Optional[str]:
+    """What a run should be told at its start about `frod export format=peft` of what it trains (None: nothing)."""
+    cats = unrebuildable(model)
+    if not cats:
+        return None
+    return (f"FRoD categories {', '.join(cats)} are a single layer or two layers stacking to a square matrix: "
+            "PEFT recomputes such a basis differently at load, so `frod export format=peft` of this run will be "
+            "refused (format=lora and format=merged export it; leave these layers out of method.target_modules to "
+            "export in PEFT's format)")
 
 
 def peft_categories(peft_model: nn.Module, layer_names: List[str]) -> Dict[str, Tuple[str, List[str]]]:

@@ -77,13 +77,67 @@ def fresh_base(job: Job, task: Any) -> Any:
     return B.load_base(model_config(job), task, int(job.run.train.seed))[0]
 
 
+TINY_BASE = "base"  # a tiny:* run's base model, saved beside its adapter export
+
+
 def base_model_name(job: Job) -> Optional[str]:
-    """adapter_config.json's base_model_name_or_path: the run's model (an offline asset as its directory)."""
+    """adapter_config.json's base_model_name_or_path, a name something can load: the run's model (an offline asset
+    or a local directory as its absolute path); a tiny:* base (built from a config, in no file) as the copy
+    `write_base` saves beside the adapter, by its absolute path."""
     from frod_cli.models import OFFLINE_MODELS
 
     name = str(job.run.model.name_or_path)
+    if name.startswith("tiny:"):
+        return os.path.join(job.out, TINY_BASE)
     key = name.split(":", 1)[1] if name.startswith("offline:") else None
-    return OFFLINE_MODELS[key]() if key in OFFLINE_MODELS else name
+    if key in OFFLINE_MODELS:
+        return OFFLINE_MODELS[key]()
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def write_base(job: Job, task: Any, directory: str) -> None:
+    """A tiny:* run's base as training built it (seeded, unquantized, float32) and its tokenizer, saved in
+    <directory>/base: `AutoPeftModel*.from_pretrained(<export>)` loads it through base_model_name_or_path."""
+    from frod_cli.training import builders as B
+    from frod_cli.training.evaluation import save_preprocessor
+
+    if not str(job.run.model.name_or_path).startswith("tiny:"):
+        return
+    model, pre = B.load_base(model_config(job, quantization="none"), task, int(job.run.train.seed))
+    model.save_pretrained(os.path.join(directory, TINY_BASE))
+    save_preprocessor(pre, model, os.path.join(directory, TINY_BASE))
+
+
+def copy_peft_adapter(job: Job) -> Dict[str, Any]:
+    """A PEFT method's adapter/ is PEFT's format already: copied, its base_model_name_or_path made loadable (a
+    tiny:* base saved beside it)."""
+    import json
+    import shutil
+
+    from frod_cli.runs import atomic_dir, atomic_write_json
+    from frod_cli.training import builders as B
+
+    report = {"format": "peft", "run": job.run_dir, "method": job.run.method.name, "output": job.out,
+              "base_model_name_or_path": base_model_name(job),
+              "note": "the run's PEFT adapter, copied; base_model_name_or_path set to a loadable base"}
+
+    def write(tmp: str) -> None:
+        shutil.copytree(os.path.join(job.run_dir, "adapter"), tmp, dirs_exist_ok=True)
+        config = os.path.join(tmp, "adapter_config.json")
+        with open(config, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved["base_model_name_or_path"] = report["base_model_name_or_path"]
+        atomic_write_json(config, saved)
+        if str(job.run.model.name_or_path).startswith("tiny:"):
+            task = B.build_task(job.run.task, int(job.run.train.seed))
+            B.load_task_data(task, required=())  # a classifier's head size comes from the labels
+            write_base(job, task, tmp)
+        atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
+        write_export_card(tmp, report)  # the export's card, not the run adapter/'s
+
+    atomic_dir(job.out, write)
+    print(f"copied the {job.run.method.name} run's PEFT adapter: PeftModel.from_pretrained(base, {job.out!r})")
+    return report
 
 
 def outputs(L: Loaded):
@@ -122,6 +176,7 @@ def export_peft(job: Job, tolerance: float) -> Dict[str, Any]:
               "modules_to_save": sorted(heads)}
 
     def write(tmp: str) -> None:
+        write_base(job, L.task, tmp)
         alignments = write_peft_frod(L.model, config, heads, fresh_base(job, L.task), tmp, task_type,
                                      base_model_name(job))
         loaded = load_peft(fresh_base(job, L.task), tmp, L.accelerator.device)
@@ -167,6 +222,7 @@ def export_lora(job: Job, rank: Optional[int], energy: Optional[float]) -> Dict[
     frod_metrics = evaluate(L, L.model)
 
     def write(tmp: str) -> None:
+        write_base(job, L.task, tmp)
         adapter.save(tmp, config)
         loaded = load_peft(base, tmp, L.accelerator.device)
         check_lora(adapter, loaded)
@@ -219,9 +275,10 @@ def export_merged(job: Job, dtype: str) -> Dict[str, Any]:
                                       "relative_diff": diff / float(before.abs().max().clamp(min=1e-30))})}
 
     def write(tmp: str) -> None:
+        from frod_cli.training.evaluation import save_preprocessor
+
         merged.save_pretrained(tmp)
-        if L.preprocessor is not None and hasattr(L.preprocessor, "save_pretrained"):
-            L.preprocessor.save_pretrained(tmp)
+        save_preprocessor(L.preprocessor, merged, tmp)
         atomic_write_json(os.path.join(tmp, EXPORT_JSON), report)
         write_export_card(tmp, report)  # README.md: the model card, renamed into place with the export
 

@@ -111,6 +111,14 @@ def write_hydra_files(path: str, config: Any, hydra_config: Any, overrides: Sequ
         atomic_write_text(os.path.join(d, name), OmegaConf.to_yaml(node))
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """train.log: a record the disk refuses is dropped, not printed with a traceback on stderr (logging's way);
+    the write that matters (a checkpoint, metrics.jsonl) fails too and ends the command with one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
+
+
 class RunLog:
     """The records of one run: held in memory from the start, written to <run>/train.log once the run is
     accepted (`open`), dropped if it is refused. Console output is the logging config's, unchanged."""
@@ -126,7 +134,7 @@ class RunLog:
 
     def open(self, path: str) -> None:
         """Start <path> (appended to when it exists: a resumed run) with the records held so far."""
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler = _QuietFileHandler(path, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter(self.FORMAT))
         handler.setLevel(self.buffer.level if self.buffer is not None else logging.INFO)
         if self.buffer is not None:

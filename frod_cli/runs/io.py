@@ -2,12 +2,48 @@
 temporary sibling and renamed into place; logs are appended a line at a time and flushed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Any, Dict, List
+import re
+from typing import Any, Callable, Dict, Iterator, List
 
-from frod_cli.frod.atomic import atomic_dir, atomic_file, recover_atomic_dir  # noqa: F401  (re-exported)
+from frod_cli.frod import atomic as _atomic
+from frod_cli.frod.atomic import recover_atomic_dir  # noqa: F401  (re-exported)
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """A write that the file system refuses (no space, quota, read-only, permission) names `path`, the file or
+    directory frod was writing, rather than a temporary sibling or nothing (an OSError raised by a write() has no
+    file name; safetensors reports the OS error in its message only)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and ".tmp-" not in str(e.filename):  # not in a temporary sibling: it says where
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno or 0), path) from e
+    except Exception as e:  # noqa: BLE001 - only an I/O error reported inside another exception's message
+        m = _OS_ERROR_CODE.search(str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), path) from e
+
+
+def atomic_dir(path: str, write: Callable[[str], None]) -> None:
+    """frod_cli.frod.atomic.atomic_dir, its file-system errors naming `path`."""
+    with naming(str(path)):
+        _atomic.atomic_dir(path, write)
+
+
+def atomic_file(path: str, write: Callable[[str], None]) -> None:
+    """frod_cli.frod.atomic.atomic_file, its file-system errors naming `path`."""
+    with naming(str(path)):
+        _atomic.atomic_file(path, write)
 
 
 def _json_default(o: Any) -> Any:
@@ -52,14 +88,17 @@ class JsonlWriter:
     """Appends one JSON object per line, flushed at once (a log: readable while training)."""
 
     def __init__(self, path: str):
+        self.path = path
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: Dict[str, Any]) -> None:
-        self.f.write(json.dumps(clean_json(record), default=_json_default) + "\n")
-        self.f.flush()
+        with naming(self.path):  # a line cut by a full disk is cut off again when the run resumes
+            self.f.write(json.dumps(clean_json(record), default=_json_default) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        with contextlib.suppress(OSError):  # every line was flushed as written: a failed one has raised already
+            self.f.close()
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:

@@ -286,15 +286,6 @@ class _Collator:
         return collate_pairs(features, self.pad_id)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    """The process's peak memory so far: CUDA's allocator peak, else the peak resident set (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclass
 class PreferenceConfig(ConversationConfig):
     """Pairs of answers to one prompt (TRL's prompt/chosen/rejected columns, or chosen/rejected conversations).
@@ -562,13 +553,12 @@ class Preference(DataTask):
             info = {"computed": False, "file": REFERENCE_FILE, "pairs": sum(len(v) for v in values.values())}
             log.info("preference: reference log-probabilities of %d pairs read back from %s", info["pairs"], path)
         else:
-            device = accelerator.device
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.time()
+            from frod_cli.memory import PeakMemory
+
+            memory, t0 = PeakMemory(accelerator.device), time.time()  # the pass's own peak (frod_cli/memory.py)
             values = self.reference_logps(model, encoded, accelerator, batch_size)
             info = {"computed": True, "file": REFERENCE_FILE, "pairs": sum(len(v) for v in values.values()),
-                    "seconds": time.time() - t0, "peak_memory_mb": _peak_memory_mb(device)}
+                    "seconds": time.time() - t0, "peak_memory_mb": memory.peak_mb()}
             self.pending = (values, prints, info)
             log.info("preference: reference log-probabilities of %d pairs in %.1f s (peak memory %.0f MiB)",
                      info["pairs"], info["seconds"], info["peak_memory_mb"])

@@ -29,8 +29,33 @@ def user_input(what: str) -> Iterator[None]:
         raise FrodCliError(f"{what}: {one_line(e)}") from e
 
 
+def import_libraries() -> None:
+    """Import what every run uses before its clock starts (metrics.json's wall_time_s): the process pays it once,
+    and a sweep's first job would otherwise carry it alone."""
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import evaluate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from frod_cli.runs.plots import pyplot
+
+    pyplot()
+
+
+# Library warnings printed on every run that say nothing about the user's input: transformers deprecating an
+# attribute PEFT reads; PEFT looking for a base model's config.json on the Hub (offline, or a tiny:* name) only
+# to decide whether to save the embeddings, which frod's targets never include; torch's sparse-tensor checks.
+LIBRARY_NOISE = (r".*(is_gradient_checkpointing|Could not find a config file in|Sparse invariant checks"
+                 r"|base_model_name_or_path).*")
+
+
 def quiet_libraries() -> None:
-    """The loop has its own progress bar: silence the libraries' per-map/per-shard bars."""
+    """The loop has its own progress bar: silence the libraries' per-map/per-shard bars, and the warnings in
+    LIBRARY_NOISE."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=LIBRARY_NOISE)
     with contextlib.suppress(Exception):
         import datasets
 
@@ -151,17 +176,6 @@ def state_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:  # noqa: BLE001 - a reading, never fatal
-        return float("nan")
 
 
 def load_base(model_cfg: Any, task: Any, seed: int, **options: Any):

@@ -122,7 +122,22 @@ def save_merged(merged_model, preprocessor, directory: str, dtype: Optional[torc
 
     def write(tmp: str) -> None:
         merged_model.save_pretrained(tmp)
-        if preprocessor is not None and hasattr(preprocessor, "save_pretrained"):
-            preprocessor.save_pretrained(tmp)
+        save_preprocessor(preprocessor, merged_model, tmp)
 
     atomic_dir(directory, write)
+
+
+CAUSAL_INPUTS = ["input_ids", "attention_mask"]
+
+
+def save_preprocessor(preprocessor: Any, model: Any, directory: str) -> None:
+    """The tokenizer or image processor beside a saved model. A causal LM's tokenizer is saved without
+    `token_type_ids` among its model inputs (BERT's tokenizer, which tiny:llama uses, returns them), so that
+    `model.generate(**tokenizer(text, return_tensors="pt"))` works on what was saved."""
+    if preprocessor is None or not hasattr(preprocessor, "save_pretrained"):
+        return
+    names = getattr(preprocessor, "model_input_names", None)
+    if names and "token_type_ids" in names and model.can_generate():
+        preprocessor.model_input_names = [n for n in names if n != "token_type_ids"]
+        preprocessor.init_kwargs["model_input_names"] = list(preprocessor.model_input_names)
+    preprocessor.save_pretrained(directory)

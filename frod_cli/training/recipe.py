@@ -37,8 +37,11 @@ import torch
 from frod_cli import FrodCliError
 from frod_cli.config import apply_per_method
 from frod_cli.console import fmt_metrics, print_final, progress_bar
+from frod_cli.export.peft_frod import peft_format_note
+from frod_cli.memory import PeakMemory
 from frod_cli.precision import settle
 from frod_cli.runs import JsonlWriter, RunPaths, atomic_dir, atomic_write_json, atomic_write_text, recover_atomic_dir
+from frod_cli.runs.lock import hold
 from frod_cli.runs.plots import plot_loss_curve
 from frod_cli.share.card import describe_hardware, write_run_cards
 from frod_cli.share.hub import check_push_settings, push_finished_run
@@ -160,6 +163,8 @@ class FinetuneRecipe:
         out: List[Any] = [None]
         if self.main:
             try:
+                # held to the end of the command: what plan_output finds is still so when accept writes
+                hold(target)
                 preflight.check_output_dir(target)
                 out = [preflight.plan_output(cfg, target, self.user_overrides)]
             except FrodCliError as e:  # every process stops with the main process's refusal (none waits on it)
@@ -196,6 +201,9 @@ class FinetuneRecipe:
             self._enable_gradient_checkpointing(model)
         self.counts = self.method.trainable_summary(model)
         self.model = model
+        note = peft_format_note(model)
+        if note and self.main:
+            log.warning(note)
         if not self.sharded:  # a sharded run checks once its weights are in place (_setup_data)
             self._check_identical_ranks()
         if self.main:
@@ -254,7 +262,7 @@ class FinetuneRecipe:
         self._float32_trainables(model)
         if self.sharded:
             self.acc.set_model_policy(model, self.tc.fsdp.wrap, self.method.trains_everything)
-            D.drop_frod_caches(model)
+            self.method.before_sharding(model)
         return model
 
     def _float32_trainables(self, model: torch.nn.Module) -> None:
@@ -419,7 +427,10 @@ class FinetuneRecipe:
         self.model.train()
         if rng is not None:  # the RNG streams (dropout, ...) as they were at the checkpoint
             ck.set_rng_state(*rng)
+        self.memory = PeakMemory(self.acc.device)  # the peak from here on: metrics.jsonl's and metrics.json's
+        self.aside = {"evaluation": 0.0, "checkpoint": 0.0}  # loop time that is not training (throughput excludes it)
         self.t_train = self.t_window = time.time()
+        self.aside_at_window = 0.0
         self.first_step = self.state.step
         try:
             while self.state.step < self.total_steps and not self.stop:
@@ -431,7 +442,13 @@ class FinetuneRecipe:
         finally:
             if self.progress:
                 self.progress.stop()
-        self.train_s = time.time() - self.t_train
+        self.train_s = time.time() - self.t_train - sum(self.aside.values())
+        self.peak_memory_mb = self._max_over_processes(self.memory.peak_mb())
+
+    def _max_over_processes(self, value: float) -> float:
+        if self.acc.num_processes == 1:
+            return value
+        return float(self.acc.gather(torch.tensor([value], device=self.acc.device)).max())
 
     def _train_epoch(self) -> None:
         from torch.utils.data import DataLoader
@@ -515,27 +532,32 @@ class FinetuneRecipe:
         if self.progress:
             self.progress.update(self.ptask, completed=st.step)
         evaluated = st.step % self.eval_every == 0 or st.step == self.total_steps
+        t0 = time.time()
         if evaluated:
             st.last_eval_step = st.step
             if self.evaluate():
                 if self.main:
                     log.info("early stopping at step %d (patience %d)", st.step, tc.early_stopping_patience)
                 self.stop = True
+        t1 = time.time()
         ckpt_every = int(tc.checkpoint_every)
         if evaluated or (ckpt_every > 0 and st.step % ckpt_every == 0):
             self.save_checkpoint()
+        self.aside["evaluation"] += t1 - t0
+        self.aside["checkpoint"] += time.time() - t1
 
     def _log_training(self) -> None:
         acc, st = self.acc, self.state
         tot = acc.reduce(self.window_loss, reduction="sum") if acc.num_processes > 1 else self.window_loss
         mean_loss = float(tot[0] / tot[1].clamp(min=1))
-        sps = self.samples_window / max(time.time() - self.t_window, 1e-9)
+        aside = sum(self.aside.values())
+        sps = self.samples_window / max(time.time() - self.t_window - (aside - self.aside_at_window), 1e-9)
         elapsed = time.time() - self.t_train
         eta = elapsed / max(st.step - self.first_step, 1) * (self.total_steps - st.step)
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         record = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / self.steps_per_epoch, 4),
                   "loss": mean_loss, "lr": lrs, "samples_per_s": sps, "elapsed_s": elapsed, "eta_s": eta,
-                  "memory_mb": B.memory_mb(acc.device)}
+                  "peak_memory_mb": self.memory.peak_mb(), "current_memory_mb": self.memory.current_mb()}
         record.update(self.step.log_metrics())  # the strategy's own figures (every process: it may reduce)
         if self.main:
             self.jsonl.write(record)
@@ -544,7 +566,7 @@ class FinetuneRecipe:
             self.progress.update(self.ptask, loss=f"{mean_loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
                                  sps=f"{sps:.0f}")
         self.window_loss.zero_()
-        self.t_window, self.samples_window = time.time(), 0
+        self.t_window, self.samples_window, self.aside_at_window = time.time(), 0, aside
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> bool:
@@ -712,8 +734,11 @@ class FinetuneRecipe:
             "objective_value": st.best, "best_step": st.best_step, **results, **self.counts,
             "steps": st.step, "epochs": round(st.step / self.steps_per_epoch, 4),
             "samples_per_s": self.samples_trained / max(self.train_s, 1e-9),
-            "train_time_s": self.train_s, "adapt_time_s": self.adapt_s, "wall_time_s": time.time() - self.t_start,
-            "peak_memory_mb": B.memory_mb(self.acc.device), "merge_max_abs_diff": merge_diff,
+            "train_time_s": self.train_s, "evaluation_time_s": self.aside["evaluation"],
+            "checkpoint_time_s": self.aside["checkpoint"], "adapt_time_s": self.adapt_s,
+            "wall_time_s": time.time() - self.t_start, "peak_memory_mb": self.peak_memory_mb,
+            "peak_memory_method": f"{self.memory.method}, from the first training step to the last",
+            "merge_max_abs_diff": merge_diff,
             "test_majority_class_accuracy": test_majority, "num_processes": self.acc.num_processes,
             "rank_fingerprints": self.fingerprints, "resumed_from": self.resume_from,
             "mixed_precision": self.mixed, "method_details": self.method.describe(),

@@ -83,7 +83,8 @@ class Trackers:
         if not self.names:
             return
         values = {"train/loss": record["loss"], "train/samples_per_s": record["samples_per_s"],
-                  "train/memory_mb": record["memory_mb"], "train/epoch": record["epoch"]}
+                  "train/peak_memory_mb": record["peak_memory_mb"],
+                  "train/current_memory_mb": record["current_memory_mb"], "train/epoch": record["epoch"]}
         values.update({f"train/lr/{group}": lr for group, lr in record["lr"].items()})
         self.acc.log(values, step=int(record["step"]))
 
