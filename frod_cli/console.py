@@ -81,3 +81,28 @@ def print_final(final: Dict[str, Any], output_dir: str) -> None:
     shown = f"{value:.4f}" if isinstance(value, float) else str(value)
     c.print(f"  best {final['objective']} {shown} at step {final['best_step']}; trainable "
             f"{final['trainable_params']:,} ({final['trainable_percent']:.3f}%); {final['wall_time_s']:.0f}s")
+
+
+class TrainingProgress:
+    """The training loop's progress bar (train.progress, main process): steps, loss, learning rate, throughput.
+    Every call is a no-op when it is off."""
+
+    def __init__(self, enabled: bool, title: str, total: int, completed: int):
+        self.bar = progress_bar(enabled)
+        if self.bar is not None:
+            self.task = self.bar.add_task(title, total=total, completed=completed, loss="-", lr="-", sps="-")
+            self.bar.start()
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def show(self, record: Dict[str, Any]) -> None:
+        """A metrics.jsonl training line's loss, first learning rate and samples/s."""
+        if self.bar is not None:
+            self.bar.update(self.task, loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.0f}",
+                            lr=f"{next(iter(record['lr'].values())):.2e}")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

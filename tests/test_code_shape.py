@@ -1,6 +1,7 @@
-"""The code's shape, as the contributing rules state it: no function under frod_cli/ longer than 80
-lines (counted with ast: decorator to last line; 60 under frod_cli/bench/, the target for all of it), and no
-module importing another module's private names."""
+"""The code's shape, as the contributing rules state it: no function under frod_cli/ (the benchmark package
+included) longer than 60 lines (counted with ast: decorator to last line), the training loop's module at most 350
+lines (it keeps the loop; what it writes, checkpoints, merges and measures lives beside it), and no module importing
+another module's private names."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "frod_cli"
 SOURCES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def long_functions(limit: int = 80, sources=SOURCES):
+def long_functions(limit: int = 60, sources=SOURCES):
     for path in sources:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
@@ -23,14 +24,14 @@ def long_functions(limit: int = 80, sources=SOURCES):
                     yield f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} ({length} lines)"
 
 
-def test_no_function_longer_than_80_lines():
+def test_no_function_longer_than_60_lines():
+    assert len([p for p in SOURCES if p.parent.name == "bench"]) >= 5  # the benchmark package is looked at too
     assert list(long_functions()) == []
 
 
-def test_no_benchmark_function_longer_than_60_lines():
-    bench = [p for p in SOURCES if p.parent.name == "bench"]
-    assert len(bench) >= 5  # the package is where this test looks
-    assert list(long_functions(60, bench)) == []
+def test_the_training_loop_module_stays_short():
+    lines = len((ROOT / "training" / "recipe.py").read_text(encoding="utf-8").splitlines())
+    assert lines <= 350, f"frod_cli/training/recipe.py has {lines} lines"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

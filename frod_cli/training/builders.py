@@ -242,3 +242,51 @@ def load_trained(path: str, *, use_adapter: bool = False, task_cfg: Any = None, 
         raise FrodCliError(f"{path} has neither merged/ nor adapter/")
     model, pre, method = load_adapted(run.model, run.method, task, seed, str(paths.adapter))
     return Trained(model, pre, task, data, f"{run.model.name_or_path} + {run.method.name} adapter", run, method)
+
+
+def fill_batch_size(asked: int, processes: int, examples: Optional[int], main: bool) -> int:
+    """train.batch_size, clamped (with a log line) to what the training split can fill: a batch larger than the data
+    would silently be the whole split, and every throughput figure would be off. examples=None: a stream, which
+    fills any batch (it starts another pass when one ends)."""
+    if examples is None or asked * processes <= examples:
+        return asked
+    size = max(1, examples // processes)
+    if main:
+        logging.getLogger("frod.train").warning(
+            "train.batch_size=%d%s is larger than the training split (%d examples): batches of %d",
+            asked, f" x {processes} processes" if processes > 1 else "", examples, size)
+    return size
+
+
+def schedule_lengths(tc: Any, examples: Optional[int], batch_size: int, processes: int, rank: int) -> Tuple[int, int, int]:
+    """(micro-batches per epoch, optimizer steps per epoch, total optimizer steps) of train.* on `examples`
+    training examples (None: a stream, as long as train.max_steps asks)."""
+    accum = int(tc.grad_accum)
+    n = int(tc.max_steps) * accum if examples is None else len(
+        epoch_batches(examples, batch_size, processes, rank, int(tc.seed), 0))
+    if n == 0:
+        raise FrodCliError(f"the training split ({examples} examples) cannot give each of the {processes} processes "
+                           "one example per batch")
+    per_epoch = max(1, math.ceil(n / accum))
+    total = int(tc.max_steps) if int(tc.max_steps) > 0 else max(1, math.ceil(float(tc.epochs) * per_epoch))
+    return n, per_epoch, total
+
+
+def epoch_loader(dataset: Any, batch_size: int, processes: int, rank: int, tc: Any, epoch: int, skip: int,
+                 collate: Any) -> Any:
+    """This process's micro-batches of one epoch (epoch_batches) from the `skip`-th on, collated."""
+    from torch.utils.data import DataLoader
+
+    batches = epoch_batches(len(dataset), batch_size, processes, rank, int(tc.seed), epoch)
+    return DataLoader(dataset, batch_sampler=batches[skip:], collate_fn=collate, num_workers=int(tc.num_workers),
+                      generator=torch.Generator())  # the loader's own seed draws leave the global RNG alone
+
+
+def log_trainables(cfg: Any, counts: Dict[str, Any], groups: Dict[str, list], adapt_s: float) -> None:
+    """The run's first line about its model: what is trained, in which groups, and how long adapting took."""
+    quant = str(cfg.model.get("quantization", "none") or "none")
+    logging.getLogger("frod.train").info(
+        "%s%s on %s with %s: %s trainable of %s (%.3f%%); groups %s; adapt %.1fs", cfg.model.name_or_path,
+        "" if quant == "none" else f" (frozen weights in {quant.upper()})", cfg.task.name, cfg.method.name,
+        f"{counts['trainable_params']:,}", f"{counts['total_params']:,}", counts["trainable_percent"],
+        {k: sum(p.numel() for p in v) for k, v in groups.items()}, adapt_s)

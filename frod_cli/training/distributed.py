@@ -497,3 +497,42 @@ def shutdown(acc: Any) -> None:
     acc.end_training()
     acc.free_memory()
     gc.collect()  # free_memory collects before it clears its lists: the model goes in this collection
+
+
+def check_identical(acc: Any, model: nn.Module, when: str) -> List[str]:
+    """Every rank holds the same adapter (FRoD: basis and pattern) and the same values: the state_fingerprint of
+    every rank, refused in one line when they differ. `when`: "start" or "end" of a run."""
+    from frod_cli.training.builders import state_fingerprint
+
+    prints = [state_fingerprint(model)] if acc.num_processes == 1 else rank_fingerprints(acc, model)
+    if len(set(prints)) > 1:
+        if when == "start":
+            raise FrodCliError(f"the adapted model differs between processes ({len(set(prints))} variants): check "
+                               "that every rank loads the same base model and seed")
+        raise FrodCliError(f"train.fsdp: the trainables differ between processes at the end of training "
+                           f"({len(set(prints))} variants)")
+    return prints
+
+
+def max_over_processes(acc: Any, value: float) -> float:
+    if acc.num_processes == 1:
+        return value
+    return float(acc.gather(torch.tensor([value], device=acc.device)).max())
+
+
+def run_accelerator(cfg: Any, log_dir: Optional[str]) -> Any:
+    """The run's Accelerator and its precision: (accelerator, mixed_precision, sharded). Gradient accumulation is the
+    loop's own (a resumed run never depends on Accelerate's counters); trackers are Accelerate's (train.log_with);
+    train.fsdp is Accelerate's FSDP2 plugin, on CPU launches too."""
+    from accelerate import Accelerator
+
+    from frod_cli.training.trackers import Trackers
+
+    tc = cfg.train
+    mixed = tc.mixed_precision
+    if mixed != "no" and (tc.cpu or not torch.cuda.is_available()):
+        log.info("mixed_precision=%s needs a GPU; training in float32", mixed)
+        mixed = "no"
+    kwargs = dict(mixed_precision=mixed, cpu=bool(tc.cpu), **Trackers.accelerator_kwargs(cfg, log_dir))
+    sharded = check_fsdp_config(cfg)
+    return (make_accelerator(tc.fsdp, **kwargs) if sharded else Accelerator(**kwargs)), mixed, sharded

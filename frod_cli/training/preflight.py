@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from frod_cli import FrodCliError
 from frod_cli.config import override_keys
@@ -309,3 +309,31 @@ def resume_point(cfg: Any, output_dir: str, resume: bool) -> Optional[str]:
     ck.check_same_run(ck.saved_config(latest), plain_config(cfg), f"output directory {output_dir}")
     log.info("output directory %s holds an incomplete run of this config: resuming from %s", output_dir, latest)
     return latest
+
+
+def settle_output(cfg: Any, acc: Any, requested: Optional[str], user_overrides: Sequence[str]) -> OutputPlan:
+    """Where the run goes: plan_output on the main process, which holds the directory's lock to the end of the
+    command (what plan_output finds is still so when the run is accepted); every process gets its answer, or
+    stops with its refusal (none waits on it)."""
+    from accelerate.utils import broadcast_object_list
+
+    from frod_cli.runs.lock import hold
+
+    target = run_dir(cfg, requested)
+    if target is None:
+        raise FrodCliError("no output directory (run through `frod train` or set output_dir=...)")
+    if cfg.resume and cfg.output_dir and os.path.abspath(cfg.output_dir) != os.path.abspath(cfg.resume):
+        raise FrodCliError("resume continues in the run directory it names: drop output_dir")
+    out: List[Any] = [None]
+    if acc.is_main_process:
+        try:
+            hold(target)
+            check_output_dir(target)
+            out = [plan_output(cfg, target, user_overrides)]
+        except FrodCliError as e:
+            out = [e]
+    if acc.num_processes > 1:  # one output directory for all processes: the main process's
+        broadcast_object_list(out)
+    if isinstance(out[0], FrodCliError):
+        raise out[0]
+    return out[0]
