@@ -331,6 +331,10 @@ def test_frod_merge_into_the_unquantized_base(qfrod_run, tmp_path, capsys):
     assert f"(ratio {report['ratio']:.3g})" in printed
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
+    from huggingface_hub import ModelCard  # the merged output keeps a card, naming the base it was folded into
+
+    card = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert "frod merge base=tiny:llama" in card.text and card.data.to_dict()
 
 
 def test_qfrod_llama2_7b_composes_offline():

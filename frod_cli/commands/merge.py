@@ -53,10 +53,26 @@ def run(cfg: Any) -> Dict[str, Any]:
     else:
         merged, report["max_abs_diff"] = merge_and_check(method, model, batch, task)
     save_merged(merged, pre, out)
+    write_merged_card(run_dir, out, base=str(cfg.base) if cfg.base else None)
     atomic_write_json(report_file, report)
     print(f"merged {run.method.name} adapter into {cfg.base or run.model.name_or_path} -> {out}")
     print(describe_check(report))
     return report
+
+
+def write_merged_card(run_dir: str, out: str, base: Any = None) -> None:
+    """merged/'s model card, as the run's own end writes it (a merged model must not lose its card to a re-merge);
+    another output gets the same card, located there, and base= names the base the update was folded into."""
+    import dataclasses
+
+    from frod_cli.share.card import build_card, run_artifact, write_card
+
+    artifact = dataclasses.replace(run_artifact(run_dir, "merged"), directory=out, location=out)
+    card = build_card(artifact)
+    if base is not None:
+        card.text += (f"\n\nMerged by `frod merge base={base}`: the trained update folded into that base "
+                      "(its outputs differ from the trained model's by the report's merge.json figures).\n")
+    write_card(out, card)
 
 
 def describe_check(report: Dict[str, Any]) -> str:
