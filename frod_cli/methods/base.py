@@ -138,6 +138,11 @@ class Method:
         the adapter may keep for the calls inside it, freed at its end. Default: nothing."""
         return contextlib.nullcontext()
 
+    @classmethod
+    def check_sharding(cls, cfg: Any) -> None:
+        """Under train.fsdp, before any work: refuse (one line) or settle the method's keys that sharding rules out.
+        Default: nothing."""
+
     def before_sharding(self, model: nn.Module) -> None:
         """Called on the adapted model before FSDP shards it (train.fsdp): what the method must change so that
         nothing it keeps holds a whole sharded weight. Default: nothing."""

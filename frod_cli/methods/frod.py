@@ -146,6 +146,23 @@ class FrodMethod(Method):
                      need / 2**20, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
         return evaluation_cache(model, max_bytes=budget)
 
+    @classmethod
+    def check_sharding(cls, cfg: Any) -> None:
+        """method.accumulate under train.fsdp: a window goes into each rank's shard of the adapted weights
+        (frod/accumulate.py), which a 4-bit base's packed shards cannot hold: there `window` is refused and `auto`
+        takes micro_batch (logged)."""
+        accumulate = cfg.method.get("accumulate")
+        quantization = str(cfg.model.get("quantization", "none") or "none")
+        if accumulate not in ("window", "auto") or quantization == "none":
+            return
+        if accumulate == "window":
+            raise FrodCliError(f"method.accumulate=window with train.fsdp on a {quantization} base: a window writes "
+                               "W + dW into each rank's shard of the weights, which packed 4-bit shards cannot hold; "
+                               "use method.accumulate=micro_batch (or auto), or DDP")
+        cfg.method.accumulate = "micro_batch"
+        log.info("train.fsdp: method.accumulate=auto takes micro_batch on a %s base (a window writes W + dW into the "
+                 "weights' shards, which 4-bit shards cannot hold)", quantization)
+
     def before_sharding(self, model: nn.Module) -> None:
         """Inside an evaluation a FrodLinear may keep W + dW (m x n) for the next call without gradients: under FSDP
         that is a whole copy of a sharded weight for the length of the evaluation, so it is dropped after each

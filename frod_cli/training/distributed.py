@@ -107,25 +107,10 @@ def check_fsdp_config(cfg: Any) -> bool:
     if world_size_of_launch() < 2 and not offloads_one_gpu(cfg):
         log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
         return False
-    check_fsdp_accumulation(cfg)
+    from frod_cli.methods import get_method
+
+    get_method(str(cfg.method.name)).check_sharding(cfg)  # what the method cannot do on shards (FRoD's windows)
     return True
-
-
-def check_fsdp_accumulation(cfg: Any) -> None:
-    """method.accumulate under train.fsdp: a window goes into each rank's shard of the adapted weights
-    (frod/accumulate.py), which a 4-bit base's packed shards cannot hold: there `window` is refused and `auto`
-    takes micro_batch (logged)."""
-    accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
-    quantization = str(cfg.model.get("quantization", "none") or "none")
-    if accumulate not in ("window", "auto") or quantization == "none":
-        return
-    if accumulate == "window":
-        raise FrodCliError(f"method.accumulate=window with train.fsdp on a {quantization} base: a window writes W + dW "
-                           "into each rank's shard of the weights, which packed 4-bit shards cannot hold; use "
-                           "method.accumulate=micro_batch (or auto), or DDP")
-    cfg.method.accumulate = "micro_batch"
-    log.info("train.fsdp: method.accumulate=auto takes micro_batch on a %s base (a window writes W + dW into the "
-             "weights' shards, which 4-bit shards cannot hold)", quantization)
 
 
 def load_options(cfg: Any, mixed: str) -> dict:
