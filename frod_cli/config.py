@@ -152,9 +152,10 @@ class OptimizerConfig:
 
 @dataclass
 class FsdpConfig:
-    """`train.fsdp`: shard the frozen weights over the processes of a launch (FSDP2, torch's fully_shard,
-    through Accelerate; frod_cli/training/distributed.py, docs/SCALING.md). Trainables stay whole on
-    every rank. One process: ignored (nothing to shard)."""
+    """`train.fsdp`: shard the weights over the processes of a launch (FSDP2, torch's fully_shard, through
+    Accelerate; frod_cli/training/distributed.py, docs/SCALING.md): the frozen weights of an adapter method (its
+    trainables stay whole on every rank), every weight and its AdamW state for method=full. One process: ignored
+    (nothing to shard)."""
 
     enabled: bool = False
     # Module class names that become one FSDP unit each (their weights are gathered for their forward);
@@ -164,6 +165,9 @@ class FsdpConfig:
     cpu_offload: bool = False  # keep the shards (and their gradients) in CPU memory between uses
     state_dict_type: str = "FULL_STATE_DICT"  # FULL_STATE_DICT | SHARDED_STATE_DICT
     version: int = 2  # FSDP2 only
+    # Only the first process of each node reads the weights; the others build the model on the meta device and
+    # receive their shards from rank 0 (one copy of the weights per node in host memory instead of one per process).
+    load_on_rank0: bool = True
 
 
 @dataclass

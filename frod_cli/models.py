@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any, Callable, Dict, Tuple
@@ -232,43 +233,27 @@ def from_pretrained_quietly(auto: Any, name: str, path: str, **kwargs: Any) -> t
     return model
 
 
-def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
-    """(model, preprocessor) for `task`: the task's Auto class and head kwargs (`task.model_kwargs()`)."""
-    name, dtype, auto = model_cfg.name_or_path, loaded_dtype(model_cfg), _auto_class(task)
-    head = dict(task.model_kwargs())
-    quant = quantization_config(model_cfg, task)
+def load_model(model_cfg: Any, task: Any, *, empty: bool = False, quant_storage: Any = None,
+               quant_device: Any = None) -> Tuple[torch.nn.Module, Any]:
+    """(model, preprocessor) for `task`: the task's Auto class and head kwargs (`task.model_kwargs()`).
+
+    empty: the model's structure on the meta device, no weight read or initialized (the ranks of a sharded launch
+        that receive rank 0's weights: training/distributed.py); not for a 4-bit base.
+    quant_storage / quant_device: a 4-bit base's packed weights stored as this float dtype (FSDP shards float
+        tensors only) and loaded on this device (default quantized_device())."""
+    quant = quantization_config(model_cfg, task, storage=quant_storage)
+    if empty and quant is not None:
+        raise ValueError("a 4-bit base cannot be built empty: bitsandbytes quantizes it as its weights load")
     overrides = model_cfg.config_overrides or {}
     if OmegaConf.is_config(overrides):  # nested ListConfig values would not survive config.save_pretrained
         overrides = OmegaConf.to_container(overrides, resolve=True)
     preprocessor = load_preprocessor(model_cfg, task)
-    if name.startswith("tiny:"):
-        family = name.split(":", 1)[1]
-        config = _tiny_config(family, task, None if family == "vit" else preprocessor)
-        if family == "bert" and task.auto_class == "AutoModelForCausalLM":
-            config.is_decoder = True
-        for key, value in head.items():  # num_labels first: its setter rebuilds id2label
-            setattr(config, key, value)
-        config = _apply_overrides(config, overrides)
-        # Seeded init without disturbing the caller's RNG streams.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(getattr(task, "seed", 0))
-            model = auto.from_config(config)
-        model = model.to(dtype).eval()  # like from_pretrained: the loop decides when to train
+    if model_cfg.name_or_path.startswith("tiny:"):
+        model = _build_tiny(model_cfg, task, preprocessor, overrides, empty)
         if quant is not None:
-            model = quantize_built(model, auto, quant, dtype)
+            model = quantize_built(model, _auto_class(task), quant, loaded_dtype(model_cfg), quant_device)
     else:
-        path = _resolve(name)
-        if os.path.isdir(path):
-            refuse_remote_code(path, bool(model_cfg.trust_remote_code))
-        common = dict(revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
-        try:
-            config = transformers.AutoConfig.from_pretrained(path, **common, **head)
-            config = _apply_overrides(config, overrides)
-            model = from_pretrained_quietly(auto, name, path, config=config, dtype=dtype, **common,
-                                            **({} if quant is None else dict(quantization_config=quant,
-                                                                             device_map={"": quantized_device()})))
-        except OSError as e:
-            raise ValueError(f"could not load model {name!r}: {one_line(e)}") from e
+        model = _load_pretrained(model_cfg, task, overrides, quant, empty, quant_device)
     if quant is not None:
         keep_one_4bit_format(model)
     if not _is_image(task):
@@ -279,15 +264,54 @@ def load_model(model_cfg: Any, task: Any) -> Tuple[torch.nn.Module, Any]:
     return model, preprocessor
 
 
+def _build_tiny(model_cfg: Any, task: Any, preprocessor: Any, overrides: Dict[str, Any], empty: bool) -> torch.nn.Module:
+    """A tiny:* model from its config: seeded by the task's seed (the same weights in train, eval, merge), or empty."""
+    family = model_cfg.name_or_path.split(":", 1)[1]
+    config = _tiny_config(family, task, None if family == "vit" else preprocessor)
+    if family == "bert" and task.auto_class == "AutoModelForCausalLM":
+        config.is_decoder = True
+    for key, value in task.model_kwargs().items():  # num_labels first: its setter rebuilds id2label
+        setattr(config, key, value)
+    config = _apply_overrides(config, overrides)
+    # Seeded init without disturbing the caller's RNG streams.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(getattr(task, "seed", 0))
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            model = _auto_class(task).from_config(config)
+    return model.to(loaded_dtype(model_cfg)).eval()  # like from_pretrained: the loop decides when to train
+
+
+def _load_pretrained(model_cfg: Any, task: Any, overrides: Dict[str, Any], quant: Any, empty: bool,
+                     quant_device: Any) -> torch.nn.Module:
+    """A Hub id or a local directory through from_pretrained (or, empty, its structure from the config alone)."""
+    name, dtype, auto = model_cfg.name_or_path, loaded_dtype(model_cfg), _auto_class(task)
+    path = _resolve(name)
+    if os.path.isdir(path):
+        refuse_remote_code(path, bool(model_cfg.trust_remote_code))
+    common = dict(revision=model_cfg.revision, trust_remote_code=bool(model_cfg.trust_remote_code))
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **common, **dict(task.model_kwargs()))
+        config = _apply_overrides(config, overrides)
+        if empty:
+            with torch.device("meta"):
+                return auto.from_config(config, trust_remote_code=common["trust_remote_code"]).to(dtype).eval()
+        placed = {} if quant is None else dict(quantization_config=quant,
+                                               device_map={"": quant_device or quantized_device()})
+        return from_pretrained_quietly(auto, name, path, config=config, dtype=dtype, **common, **placed)
+    except OSError as e:
+        raise ValueError(f"could not load model {name!r}: {one_line(e)}") from e
+
+
 # ------------------------------------------------------------------------------------------ 4-bit bases
 QUANTIZATIONS = ("none", "nf4", "fp4")
 
 
-def quantization_config(model_cfg: Any, task: Any) -> Any:
+def quantization_config(model_cfg: Any, task: Any, storage: Any = None) -> Any:
     """transformers' BitsAndBytesConfig for `model.quantization` (None for "none"): the frozen weights in 4 bits
     (NF4 or FP4) with double quantization (the per-block scales quantized too), computed in `loaded_dtype`
     (model.compute_dtype, default model.dtype); the LM head and the task's head (`task.default_modules_to_save`)
-    are not quantized."""
+    are not quantized. storage: the dtype the packed bytes are held in (bitsandbytes' default uint8; a float
+    dtype for FSDP, which shards float tensors only)."""
     q = str(getattr(model_cfg, "quantization", "none") or "none")
     if q == "none":
         return None
@@ -297,7 +321,8 @@ def quantization_config(model_cfg: Any, task: Any) -> Any:
         raise ValueError(f"model.quantization={q} needs bitsandbytes: pip install bitsandbytes==0.50.2")
     skip = sorted({"lm_head", "score", "classifier", *getattr(task, "default_modules_to_save", ())})
     return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q, bnb_4bit_use_double_quant=True,
-                                           bnb_4bit_compute_dtype=loaded_dtype(model_cfg), llm_int8_skip_modules=skip)
+                                           bnb_4bit_compute_dtype=loaded_dtype(model_cfg), llm_int8_skip_modules=skip,
+                                           bnb_4bit_quant_storage=storage)
 
 
 def quantized_device() -> Any:

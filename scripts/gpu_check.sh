@@ -5,7 +5,9 @@
 #   2. scripts/bench.py in bfloat16 on cuda, bert768 (batch 16 x 128) and llama (batch 4 x 256), for
 #      full, lora, peft_frod and frod at K = 1 and K = 8 micro-batches per optimizer step
 #      (K = 8: frod:micro_batch and frod:window);
-#   3. 4-bit bases: scripts/bench.py --quantized memory and generation (NF4 vs bf16, frod vs lora).
+#   3. 4-bit bases: scripts/bench.py --quantized memory and generation (NF4 vs bf16, frod vs lora);
+#   4. train.fsdp.cpu_offload on the GPU: FSDP over one process (torchrun --nproc_per_node 1) with the shards in
+#      host memory, FRoD on an NF4 base and method=full in bf16 (about 2 minutes more: GPU_CHECK_SECONDS=800).
 # Every bench writes its JSON and log into $OUT (or bench_out/gpu); summary.txt lists the exit codes.
 # peft_frod runs in its own invocation (next to full, for its ratios), so that a failure of the upstream
 # implementation in bfloat16 cannot take the other rows with it. Each run has its own time limit and the
@@ -96,6 +98,20 @@ run quantized_memory 150 "$PY" scripts/bench.py --quantized memory --q-blocks 2,
     --q-gradient-checkpointing --q-steps 3 --device cuda --threads 16 --quiet --out "$DEST/quantized_memory.json"
 run quantized_generation 100 "$PY" scripts/bench.py --quantized generation --q-gen-bases bfloat16,nf4 --q-repeats 3 \
     --device cuda --threads 16 --quiet --out "$DEST/quantized_generation.json"
+
+# 4. train.fsdp.cpu_offload on a GPU launch (issue 26). One process: FSDP shards nothing but keeps every weight in
+#    host memory and gathers each decoder layer onto the GPU for its forward and backward (distributed.
+#    offloads_one_gpu). recipe=qfrod_smoke: FRoD on the NF4 base, its packed weights stored in the compute dtype
+#    (float32 here) so that FSDP can hold them, their quantization states on the GPU; then method=full on the
+#    tiny LLaMA in bf16 with bf16 autocast: trainables, gradients and the AdamW step in host memory. Each run
+#    logs "cpu_offload" and "merged/ rebuilt" (merged/ equal to the offloaded model), then exits 0.
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
+OFFLOAD=(train.fsdp.enabled=true train.fsdp.cpu_offload=true train.progress=false)
+run fsdp_offload_qfrod 150 "${TORCHRUN[@]}" -m frod_cli.cli train recipe=qfrod_smoke "${OFFLOAD[@]}" \
+    hydra.run.dir="$DEST/runs/fsdp_offload_qfrod"
+run fsdp_offload_full 150 "${TORCHRUN[@]}" -m frod_cli.cli train recipe=sft_smoke method=full model.dtype=bfloat16 \
+    train.mixed_precision=bf16 "${OFFLOAD[@]}" hydra.run.dir="$DEST/runs/fsdp_offload_full"
+grep -h "cpu_offload\|merged/ rebuilt\|sharded elements" "$DEST"/fsdp_offload_*.log 2>/dev/null | tee -a "$SUMMARY"
 
 note "# done in $SECONDS s"
 exit 0

@@ -1,8 +1,11 @@
-"""train.fsdp (frod_cli/training/distributed.py): FSDP2 through Accelerate, on CPU over gloo here.
+"""train.fsdp (frod_cli/training/distributed.py, sharded.py, rank0.py): FSDP2 through Accelerate, on CPU over gloo.
 
-Two processes that shard the frozen weights train exactly as one process with the same global batch:
-a tiny BERT classifier (debug=default) and a tiny causal LLaMA (recipe=sft_smoke: loss, perplexity and
-greedy generation in every evaluation). Plus the refusals of what sharding cannot do."""
+Two processes train exactly as one process with the same global batch, in one launch of several runs
+(tests/fsdp_runs.py): FRoD on a tiny BERT classifier (debug=default), with rank 1 starting from the meta device
+(train.fsdp.load_on_rank0, the default) and again with both ranks loading (the two runs are identical); method=full
+with its trainables and AdamW state sharded, and a resume of it from a checkpoint's shard files; FRoD and QLoRA on
+an NF4 base (recipe=qfrod_smoke); a tiny causal LLaMA (recipe=sft_smoke: loss, perplexity and greedy generation in
+every evaluation, gradient checkpointing on the sharded side). Plus the refusals of what sharding cannot do."""
 from __future__ import annotations
 
 import json
@@ -10,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List
 
 import pytest
 import torch
@@ -25,6 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
               "+model.config_overrides.attention_probs_dropout_prob=0.0"]
 TIMING = {"samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
+COMMON = ["train.cpu=true", "train.keep_checkpoints=true", "train.progress=false", "train.fsdp.enabled=true"]
+BERT = ["debug=default", *NO_DROPOUT, *COMMON]
+NF4 = ["recipe=qfrod_smoke", "train.max_steps=2", "train.eval_every=2", *COMMON]
+SFT = ["recipe=sft_smoke", *COMMON]
+# name: (arguments of both runs, of the one-process run only, of the two-process run only)
+RUNS = {
+    "frod": (BERT, ["train.batch_size=16"], ["train.batch_size=4", "train.grad_accum=2"]),
+    "full": ([*BERT, "method=full"], ["train.batch_size=16"], ["train.batch_size=8"]),
+    "nf4_frod": (NF4, ["train.batch_size=8"], ["train.batch_size=4"]),
+    "nf4_qlora": ([*NF4, "method=lora"], ["train.batch_size=8"], ["train.batch_size=4"]),
+    "sft": (SFT, ["train.batch_size=8"], ["train.batch_size=4", "train.gradient_checkpointing=true"]),
+}
 
 
 def rows(run: Path) -> List[dict]:
@@ -32,31 +47,63 @@ def rows(run: Path) -> List[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_values(run: Path) -> dict:
+def final_values(run: Path) -> Dict[str, torch.Tensor]:
+    """The last checkpoint's trainables, whole: rank 0's file plus, for sharded ones, every process's shard in rank
+    order (FSDP's Shard(0) chunks, read back from the step directory's shards/)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(ck.latest_checkpoint(str(run))) / "trainable.safetensors"))
+    step = Path(ck.latest_checkpoint(str(run)))
+    values = load_file(str(step / "trainable.safetensors"))
+    pieces = [load_file(str(f)) for f in sorted((step / "shards").glob("rank-*.trainable.safetensors"))]
+    for name in pieces[0] if pieces else []:
+        values[name] = torch.cat([p[name] for p in pieces])
+    return values
 
 
-def train_two_processes(work: Path, args: List[str]) -> Tuple[Path, str]:
-    """torchrun --standalone --nproc_per_node 2 frod train <args> in `work`; (its one run dir, its output)."""
-    work.mkdir()
+def launch(work: Path, runs: List[dict]) -> str:
+    """tests/fsdp_runs.py under torchrun --standalone --nproc_per_node 2 in `work`; its output."""
+    work.mkdir(exist_ok=True)
+    (work / "runs.json").write_text(json.dumps(runs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "frod_cli.cli", "train", *args]
-    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=240)
+           str(ROOT / "tests" / "fsdp_runs.py"), "runs.json"]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    runs = [p for p in (work / "runs").rglob("*") if p.is_dir() and p.parent.parent == work / "runs"]
-    assert len(runs) == 1, runs  # one run directory, written by rank 0
-    return runs[0], r.stdout + r.stderr
+    codes = json.loads((work / "codes.json").read_text())
+    assert codes == {run["name"]: 0 for run in runs}, (codes, r.stderr[-4000:])
+    return r.stdout + r.stderr
 
 
-def assert_same_training(one: Path, two: Path, stderr: str, loss_rtol: float = 1e-3) -> None:
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """One launch of every two-process run (and the loaded twin of `frod`, and a resume of `full`): their work dir."""
+    work = tmp_path_factory.mktemp("fsdp-two")
+    runs = [{"name": name, "args": [*both, *mine]} for name, (both, _, mine) in RUNS.items()]
+    frod = RUNS["frod"]
+    runs.append({"name": "frod_loaded", "args": [*frod[0], *frod[2], "train.fsdp.load_on_rank0=false"]})
+    runs.append({"name": "full_resumed", "args": [*RUNS["full"][0], *RUNS["full"][2]], "resume_of": "full",
+                 "resume_cut": 2})
+    launch(work, runs)
+    return work
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The one-process twin of every run (train.fsdp.enabled is ignored with one process)."""
+    work = tmp_path_factory.mktemp("fsdp-one")
+    for name, (both, mine, _) in RUNS.items():
+        code, _ = run_verb("train", [*both, *mine, f"hydra.run.dir={work / name}"])
+        assert code == 0, name
+    return work
+
+
+def assert_same_training(one: Path, two: Path, loss_rtol: float = 1e-3, atol: float = 1e-4) -> None:
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m1["num_processes"] == 1 and m2["num_processes"] == 2
-    # the frozen weights were sharded: each rank held half of them
-    assert "sharded elements on this rank (50.0%)" in stderr, stderr[-3000:]
-    # the FRoD basis and pattern (and the initial trainables) are the same on both ranks and in one process
+    # the weights were sharded (the frozen ones, or every one for method=full): each rank held half of them
+    assert "sharded elements on this rank (50.0%)" in (two / "train.log").read_text()
+    # the FRoD basis and pattern and the initial trainables (all weights, gathered, for method=full) are the same
+    # on both ranks and in one process
     assert len(m2["rank_fingerprints"]) == 2 and set(m2["rank_fingerprints"]) == set(m1["rank_fingerprints"])
     assert m2["method_details"].get("accumulate", "micro_batch") == "micro_batch"
     r1, r2 = rows(one), rows(two)
@@ -71,52 +118,66 @@ def assert_same_training(one: Path, two: Path, stderr: str, loss_rtol: float = 1
     a, b = final_values(one), final_values(two)
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=0)
-    # merged/ was rebuilt by rank 0 from the shards' base and the adapter; it matches the sharded model
+        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0)
+    # merged/ was rebuilt by rank 0 from the base and the adapter (gathered for method=full); it matches the
+    # sharded model
     assert (two / "merged" / "config.json").is_file() and (two / "adapter").is_dir()
     assert m2["merge_max_abs_diff"] is not None and m2["merge_max_abs_diff"] < 1e-4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["frod", "lora"])
-def test_fsdp_two_processes_match_one_bert(tmp_path, debug_args, method):
-    """debug=default (tiny BERT, FRoD or LoRA on query/key/value/dense + the classifier head): the
-    embeddings and BertLayer units sharded, trainables whole; the same losses, metrics and final values as
-    one process, with gradient accumulation on the sharded side. (LoRA: PEFT's save_pretrained reads the
-    state dict on rank 0 alone, which must not leave the ranks' shards in different states.)"""
-    args = [*debug_args, f"method={method}", "train.cpu=true", "train.keep_checkpoints=true",
-            "train.fsdp.enabled=true", *NO_DROPOUT]
-    one = tmp_path / "one"
-    code, _ = run_verb("train", [*args, "train.batch_size=16", f"hydra.run.dir={one}"])  # fsdp ignored: 1 process
-    assert code == 0
-    # 2 processes x 4 examples x 2 micro-batches: the first backward of each window runs under no_sync
-    two, stderr = train_two_processes(tmp_path / "two", [*args, "train.batch_size=4", "train.grad_accum=2"])
-    assert_same_training(one, two, stderr)
-    assert "units: BertLayer" in stderr  # BertEmbeddings (in _no_split_modules) left to Accelerate's embedding unit
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_match_one(one, two, name):
+    """FRoD (meta-loaded rank 1, gradient accumulation with the first backward of each window under no_sync),
+    method=full (ZeRO-3), FRoD and QLoRA on an NF4 base, the causal LLaMA: the same losses, metrics and final values
+    as one process. Tolerance: 1e-3 relative on losses and metrics, 1e-4 absolute on the trained values (the
+    gradient averages add in another order)."""
+    assert_same_training(one / name, two / name)
+    units = "BertLayer" if name in ("frod", "full") else "LlamaDecoderLayer"
+    # BertEmbeddings (in _no_split_modules) is left to Accelerate's embedding unit
+    assert f"(units: {units})" in (two / name / "train.log").read_text()
+    if name == "sft":  # greedy generation on the sharded model (each rank its share, every step gathering
+        # weights) gives one process's predictions
+        p1, p2 = ([json.loads(line) for line in (r / "predictions.jsonl").read_text().splitlines()]
+                  for r in (one / name, two / name))
+        assert p1 and [(r["split"], r["index"], r["prediction"]) for r in p2] == \
+            [(r["split"], r["index"], r["prediction"]) for r in p1]
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_causal_llama(tmp_path):
-    """recipe=sft_smoke (tiny LLaMA, causal_lm): validation loss and perplexity of every evaluation (whose
-    greedy generation runs on the sharded model), and the final values equal one process's; the sharded
-    side recomputes its decoder layers in the backward (gradient checkpointing)."""
-    args = ["recipe=sft_smoke", "train.cpu=true", "train.keep_checkpoints=true", "train.progress=false",
-            "train.fsdp.enabled=true"]
-    one = tmp_path / "one"
-    code, _ = run_verb("train", [*args, "train.batch_size=8", f"hydra.run.dir={one}"])
-    assert code == 0
-    two, stderr = train_two_processes(tmp_path / "two", [*args, "train.batch_size=4",
-                                                         "train.gradient_checkpointing=true"])
-    assert_same_training(one, two, stderr)
-    assert "units: LlamaDecoderLayer" in stderr
-    m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
-    assert m2["validation"]["loss"] == pytest.approx(m1["validation"]["loss"], rel=1e-3)
-    # greedy generation on the sharded model (each rank its share, every step gathering weights) gives
-    # one process's predictions
-    p1 = [json.loads(line) for line in (one / "predictions.jsonl").read_text().splitlines()]
-    p2 = [json.loads(line) for line in (two / "predictions.jsonl").read_text().splitlines()]
-    assert p1 and [(r["split"], r["index"], r["prediction"]) for r in p2] == \
-        [(r["split"], r["index"], r["prediction"]) for r in p1]
+def test_meta_loaded_run_equals_fully_loaded(two):
+    """train.fsdp.load_on_rank0 (rank 1 built on meta, weights and FRoD bases from rank 0) trains bit for bit as
+    a run where both ranks load the base."""
+    meta, loaded = two / "frod", two / "frod_loaded"
+    assert "load_on_rank0" not in (meta / ".hydra" / "overrides.yaml").read_text()
+    assert rows(meta) == rows(loaded)
+    a, b = final_values(meta), final_values(loaded)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (meta, loaded))
+    assert m1["rank_fingerprints"] == m2["rank_fingerprints"] and m1["test"] == m2["test"]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_sharded_checkpoints_resume(one, two):
+    """method=full under FSDP writes each process's shard of the trainables, of the best values and of AdamW's
+    state into the step directory; a run cut after step 2 resumes from them and ends exactly where the
+    uninterrupted run did. adapter/ holds the whole model, gathered: one process's adapter."""
+    from safetensors.torch import load_file
+
+    full, resumed = two / "full", two / "full_resumed"
+    step = Path(ck.latest_checkpoint(str(full)))
+    shards = sorted(p.name for p in (step / "shards").iterdir())
+    assert shards == ["layout.json"] + [f"rank-0000{r}-of-00002.{w}.safetensors" for r in (0, 1)
+                                         for w in ("best", "optimizer", "trainable")]
+    assert load_file(str(step / "trainable.safetensors")) == {}  # every trainable is sharded
+    assert json.loads((resumed / "metrics.json").read_text())["resumed_from"].endswith("step-00000002")
+    assert rows(resumed) == rows(full)
+    a, b = final_values(full), final_values(resumed)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    whole, unsharded = (load_file(str(r / "adapter" / "model.safetensors")) for r in (full, one / "full"))
+    assert set(whole) == set(unsharded)
+    for k in unsharded:
+        torch.testing.assert_close(whole[k], unsharded[k], atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,8 +193,8 @@ def fsdp_cfg(cfg, **fsdp):
 
 def test_fsdp_schema_has_its_keys_and_refuses_others(cfg_debug, debug_args, capsys):
     fc = cfg_debug.train.fsdp
-    assert (fc.enabled, fc.wrap, fc.reshard_after_forward, fc.cpu_offload, fc.state_dict_type, fc.version) == \
-        (False, None, True, False, "FULL_STATE_DICT", 2)
+    assert (fc.enabled, fc.wrap, fc.reshard_after_forward, fc.cpu_offload, fc.state_dict_type, fc.version,
+            fc.load_on_rank0) == (False, None, True, False, "FULL_STATE_DICT", 2, True)
     code, _ = run_verb("train", [*debug_args, "train.fsdp.shard_everything=true"])
     assert code == 2
     assert "shard_everything" in capsys.readouterr().err
@@ -166,13 +227,52 @@ def test_window_accumulation_is_refused_and_auto_takes_micro_batch(cfg_debug, mo
     assert cfg.method.accumulate == "micro_batch"
 
 
-def test_full_fine_tuning_is_refused_under_fsdp(monkeypatch):
+@pytest.mark.parametrize("method, local_rank, options", [
+    ("frod", "0", {}),  # the first process of a node loads
+    ("frod", "1", {"empty": True}),  # the others build the structure on meta
+    ("full", "1", {"empty": True}),
+    ("pissa", "1", {}),  # initializes from the base weights: every process loads
+    ("peft_frod", "1", {}),
+])
+def test_who_loads_the_base(monkeypatch, method, local_rank, options):
     from conftest import compose_train
 
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cfg = compose_train(["debug=default", f"method={method}", "train.fsdp.enabled=true"])
+    assert D.load_options(cfg, "no") == options
+    cfg.train.fsdp.load_on_rank0 = False
+    assert D.load_options(cfg, "no") == {}
+
+
+def test_cpu_offload_shards_one_process_only_on_a_gpu_launch(cfg_debug, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = fsdp_cfg(cfg_debug, cpu_offload=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert D.check_fsdp_config(cfg) is True  # torchrun --nproc_per_node 1 on a GPU: weights in host memory
+    with open_dict(cfg):
+        cfg.train.cpu = True
+    assert D.check_fsdp_config(cfg) is False  # a CPU launch holds its weights in host memory already
+
+
+def test_70b_recipes_compose_offline(monkeypatch):
+    """The 70B recipes of docs/SCALING.md pass every check before any work, sharded as a 2- or 8-process launch
+    sees them: NF4 FRoD / QLoRA / DoRA with offloaded shards, bf16 FRoD / LoRA / full; full on NF4 is refused."""
+    from conftest import compose_train
+
+    from frod_cli.training import preflight
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = compose_train(["debug=default", "method=full", "train.fsdp.enabled=true"])
-    with pytest.raises(FrodCliError, match="trains every weight"):
-        D.check_fsdp_config(cfg)
+    for recipe, methods in (("qfrod_llama2_70b", ("frod", "lora", "dora")), ("frod_llama2_70b", ("frod", "lora", "full"))):
+        for method in methods:
+            cfg = compose_train([f"recipe={recipe}", f"method={method}"])
+            preflight.validate(cfg)
+            assert D.check_fsdp_config(cfg) is True
+    assert cfg.model.name_or_path == "meta-llama/Llama-2-70b-hf" and cfg.train.gradient_checkpointing
+    nf4 = compose_train(["recipe=qfrod_llama2_70b"])
+    assert nf4.model.quantization == "nf4" and nf4.train.fsdp.cpu_offload and nf4.per_method.frod.sparse_rate == 0.02
+    with pytest.raises(FrodCliError, match="4-bit weights cannot be trained"):
+        preflight.validate(compose_train(["recipe=qfrod_llama2_70b", "method=full"]))
 
 
 def test_wrap_classes_are_checked_against_the_model():
@@ -199,29 +299,32 @@ def test_wrap_classes_are_checked_against_the_model():
 MIXED_PRECISION_SCRIPT = r'''
 import json, sys, torch
 from types import SimpleNamespace
+from accelerate.state import AcceleratorState
 from transformers import BertConfig, BertForSequenceClassification
 from frod_cli.frod import FrodConfig, apply_frod
 from frod_cli.training import distributed as D
 
-torch.manual_seed(0)
-model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-    num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-apply_frod(model, FrodConfig(target_modules=["query", "value"], sparse_rate=0.05, modules_to_save=["classifier"]))
-fc = SimpleNamespace(enabled=True, wrap=None, reshard_after_forward=True, cpu_offload=False,
-                     state_dict_type="FULL_STATE_DICT", version=2)
-acc = D.make_accelerator(fc, mixed_precision=sys.argv[1], cpu=True)
-acc.set_model_policy(model, None)
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-model, opt = acc.prepare(model, opt)
-ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(acc.process_index))
-labels = torch.tensor([0, 1, 1, 0])
-out = model(input_ids=ids, labels=labels)
-acc.backward(out.loss)
-with open(f"result-{sys.argv[1]}-{acc.process_index}.json", "w") as f:
-    json.dump([float(out.loss), str(out.logits.dtype), str(model.classifier.weight.grad.dtype),
-               acc.state.fsdp_plugin.mixed_precision_policy is not None], f)
-del model, opt, out  # the sharded model holds the process group: released by the shutdown, as frod train does
-D.shutdown(acc)
+for mode in ("no", "bf16"):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    apply_frod(model, FrodConfig(target_modules=["query", "value"], sparse_rate=0.05, modules_to_save=["classifier"]))
+    fc = SimpleNamespace(enabled=True, wrap=None, reshard_after_forward=True, cpu_offload=False,
+                         state_dict_type="FULL_STATE_DICT", version=2)
+    acc = D.make_accelerator(fc, mixed_precision=mode, cpu=True)
+    acc.set_model_policy(model, None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(acc.process_index))
+    labels = torch.tensor([0, 1, 1, 0])
+    out = model(input_ids=ids, labels=labels)
+    acc.backward(out.loss)
+    with open(f"result-{mode}-{acc.process_index}.json", "w") as f:
+        json.dump([float(out.loss), str(out.logits.dtype), str(model.classifier.weight.grad.dtype),
+                   acc.state.fsdp_plugin.mixed_precision_policy is not None], f)
+    del model, opt, out  # the sharded model holds the process group: released by the shutdown, as frod train does
+    D.shutdown(acc)
+    AcceleratorState._reset_state(True)  # the next mode starts its own process group
 '''
 
 
@@ -234,13 +337,60 @@ def test_fsdp_mixed_precision_path(tmp_path):
     script = tmp_path / "mp.py"
     script.write_text(MIXED_PRECISION_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    results = {}
-    for mode in ("no", "bf16"):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results[mode] = [json.loads((tmp_path / f"result-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {mode: [json.loads((tmp_path / f"result-{mode}-{rank}.json").read_text()) for rank in (0, 1)]
+               for mode in ("no", "bf16")}
     for (loss, logits, grad, policy), (loss32, logits32, _, policy32) in zip(results["bf16"], results["no"]):
         assert (logits, grad, policy, logits32, policy32) == ("torch.float32", "torch.float32", True,
                                                               "torch.float32", False)
         assert loss == pytest.approx(loss32, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_bench_fsdp_bytes_per_rank(tmp_path):
+    """scripts/bench.py --fsdp --fsdp-parts bytes on tiny shapes (one two-process launch): per rank, the NF4 base's
+    parameter bytes and method=full's trainable plus AdamW bytes are at most 0.6 x one process's (byte counts, not
+    timings: they hold on any machine). The loading part runs LLaMA-7B shapes (docs/PERFORMANCE.md); not here."""
+    from frod_cli.bench.cli import main
+
+    out = tmp_path / "fsdp.json"
+    assert main(["--fsdp", "--fsdp-parts", "bytes", "--fsdp-bytes-shape", "tiny", "--fsdp-blocks", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"environment", "wall_s", "bytes", "bytes_shape", "processes"}
+    targets = result["bytes"]["targets"]
+    assert 0.45 < targets["nf4_parameters_per_rank_vs_one"] <= 0.6
+    assert 0.45 < targets["full_trainable_adamw_per_rank_vs_one"] <= 0.6
+    assert [r["rank"] for r in result["bytes"]["ranks"]] == [0, 1]
+
+
+def test_bench_fsdp_refuses_unknown_parts():
+    from frod_cli.bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--fsdp", "--fsdp-parts", "load,speed"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["tiny:llama", "offline:all-minilm-l6-v2"])
+def test_an_empty_base_is_the_loaded_structure_on_meta(name):
+    """What a process that receives rank 0's weights builds (models.load_model(empty=True)): the same parameters
+    and buffers, names, shapes and dtypes, all on the meta device, nothing read, and the RNG untouched."""
+    from omegaconf import OmegaConf
+
+    from frod_cli.config import ModelConfig
+    from frod_cli.models import load_model
+    from frod_cli.training.builders import build_task
+    from conftest import compose_train
+
+    task = build_task(compose_train(["recipe=sft_smoke"]).task, 42)  # a causal LM: no labels to read first
+    spec = OmegaConf.structured(ModelConfig(name_or_path=name))
+    loaded, _ = load_model(spec, task)
+    state = torch.get_rng_state()
+    empty, _ = load_model(spec, task, empty=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    shapes = lambda m: {n: (tuple(t.shape), t.dtype) for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    assert shapes(empty) == shapes(loaded)
+    assert all(t.is_meta for t in [*empty.parameters(), *empty.buffers()])

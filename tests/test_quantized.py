@@ -261,8 +261,11 @@ def test_refusals_before_any_work(monkeypatch):
             preflight.validate(cfg)
     preflight.validate(compose_train(["recipe=qfrod_smoke", "method=lora"]))
     monkeypatch.setattr(distributed, "world_size_of_launch", lambda: 2)  # as under torchrun --nproc_per_node 2
-    with pytest.raises(FrodCliError, match="train.fsdp with model.quantization=nf4"):
-        distributed.check_fsdp_config(compose_train(["recipe=qfrod_smoke", "train.fsdp.enabled=true"]))
+    sharded = compose_train(["recipe=qfrod_smoke", "train.fsdp.enabled=true"])
+    assert distributed.check_fsdp_config(sharded) is True  # FSDP-QLoRA's route (tests/test_fsdp.py trains it)
+    # packed in the compute dtype (FSDP shards float tensors), loaded on the CPU, on every process
+    assert distributed.load_options(sharded, "no") == {"quant_storage": torch.float32, "quant_device": "cpu"}
+    assert distributed.load_options(sharded, "bf16")["quant_storage"] == torch.bfloat16
     with pytest.raises(ValueError, match="model.quantization must be one of"):
         load(quantization="int3")
 

@@ -76,8 +76,8 @@ COMMANDS = {
     "train.mixed_precision=bf16": "gpu",
     "torchrun --standalone --nproc_per_node 4 -m frod_cli.cli train recipe=vit_cifar train.mixed_precision=bf16": "gpu",
     "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train train.cpu=true": "launch",
-    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=sft_smoke "
-    "train.batch_size=4 train.fsdp.enabled=true train.cpu=true": "launch",
+    "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m frod_cli.cli train recipe=qfrod_smoke "
+    "train.fsdp.enabled=true train.cpu=true": "launch",
     "frod export path=<run dir> format=merged dtype=bfloat16 output=exports/merged": "lm",
     "frod export path=<run dir> format=lora rank=16 output=exports/lora16": "lm",
     "frod export path=<run dir> format=lora energy=0.9 output=exports/lora_e90": "lm",

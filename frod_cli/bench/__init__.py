@@ -9,6 +9,8 @@ Layout, one module per question over shared helpers:
                   weights, time; each point in its own process), and --build-precision: the streamed factors
                   against the in-memory ones on real weights (MiniLM, SmolLM2);
 - quantized.py    --quantized memory|generation: FRoD on a 4-bit base next to QLoRA;
+- fsdp.py         --fsdp: memory per process under train.fsdp, two CPU processes (torchrun) against one: rank-0
+                  loading's host memory, the per-rank bytes of an NF4 base and of method=full's AdamW state;
 - common.py       what they share: the resident-set peak (`PeakRSS`: VmHWM after clear_refs, a sampling thread
                   elsewhere), a device's peak (`DevicePeak`: the CUDA allocator's on a GPU, PeakRSS on the CPU),
                   `params_buffers_bytes` / `optimizer_state_bytes` / `storage_bytes` (each storage once),

@@ -12,9 +12,9 @@ from frod_cli.bench.common import frozen_heap, make_log, offline_environment
 def benchmarks() -> List:
     """The benchmark modules, the one chosen first where several could run; the last (train step) is the default.
     Each has add_args(parser), selected(args) -> bool and run(args, log) -> exit status."""
-    from frod_cli.bench import basis_build, basis_stream, quantized, rollout, train_step
+    from frod_cli.bench import basis_build, basis_stream, fsdp, quantized, rollout, train_step
 
-    return [quantized, rollout, basis_stream, basis_build, train_step]
+    return [quantized, rollout, basis_stream, basis_build, fsdp, train_step]
 
 
 def parser() -> argparse.ArgumentParser:

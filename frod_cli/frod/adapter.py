@@ -111,6 +111,36 @@ def _check_base(meta: dict, targets: List[Tuple[str, nn.Module]], path, strict: 
     if strict and fingerprint_weights(targets) != meta["fingerprint"]:
         raise FrodError(f"adapter at {path} was built on a different base model (weight fingerprint mismatch)")
 
+def weight_holders(targets: List[Tuple[str, nn.Module]]) -> Optional[List[int]]:
+    """The ranks of a distributed launch whose target weights are loaded, when some rank's are on the meta device
+    (train.fsdp.load_on_rank0: it builds the model's structure only); None when every rank holds them."""
+    world, rank = world_and_rank()
+    if world == 1:
+        return None
+    import torch.distributed as dist
+
+    from .build import comm_device
+
+    flags = torch.zeros(world, dtype=torch.int64, device=comm_device(None))
+    flags[rank] = int(not any(m.weight.is_meta for _, m in targets))
+    dist.all_reduce(flags)
+    holders = [r for r in range(world) if int(flags[r])]
+    if not holders:
+        raise FrodError("no process holds the base weights to build the FRoD bases from")
+    return None if len(holders) == world else holders
+
+
+def shared_fingerprint(targets: List[Tuple[str, nn.Module]], holders: Optional[List[int]]) -> str:
+    """fingerprint_weights, computed where the weights are: a rank holding none gets the first holder's."""
+    if holders is None:
+        return fingerprint_weights(targets)
+    import torch.distributed as dist
+
+    mine = [fingerprint_weights(targets) if world_and_rank()[1] in holders else None]
+    dist.broadcast_object_list(mine, src=holders[0])
+    return mine[0]
+
+
 # ---- apply ---------------------------------------------------------------------------------------------
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -172,14 +202,16 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
     config.validate()
     targets = find_targets(model, config)
     groups = group_categories(targets)
-    fingerprint = fingerprint_weights(targets)
+    holders = weight_holders(targets)
+    fingerprint = shared_fingerprint(targets, holders)
     t0 = time.perf_counter()
     describe = {"base": str(getattr(model, "name_or_path", "") or type(model).__name__),
                 "base_fingerprint": fingerprint[:16]}
     sources = None if weights_from is None else checkpoint_sources(groups, weights_from)
     bases, report = build_bases(groups, config.regularization, config.basis_dtype, fingerprint, device=device,
                                 cache=None if cache_dir is None else BasisCache(cache_dir), describe=describe,
-                                build=config.basis_build, sources=sources)
+                                build=config.basis_build, sources=sources,
+                                holders=None if sources is not None else holders)  # files: any rank reads them
     categories, per_layer = [], {}
     for key, members in groups.items():
         basis = bases.pop(key)
@@ -199,7 +231,9 @@ def apply_frod(model: nn.Module, config: FrodConfig, *, device=None, cache_dir=N
     _install(model, config, categories, groups, per_layer, fingerprint)
     if config.store_u:
         for _, layer in frod_layers(model):
-            if layer.frod_U_t is None:
+            if layer.frod_U_t is None and layer.base_layer.weight.is_meta:  # its values come with the weights
+                layer.frod_U_t = torch.empty(layer.in_features, layer.out_features, device="meta")
+            elif layer.frod_U_t is None:
                 layer.frod_U_t = layer.U_t().detach().contiguous()
     _state(model).basis_report = report
     _log_build(report, time.perf_counter() - t0, cache_dir)

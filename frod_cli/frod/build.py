@@ -42,13 +42,15 @@ log = logging.getLogger("frod.basis")
 Members = List[Tuple[str, nn.Module]]
 
 
-def assign_ranks(costs: Dict[str, float], world: int) -> Dict[str, int]:
+def assign_ranks(costs: Dict[str, float], world: int, holders: Optional[Sequence[int]] = None) -> Dict[str, int]:
     """Greedy longest-processing-time split: categories by decreasing cost (ties by key), each to the rank
-    with the least cost so far (ties to the lowest rank). Deterministic, so every rank computes the same plan."""
-    load = [0.0] * world
+    with the least cost so far (ties to the lowest rank). Deterministic, so every rank computes the same plan.
+    holders: the ranks that hold the weights (default all; train.fsdp.load_on_rank0 starts the others on meta)."""
+    ranks = list(range(world)) if holders is None else list(holders)
+    load = {r: 0.0 for r in ranks}
     owner = {}
     for key in sorted(costs, key=lambda k: (-costs[k], k)):
-        r = min(range(world), key=lambda i: (load[i], i))
+        r = min(ranks, key=lambda i: (load[i], i))
         owner[key] = r
         load[r] += costs[key]
     return owner
@@ -65,12 +67,14 @@ def world_and_rank() -> Tuple[int, int]:
 def build_bases(groups: Dict[str, Members], regularization: float, basis_dtype: str, fingerprint: str, *,
                 device: Optional[torch.device] = None, cache: Optional[BasisCache] = None,
                 describe: Optional[Dict[str, str]] = None, build: str = "auto",
-                sources: Optional[Dict[str, WeightSource]] = None) -> Tuple[Dict[str, CategoryBasis], List[dict]]:
+                sources: Optional[Dict[str, WeightSource]] = None,
+                holders: Optional[Sequence[int]] = None) -> Tuple[Dict[str, CategoryBasis], List[dict]]:
     """The basis of every category (on its weights' device) and one report per category: source
     ("computed" or "cache"), build ("memory" or "streamed"), rank that built it, seconds, hashing seconds, device
     peak bytes. `fingerprint` identifies the base weights (adapter.fingerprint_weights; the ranks compare it);
     `describe` goes into new cache entries (base name and fingerprint, for `frod cache list`); `sources` reads a
-    category's layers from elsewhere than its modules (sources.checkpoint_sources)."""
+    category's layers from elsewhere than its modules (sources.checkpoint_sources); `holders`: the ranks holding
+    the weights, which build (None: all), the others receive (their bases on the CPU: train.fsdp.load_on_rank0)."""
     if build not in BASIS_BUILDS:
         raise FrodError(f"basis_build must be one of {', '.join(BASIS_BUILDS)}, got {build!r}")
     world, rank = world_and_rank()
@@ -78,7 +82,7 @@ def build_bases(groups: Dict[str, Members], regularization: float, basis_dtype: 
     shapes = {key: list(source.shapes) for key, source in sources.items()}
     collective = world > 1 and any(source.collective for source in sources.values())
     owner = {k: rank for k in groups} if collective else \
-        assign_ranks({k: decomposition_cost(s) for k, s in shapes.items()}, world)
+        assign_ranks({k: decomposition_cost(s) for k, s in shapes.items()}, world, holders)
     if world > 1:
         check_same_plan(groups, shapes, regularization, basis_dtype, fingerprint)
     dtype = getattr(torch, basis_dtype)
@@ -327,6 +331,7 @@ def share(bases: Dict[str, CategoryBasis], reports: Dict[str, dict], groups: Dic
         dist.broadcast(flat, src=owner[key])
         if owner[key] != rank:
             home = groups[key][0][1].weight.device  # (weight_of would dequantize a 4-bit layer)
+            home = torch.device("cpu") if home.type == "meta" else home  # a rank that holds no weights
             bases[key] = unpack(flat, shapes[key], deficient, home)
             reports[key] = {"category": key, "layers": len(groups[key]), "n": int(shapes[key][0][1]),
                             "rank": owner[key], "source": "cache" if facts[i, 1] else "computed",

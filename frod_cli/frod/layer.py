@@ -42,20 +42,29 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def quant_state_of(module: nn.Module):
+    """The bitsandbytes quantization state of a 4-bit linear layer (Linear4bit, NF4 or FP4), None for a plain one.
+    It rides on the weight; under FSDP2 the weight is a shard (a DTensor) or, inside the layer's unit's forward and
+    backward, the all-gathered packed bytes as a plain tensor, and neither carries it: bitsandbytes keeps it on the
+    module too (`Linear4bit.quant_state`), where the FSDP-QLoRA route reads it back."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
 def is_4bit(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit linear layer (Linear4bit, NF4 or FP4): its weight is packed bytes with a quant_state."""
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    """A bitsandbytes 4-bit linear layer: its weight is packed bytes with a quantization state."""
+    return quant_state_of(module) is not None
 
 
 def quantization_of(module: nn.Module) -> Optional[str]:
     """"nf4" or "fp4" for a 4-bit layer, None for a plain one."""
-    return str(module.weight.quant_state.quant_type) if is_4bit(module) else None
+    return str(quant_state_of(module).quant_type) if is_4bit(module) else None
 
 
 def weight_shape(module: nn.Module) -> Tuple[int, int]:
     """(out, in) of W, without reading (or dequantizing) it."""
     if is_4bit(module):
-        m, n = module.weight.quant_state.shape
+        m, n = quant_state_of(module).shape
         return int(m), int(n)
     a, b = module.weight.shape
     return (int(b), int(a)) if is_conv1d(module) else (int(a), int(b))
@@ -64,7 +73,7 @@ def weight_shape(module: nn.Module) -> Tuple[int, int]:
 def weight_dtype(module: nn.Module) -> torch.dtype:
     """The dtype W is multiplied in: a 4-bit layer's compute dtype, else the stored weight's."""
     if is_4bit(module):
-        return getattr(module, "compute_dtype", None) or module.weight.quant_state.dtype
+        return getattr(module, "compute_dtype", None) or quant_state_of(module).dtype
     return module.weight.dtype
 
 
@@ -86,15 +95,17 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 def _dequantize(module: nn.Module) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
-    w = module.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
+    w, state = module.weight, quant_state_of(module)
+    if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPU inference (absmax in bfloat16); its way back
         # re-quantizes absmax, so the packed weight no longer reads back as the W the adapter was built on.
         raise FrodError("a 4-bit layer was repacked by bitsandbytes for CPU inference and cannot be read back "
                         "exactly: set support_avx512bf16_for_cpu = False on the Linear4bit layers before the "
                         "first evaluation (frod_cli.models does), or adapt the model before evaluating it")
     with torch.no_grad():
-        return dequantize_4bit(w.data, w.quant_state).to(weight_dtype(module))
+        # a sharded weight outside its unit's forward: the packed bytes gathered first (a collective)
+        packed = w.full_tensor() if hasattr(w, "full_tensor") else w.data
+        return dequantize_4bit(packed, state).to(weight_dtype(module))
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -262,6 +273,8 @@ class FrodLinear(_KeepOwnTensors):
             # it no longer reads back exactly (see _dequantize) and its backward is wrong; keep one format.
             base_layer.support_avx512bf16_for_cpu = False
         device = base_layer.weight.device
+        if device.type == "meta":  # a process that receives the base's weights later (train.fsdp.load_on_rank0)
+            device = sigma.device
         # The category is shared by several layers: hold it without registering it as a child.
         object.__setattr__(self, "category", category)
         self.mode = mode

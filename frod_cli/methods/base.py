@@ -65,6 +65,10 @@ class Method:
     trains_everything: bool = False
     # Why this method cannot train on a 4-bit base (model.quantization=nf4|fp4), refused before any work; None: it can.
     refuse_quantized: Optional[str] = None
+    # What `adapt` computes from the base weights themselves, so that a process starting from the meta device
+    # (train.fsdp.load_on_rank0) cannot adapt: every process then loads the base. None: it adapts without them
+    # (its values then come from rank 0; FRoD's bases are built on the ranks holding the weights).
+    needs_base_weights: Optional[str] = None
 
     def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
         self.cfg = cfg
@@ -133,6 +137,11 @@ class Method:
         """A context opened around one evaluation or generation (the loop's, `frod eval`, `frod generate`): what
         the adapter may keep for the calls inside it, freed at its end. Default: nothing."""
         return contextlib.nullcontext()
+
+    def save_gathered(self, state: Dict[str, Any], directory: str) -> None:
+        """Save an adapter from `state`, the model's whole state dict gathered from its shards (a method whose
+        trainables FSDP shards: method=full). Other methods save from the model (`save_adapter`)."""
+        raise FrodCliError(f"method {self.name} saves its adapter from the model, not from gathered shards")
 
     def reference_context(self, model: nn.Module) -> ContextManager:
         """A context inside which `model` computes what the starting model computed (the policy before its first

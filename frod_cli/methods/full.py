@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from torch import nn
 
@@ -40,6 +40,17 @@ class FullMethod(Method):
 
         os.makedirs(directory, exist_ok=True)
         save_model(model, os.path.join(directory, WEIGHTS))
+        with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+            f.write('{"method": "full"}\n')
+
+    def save_gathered(self, state: Dict[str, Any], directory: str) -> None:
+        # the same files from the state gathered off the shards (tied weights are separate tensors there: both
+        # names are written, and load_model reads either)
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(directory, WEIGHTS),
+                  metadata={"format": "pt"})
         with open(os.path.join(directory, "adapter_config.json"), "w") as f:
             f.write('{"method": "full"}\n')
 

@@ -140,6 +140,7 @@ class PissaMethod(LoraMethod):
     PiSSA-specific base."""
 
     extra = {"init_lora_weights": "pissa"}
+    needs_base_weights = "PiSSA initializes from the SVD of the base weights and rewrites them"
     refuse_quantized = ("PiSSA rewrites the base weights (W minus its principal part), which a 4-bit base cannot "
                         "hold (PEFT refuses it); use model.quantization=none, or lora/dora/vera/frod on the 4-bit base")
 
@@ -215,6 +216,7 @@ class VeraMethod(PeftMethod):
 
 @register_method("peft_frod", config=FrodKeys)
 class PeftFrodMethod(PeftMethod):
+    needs_base_weights = "PEFT's FRoD builds its basis from every target weight, on every process"
     refuse_quantized = ("PEFT's FRoD reads every target weight as a dense matrix and has no 4-bit layer (it "
                         "decomposes the packed bytes and fails); use method=frod, which adapts 4-bit layers")
 

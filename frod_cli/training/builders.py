@@ -65,12 +65,12 @@ def encode_data(task: Any, data: Any, preprocessor: Any):
         return task.encode(data, preprocessor)
 
 
-def load_model(model_cfg: Any, task: Any):
+def load_model(model_cfg: Any, task: Any, **options: Any):
     """(model, preprocessor) for the task (frod_cli.models)."""
     from frod_cli.models import load_model as _load
 
     with user_input(f"model {model_cfg.name_or_path}"):
-        return _load(model_cfg, task)
+        return _load(model_cfg, task, **options)
 
 
 def build_method(method_cfg: Any, task: Any, model_cfg: Any):
@@ -139,11 +139,15 @@ def build_scheduler(optimizer, opt_cfg: Any, total_steps: int):
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank."""
+    """sha256 of every buffer (FRoD: basis, pattern, sigma) and trainable parameter: equal on every rank. A
+    sharded parameter (method=full under FSDP) is hashed whole: a collective then, every rank calls it."""
+    from frod_cli.training.sharded import whole
+
     h = hashlib.sha256()
     items = [(n, b) for n, b in model.named_buffers() if b is not None]
     items += [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for name, t in sorted(items, key=lambda x: x[0]):
+        t = whole(t.detach())
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -160,13 +164,14 @@ def memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def load_base(model_cfg: Any, task: Any, seed: int):
+def load_base(model_cfg: Any, task: Any, seed: int, **options: Any):
     """(model, preprocessor) as `frod train` loads the base: the seed is set first, so a model built from a
-    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run."""
+    config (tiny:*) gets the same init in train, eval, merge and the rebuild of a sharded run. options: how a
+    sharded launch loads it (models.load_model's empty, quant_storage, quant_device; training/distributed.py)."""
     from accelerate.utils import set_seed
 
     set_seed(int(seed))
-    return load_model(model_cfg, task)
+    return load_model(model_cfg, task, **options)
 
 
 def load_adapted(model_cfg: Any, method_cfg: Any, task: Any, seed: int, adapter_dir: str):

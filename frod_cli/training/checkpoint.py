@@ -25,7 +25,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -163,8 +163,10 @@ def check_same_run(saved_cfg: Dict[str, Any], current_cfg: Dict[str, Any], where
 def save_checkpoint(run_dir: str, step: int, *, trainable: Dict[str, torch.Tensor],
                     best: Optional[Dict[str, torch.Tensor]], optimizer_sd: Dict[str, Any],
                     scheduler_sd: Dict[str, Any], state: Dict[str, Any], config: Dict[str, Any],
-                    strategy: Optional[Dict[str, Any]] = None, keep: int = 2) -> str:
-    """Write checkpoints/step-<step>/ atomically; keep the newest `keep` complete checkpoints."""
+                    strategy: Optional[Dict[str, Any]] = None, keep: int = 2,
+                    extra: Optional[Callable[[str], None]] = None) -> str:
+    """Write checkpoints/step-<step>/ atomically; keep the newest `keep` complete checkpoints. extra(tmp): more
+    files into the step directory before it is complete (the other processes' shards, training/sharded.py)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -190,6 +192,8 @@ def save_checkpoint(run_dir: str, step: int, *, trainable: Dict[str, torch.Tenso
                       os.path.join(tmp, "strategy.safetensors"))
             with open(os.path.join(tmp, "strategy.json"), "w", encoding="utf-8") as f:
                 json.dump({k: _jsonable(v) for k, v in strategy.items() if not torch.is_tensor(v)}, f)
+        if extra is not None:
+            extra(tmp)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:  # last: marks it complete
             json.dump(_jsonable(state), f, indent=1)
 

@@ -13,8 +13,9 @@ such a launch, so CPU and GPU runs take the same code. The alternative (our own 
 `FinetuneRecipe.wrap_model`) would have needed Accelerate kept away from the model, which it would
 otherwise wrap in DDP on MULTI_CPU.
 
-What is sharded: the frozen weights, which are where the memory of a large model is. The trainables of a
-method that freezes its base (FRoD's lambda and S values, LoRA's factors, the task head) are given to
+What is sharded: the frozen weights, which are where the memory of a large model is. (method=full shards every
+weight with its gradient and AdamW state instead, ZeRO-3: `set_model_policy(shard_trainables=True)`, and the loop
+keeps its values as each rank's shards: training/sharded.py.) The trainables of a method that freezes its base (FRoD's lambda and S values, LoRA's factors, the task head) are given to
 `fully_shard` as `ignored_params`: they stay whole, plain tensors, identical on every rank, exactly as
 under DDP, so snapshots, checkpoints (FULL and SHARDED state dicts are then the same files: nothing
 sharded is trainable), the optimizer state (float32, whole), adapter/ and the rank fingerprint check are
@@ -25,14 +26,15 @@ V^-T, pattern rows/cols: the `frod_adapter` FrodState module; sigma, stored U) a
 never shards. They are built once for the launch, before sharding, under DDP and FSDP alike: `apply_frod`
 deals the categories to the ranks, each rank decomposes its share on its accelerator (`Method.device`, set by
 the recipe) or reads it from the basis cache, and broadcasts it (frod/build.py), so every rank holds the same
-bytes (`FinetuneRecipe._check_identical_ranks` verifies it).
+bytes (`FinetuneRecipe._check_identical_ranks` verifies it, once the weights are in place). FSDP moves what it
+shards, and the buffers, to the device; the ignored trainables are moved by `prepare_sharded`.
 
-Loading is not sharded: every rank loads the whole base into host memory before `prepare` (docs/SCALING.md
-gives the figures). Accelerate's route to load on one rank only (`cpu_ram_efficient_loading`: the model moved to
-the meta device, then rank 0's full state dict broadcast into the shards) does not fit the adapter's install:
-it moves every FrodLinear to meta (FRoD's own float32 tensors refuse that move, `_KeepOwnTensors`) and its
-loader expects every state-dict entry to be a sharded DTensor, while FRoD's trainables stay whole
-(`ignored_params`). Tried on a tiny BERT over 2 CPU processes: `acc.prepare` fails in `model.to("meta")`.
+Loading (train.fsdp.load_on_rank0, the default): one process per node reads the base, the others start from the
+meta device and receive their shards from rank 0 (`load_options`, training/rank0.py, which says why Accelerate's
+`cpu_ram_efficient_loading` does not fit the whole trainables). A 4-bit base loads on every process, packed in the
+dtype FSDP gathers it in (FSDP-QLoRA's route, `load_options`); its quantization states, which are not parameters,
+are put on the device after sharding (`place_quant_states`) and read from the module where FSDP's gathered weight
+lacks them (frod/layer.py `quant_state_of`, as bitsandbytes' own forward does).
 
 FRoD reads its layer's full weight W (U recomputed as W V^-T diag(1/sigma)): inside a forward that is
 what FSDP provides (the enclosing unit's pre-forward hook all-gathers the unit's weights; the pooler or
@@ -49,10 +51,10 @@ weights are shards, so:
 Also: after a forward without gradients every unit is resharded, so that code run on rank 0 alone (PEFT's
 save_pretrained reads the state dict) cannot leave the ranks in different gather states
 (`reshard_after_no_grad_forward`); generation steps every rank until all finish (`after_sharding`); and
-train.mixed_precision autocasts the forward as Accelerate's DDP path does (`autocast_forward`).
-Methods that train every weight (method=full) would shard their trainables and optimizer state; their
-snapshots, checkpoints and adapter would then need gathering in the loop's evaluate/restore/resume
-code: refused for now.
+train.mixed_precision autocasts the forward as Accelerate's DDP path does (`autocast_forward`). PEFT's generate()
+bypasses the root's forward, so the root's own weights are gathered on the wrapped model's forward too.
+train.fsdp.cpu_offload on a one-GPU launch runs FSDP over that one process (`offloads_one_gpu`): nothing is split,
+the weights live in host memory.
 """
 from __future__ import annotations
 
@@ -99,19 +101,9 @@ def check_fsdp_config(cfg: Any) -> bool:
                            f"got {fc.state_dict_type!r}")
     if fc.wrap is not None and (isinstance(fc.wrap, str) or not all(isinstance(w, str) and w for w in fc.wrap)):
         raise FrodCliError(f"train.fsdp.wrap must be a list of module class names, got {fc.wrap!r}")
-    if world_size_of_launch() < 2:
+    if world_size_of_launch() < 2 and not offloads_one_gpu(cfg):
         log.info("train.fsdp.enabled with one process: nothing to shard; training unsharded")
         return False
-    if str(cfg.model.get("quantization", "none")) != "none":
-        raise FrodCliError(f"train.fsdp with model.quantization={cfg.model.quantization}: sharding would split the "
-                           "packed 4-bit weights from their quantization state, which is not supported; a 4-bit base "
-                           "trains on one GPU per process (DDP: drop train.fsdp.enabled), see docs/SCALING.md")
-    from frod_cli.methods import get_method
-
-    if get_method(cfg.method.name).trains_everything:
-        raise FrodCliError(f"train.fsdp: method={cfg.method.name} trains every weight, so its trainables and "
-                           "optimizer state would be sharded; frod train shards frozen weights only (FRoD, LoRA "
-                           "family) for now. Use DDP (train.fsdp.enabled=false) for full fine-tuning")
     accumulate = cfg.method.get("accumulate") if hasattr(cfg.method, "get") else None
     if accumulate == "window":
         raise FrodCliError("method.accumulate=window needs every adapted layer's full W + dW outside the forward "
@@ -124,6 +116,53 @@ def check_fsdp_config(cfg: Any) -> bool:
     return True
 
 
+def load_options(cfg: Any, mixed: str) -> dict:
+    """models.load_model's options for this process of a sharded launch.
+
+    A 4-bit base: its packed bytes stored in the dtype FSDP gathers the unit in (train.mixed_precision's, else
+    the compute dtype), the route of FSDP-QLoRA: bitsandbytes' default uint8 storage is not a float tensor and FSDP
+    would leave it whole; loaded on the CPU, from where FSDP moves each rank's shard to its device. Every process
+    quantizes its own copy (bitsandbytes quantizes as the weights load; a meta-device copy has no quantization
+    state to receive the shards into).
+    Otherwise, with train.fsdp.load_on_rank0, every process but the first of its node builds the structure alone
+    on the meta device and receives rank 0's weights (training/rank0.py), unless the method initializes from the
+    base weights (`Method.needs_base_weights`)."""
+    from frod_cli.methods import get_method
+    from frod_cli.training.rank0 import loads_weights
+
+    if str(cfg.model.get("quantization", "none") or "none") != "none":
+        from frod_cli.models import loaded_dtype
+
+        storage = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed) or loaded_dtype(cfg.model)
+        if bool(cfg.train.fsdp.load_on_rank0):
+            first_log(f"a 4-bit base loads and quantizes on every process (packed in "
+                      f"{str(storage).replace('torch.', '')}); train.fsdp.load_on_rank0 applies to unquantized bases")
+        return {"quant_storage": storage, "quant_device": "cpu"}
+    if not bool(cfg.train.fsdp.load_on_rank0):
+        return {}
+    needs = get_method(cfg.method.name).needs_base_weights
+    if needs:
+        first_log(f"method={cfg.method.name}: {needs}, so every process loads the base "
+                  "(train.fsdp.load_on_rank0 does not apply)")
+        return {}
+    return {} if loads_weights() else {"empty": True}
+
+
+def first_log(message: str) -> None:
+    """A log line from the launch's first process only."""
+    if os.environ.get("RANK", "0") == "0":
+        log.info("train.fsdp: %s", message)
+
+
+def offloads_one_gpu(cfg: Any) -> bool:
+    """train.fsdp.cpu_offload on a one-GPU launch (torchrun --nproc_per_node 1): FSDP over one process, which
+    shards nothing but keeps the weights (and method=full's gradients and optimizer step) in host memory,
+    gathering each unit onto the GPU for its forward and backward: a model larger than the GPU trains on it."""
+    fc = cfg.train.fsdp
+    return bool(fc.cpu_offload) and not bool(cfg.train.cpu) and torch.cuda.is_available() and \
+        os.environ.get("LOCAL_RANK") is not None
+
+
 def make_plugin(fc: Any, on_cpu: bool = False):
     """Accelerate's FSDP2 plugin for train.fsdp (the wrap policy and ignored parameters are set once the
     model exists: `FsdpAccelerator.set_model_policy`)."""
@@ -133,6 +172,9 @@ def make_plugin(fc: Any, on_cpu: bool = False):
     if offload and on_cpu:
         log.info("train.fsdp.cpu_offload on a CPU launch: the shards are in CPU memory already")
         offload = False
+    elif offload:
+        first_log("cpu_offload: the shards (with their gradients, and method=full's optimizer step) stay in host "
+                  "memory; each unit is gathered onto the GPU for its forward and backward")
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=bool(fc.reshard_after_forward),
@@ -172,19 +214,19 @@ def _accelerator_class():
                 raise FrodCliError(f"train.fsdp: Accelerate did not enter FSDP on this launch "
                                    f"({self.state.distributed_type}); launch with torchrun or accelerate launch")
             self.replicated: List[nn.Parameter] = []
+            self.shard_trainables = self.meta_loaded = False
             self._no_sync_depth = 0
 
-        def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]]) -> None:
-            """Before `prepare`: the classes to wrap and the trainables, which FSDP leaves whole."""
+        def set_model_policy(self, model: nn.Module, wrap: Optional[Sequence[str]],
+                             shard_trainables: bool = False) -> None:
+            """Before `prepare`: the classes to wrap and the trainables, which FSDP leaves whole unless they are
+            every weight (method=full: sharded with their gradients and AdamW state, ZeRO-3)."""
             self.replicated = set_model_policy(self.state.fsdp_plugin, model, wrap, self.num_processes,
-                                               self.is_main_process)
+                                               self.is_main_process, shard_trainables)
+            self.shard_trainables = shard_trainables
 
         def prepare(self, *args: Any, **kwargs: Any) -> Any:
-            result = super().prepare(*args, **kwargs)
-            for obj in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(obj, nn.Module):
-                    after_sharding(obj, self)
-            return result
+            return prepare_sharded(self, super().prepare, args, kwargs)
 
         @contextlib.contextmanager
         def no_sync(self, model: nn.Module) -> Iterator[None]:
@@ -203,10 +245,65 @@ def _accelerator_class():
     return FsdpAccelerator
 
 
+def prepare_sharded(acc: Any, prepare: Any, args: tuple, kwargs: dict) -> Any:
+    """FsdpAccelerator.prepare: Accelerate's prepare (sharding), around it the rank-0 route of training/rank0.py,
+    and the optimizer's parameters bound again by name (Accelerate matches them by storage address, which all meta
+    tensors share)."""
+    from frod_cli.training import rank0
+
+    model = next((a for a in args if isinstance(a, nn.Module)), None)
+    optimizer = next((a for a in args if isinstance(a, torch.optim.Optimizer)), None)
+    held, names = {}, None
+    if model is not None:
+        acc.meta_loaded = rank0.fill_from_rank0(model, acc.shard_trainables)
+        if acc.meta_loaded and acc.is_main_process:
+            held = rank0.weights_to_shard(model, acc.replicated)
+        names = parameter_names(optimizer, model) if optimizer is not None else None
+        with torch.no_grad():  # FSDP moves what it shards, and buffers, to the device; the whole ones are ours to move
+            for p in acc.replicated:
+                if p.device != acc.device:
+                    p.data = p.data.to(acc.device)  # the same Parameter: the optimizer holds it
+    result = prepare(*args, **kwargs)
+    objects = result if isinstance(result, (tuple, list)) else (result,)
+    prepared = next((o for o in objects if isinstance(o, nn.Module)), None)
+    if prepared is not None:
+        for obj in objects:
+            if isinstance(obj, torch.optim.Optimizer) and names is not None:
+                rebind_optimizer(obj, names, acc.unwrap_model(prepared))
+        if acc.meta_loaded:
+            rank0.load_shards_from_rank0(prepared, held, shard_device(acc))
+        after_sharding(prepared, acc)
+    return result
+
+
+def shard_device(acc: Any) -> torch.device:
+    """Where this process's shards live: its device, or the CPU under train.fsdp.cpu_offload."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    offload = isinstance(acc.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    return torch.device("cpu") if offload else acc.device
+
+
+def parameter_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> List[List[str]]:
+    """The model's name of every parameter of every group of `optimizer`."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def rebind_optimizer(optimizer: Any, names: List[List[str]], model: nn.Module) -> None:
+    """Each group of `optimizer` (Accelerate's wrapper or a plain one) holds the model's parameters of those names
+    (the sharded ones after prepare)."""
+    params = dict(model.named_parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group, group_names in zip(inner.param_groups, names):
+        group["params"] = [params[n] for n in group_names]
+
+
 def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]], world: int,
-                     main: bool) -> List[nn.Parameter]:
+                     main: bool, shard_trainables: bool = False) -> List[nn.Parameter]:
     """Give the plugin the classes to wrap (checked against the model) and the trainables as ignored
-    parameters; returns the trainables (whole on every rank, kept in sync by FsdpAccelerator)."""
+    parameters; returns the trainables (whole on every rank, kept in sync by FsdpAccelerator). shard_trainables:
+    none is ignored, FSDP shards them with the frozen ones (and reduce-scatters their gradients)."""
     names = list(wrap) if wrap is not None else list(getattr(model, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in model.modules()}
     missing = [n for n in names if n not in present]
@@ -232,15 +329,15 @@ def set_model_policy(plugin: Any, model: nn.Module, wrap: Optional[Sequence[str]
         # the root's outputs as the autocast forward returns them (float32, as under DDP), not recast to
         # bf16/fp16 after it (autocast_forward)
         plugin.mixed_precision_policy = dataclasses.replace(mp, output_dtype=None)
-    replicated = [p for p in model.parameters() if p.requires_grad]
+    replicated = [] if shard_trainables else [p for p in model.parameters() if p.requires_grad]
     # Accelerate reads `ignored_modules` as modules and ignores their parameters: a ParameterList that
     # is not attached to the model names exactly the trainables (a FrodLinear also holds its frozen W).
-    plugin.ignored_modules = [nn.ParameterList(replicated)]
+    plugin.ignored_modules = [nn.ParameterList(replicated)] if replicated else None
     if main:
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        log.info("train.fsdp: sharding %s frozen parameters over %d processes (units: %s); %s trainable "
-                 "parameters whole on every rank", f"{frozen:,}", world, ", ".join(names) or "the root",
-                 f"{sum(p.numel() for p in replicated):,}")
+        sharded = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in replicated)
+        log.info("train.fsdp: sharding %s %sparameters over %d processes (units: %s); %s trainable "
+                 "parameters whole on every rank", f"{sharded:,}", "" if shard_trainables else "frozen ", world,
+                 ", ".join(names) or "the root", f"{sum(p.numel() for p in replicated):,}")
     return replicated
 
 
@@ -249,6 +346,7 @@ def after_sharding(model: nn.Module, acc: Any) -> None:
     # transformers' marker of an FSDP2 model: generate() then keeps every rank stepping until all have
     # finished (synced_gpus), as each step gathers weights from all ranks
     model._is_fsdp_managed_module = True
+    place_quant_states(model, acc.device)
     reshard_after_no_grad_forward(model)
     if acc.native_amp:
         autocast_forward(model, acc)
@@ -256,6 +354,17 @@ def after_sharding(model: nn.Module, acc: Any) -> None:
         local, full = shard_sizes(model)
         log.info("train.fsdp: %s of %s sharded elements on this rank (%.1f%%)", f"{local:,}", f"{full:,}",
                  100.0 * local / max(full, 1))
+
+
+def place_quant_states(model: nn.Module, device: torch.device) -> None:
+    """A 4-bit base's quantization states (per-block scales, codebook) on the device its layers compute on: they
+    are not parameters, so FSDP moved only the packed bytes of each shard (the base loads on the CPU)."""
+    from frod_cli.frod.layer import quant_state_of
+
+    for module in model.modules():
+        state = quant_state_of(module)
+        if state is not None and state.absmax.device != device:
+            state.to(device)
 
 
 def shard_sizes(model: nn.Module) -> tuple:
@@ -346,6 +455,12 @@ def reshard_after_no_grad_forward(model: nn.Module) -> None:
                 unit.reshard()
 
     model.register_forward_hook(reshard)
+    inner = getattr(model, "get_base_model", lambda: model)()
+    if inner is not model and isinstance(model, FSDPModule):
+        # PEFT's generate() calls the wrapped transformers model, not the root's forward, so the root's own
+        # weights (the final norm, unless Accelerate made it a unit of its own) would stay sharded there
+        inner.register_forward_pre_hook(lambda module, args: model.unshard())
+        inner.register_forward_hook(reshard)
 
 
 def drop_frod_caches(model: nn.Module) -> None:

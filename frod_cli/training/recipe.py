@@ -12,8 +12,9 @@ Run directory (written by the main process only, each file atomically; see frod_
   merged/            a plain transformers model + preprocessor (AutoModelFor...from_pretrained)
   loss.png           the loss curve
   trackers/          experiment-tracker files (train.log_with, e.g. TensorBoard event files)
-  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py;
-                     for resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
+  checkpoints/       step-N/: trainables, optimizer, scheduler, RNG, TrainState (training/checkpoint.py; under
+                     FSDP with method=full each process's shards in shards/: training/sharded.py; for
+                     resume=<run dir>; removed at the end unless train.keep_checkpoints=true)
 
 Hooks for what wraps this loop: `wrap_model` (sharding), `Method.accumulation` (a context around one
 optimizer step's micro-batches), `Task.evaluate` (a task's own evaluation, e.g. generation),
@@ -46,6 +47,7 @@ from frod_cli.training import builders as B
 from frod_cli.training import checkpoint as ck
 from frod_cli.training import distributed as D
 from frod_cli.training import preflight
+from frod_cli.training import sharded as S
 from frod_cli.training import streaming as TS
 from frod_cli.training.evaluation import (Evaluator, check_batch, majority_accuracy, merge_and_check, model_outputs,
                                           save_merged)
@@ -183,7 +185,8 @@ class FinetuneRecipe:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed))
+        options = D.load_options(cfg, self.mixed) if self.sharded else {}  # sharded: where and how it loads
+        model, self.preprocessor = B.load_base(cfg.model, self.task, int(self.tc.seed), **options)
         self.method = B.build_method(cfg.method, self.task, cfg.model)
         self.method.device = self.acc.device  # FRoD decomposes on the accelerator the run trains on
         t0 = time.time()
@@ -193,7 +196,8 @@ class FinetuneRecipe:
             self._enable_gradient_checkpointing(model)
         self.counts = self.method.trainable_summary(model)
         self.model = model
-        self._check_identical_ranks()
+        if not self.sharded:  # a sharded run checks once its weights are in place (_setup_data)
+            self._check_identical_ranks()
         if self.main:
             preflight.check_free_space(self.output_dir, preflight.disk_need(model, bool(self.tc.save_merged)))
 
@@ -238,6 +242,8 @@ class FinetuneRecipe:
         self.train_set = self.encoded["train"]
         self.streaming = TS.is_stream(self.train_set)  # task.streaming: read while training (training/streaming.py)
         self.model, self.optimizer = self.acc.prepare(self.wrap_model(self.model), self.optimizer)
+        if self.sharded:
+            self._check_identical_ranks()
         self.evaluator = Evaluator(self.task, self.acc, self.encoded, self.collate, int(tc.eval_batch_size),
                                    int(tc.num_workers), method=self.method)
 
@@ -247,7 +253,7 @@ class FinetuneRecipe:
         that become units and the trainables that stay whole (training/distributed.py)."""
         self._float32_trainables(model)
         if self.sharded:
-            self.acc.set_model_policy(model, self.tc.fsdp.wrap)
+            self.acc.set_model_policy(model, self.tc.fsdp.wrap, self.method.trains_everything)
             D.drop_frod_caches(model)
         return model
 
@@ -348,20 +354,17 @@ class FinetuneRecipe:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def snapshot(self) -> Dict[str, torch.Tensor]:
-        params = dict(self.unwrapped.named_parameters())
-        return {n: params[n].detach().to("cpu", copy=True) for n in self.trainable_names}
+        """The trainables' values held by this process (a sharded one's local shard: training/sharded.py)."""
+        return S.snapshot(self.unwrapped, self.trainable_names)
 
     def restore(self, values: Dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            params = dict(self.unwrapped.named_parameters())
-            for n, t in values.items():
-                params[n].copy_(t.to(params[n].device))
+        S.restore(self.unwrapped, values)
 
     def load_checkpoint(self, path: str) -> Dict[str, Any]:
         """Continue from checkpoints/step-N/: trainables, optimizer, scheduler, TrainState (read only: metrics.jsonl
         is cut back to what it held then when the run is accepted). Returns the saved RNG states (set just
         before training)."""
-        saved = ck.load_checkpoint(path)
+        saved = S.with_shards(ck.load_checkpoint(path), self.unwrapped, self.optimizer, self.acc)
         missing = set(self.trainable_names) - set(saved["trainable"])
         if missing:
             raise FrodCliError(f"checkpoint {path} does not fit this model: no values for {sorted(missing)[:3]}")
@@ -391,13 +394,17 @@ class FinetuneRecipe:
     def save_checkpoint(self) -> None:
         acc, st = self.acc, self.state
         win = acc.reduce(self.window_loss.clone(), reduction="sum") if acc.num_processes > 1 else self.window_loss
+        # sharded trainables (method=full under FSDP): every process stages its shards, rank 0 moves them in
+        trainable, best, optimizer_sd, extra = S.checkpoint_parts(
+            self.unwrapped, self.snapshot(), self.best_values, self.optimizer.state_dict(), self.output_dir,
+            st.step, acc)
         if self.main:
             st.window_loss = [float(x) for x in win.tolist()]
             st.jsonl_bytes = os.path.getsize(self.paths.log)
             self.last_ckpt = ck.save_checkpoint(
-                self.output_dir, st.step, trainable=self.snapshot(), best=self.best_values,
-                optimizer_sd=self.optimizer.state_dict(), scheduler_sd=self.scheduler.state_dict(),
-                state=st.to_dict(), config=preflight.plain_config(self.cfg), strategy=self.step.state_dict())
+                self.output_dir, st.step, trainable=trainable, best=best, optimizer_sd=optimizer_sd,
+                scheduler_sd=self.scheduler.state_dict(), state=st.to_dict(), config=preflight.plain_config(self.cfg),
+                strategy=self.step.state_dict(), extra=extra)
         acc.wait_for_everyone()
 
     # ---- training -------------------------------------------------------------------------------
@@ -553,8 +560,8 @@ class FinetuneRecipe:
             st.best, st.best_step, st.best_val, st.bad_evals = metrics[objective], st.step, metrics, 0
             self.best_values = self.snapshot()
             self._write_predictions(result.records, "validation")
-            if self.main and self.tc.save_adapter:
-                atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))
+            if self.tc.save_adapter:
+                S.save_adapter(self.method, self.unwrapped, str(self.paths.adapter), self.main, atomic_dir)
         else:
             st.bad_evals += 1
         if self.main:
@@ -571,8 +578,8 @@ class FinetuneRecipe:
         if st.last_eval_step != st.step:
             self.evaluate()
         self.restore(self.best_values or {})
-        if self.main and self.tc.save_adapter and self.best_values is not None and not self.paths.adapter.is_dir():
-            atomic_dir(str(self.paths.adapter), lambda d: self.method.save_adapter(self.unwrapped, d))  # resumed
+        if self.tc.save_adapter and self.best_values is not None and not self.paths.adapter.is_dir():  # resumed
+            S.save_adapter(self.method, self.unwrapped, str(self.paths.adapter), self.main, atomic_dir)
         results, test_majority = self._evaluate_best()
         merge_diff = self._write_merged() if self.tc.save_merged else None
         final = self._final_metrics(results, test_majority, merge_diff)
@@ -666,8 +673,8 @@ class FinetuneRecipe:
         with torch.no_grad():
             trained = model_outputs(self.model, batch, self.task).cpu()
         diff = None
+        plain = self._rebuild_on_cpu()  # every process takes part (sharded trainables are gathered)
         if self.main:
-            plain = self._rebuild_on_cpu()
             cpu_batch = B.to_device(batch, torch.device("cpu"))
             with torch.no_grad():
                 rebuilt = model_outputs(plain, cpu_batch, self.task)
@@ -681,14 +688,17 @@ class FinetuneRecipe:
         self.acc.wait_for_everyone()
         return diff
 
-    def _rebuild_on_cpu(self) -> torch.nn.Module:
-        """The trained model, unsharded, on CPU: the base loaded as in setup + an adapter of the current values."""
+    def _rebuild_on_cpu(self) -> Optional[torch.nn.Module]:
+        """The trained model, unsharded, on rank 0's CPU (None elsewhere): the base loaded as in setup + an adapter
+        of the current values (gathered from the shards where they are sharded)."""
         import tempfile
 
         cfg = self.cfg
         with tempfile.TemporaryDirectory(prefix="frod-merge-") as d:
             adapter = os.path.join(d, "adapter")
-            self.method.save_adapter(self.unwrapped, adapter)  # trainables are whole under FSDP
+            S.save_adapter(self.method, self.unwrapped, adapter, self.main, lambda path, fill: fill(path))
+            if not self.main:
+                return None
             model, _, _ = B.load_adapted(cfg.model, cfg.method, self.task, int(self.tc.seed), adapter)
         return model.eval()
 
