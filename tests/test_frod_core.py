@@ -362,3 +362,19 @@ def test_agrees_with_upstream_peft_frod():
         assert done == len(layers)
         got = output_of(theirs, inputs)
     assert rel(got, expected) < 1e-5
+
+
+def test_sharded_frod_holds_no_merged_weight_between_calls():
+    """FrodMethod.before_sharding (called before FSDP shards the model): inside an evaluation each layer computes
+    with W + dW but keeps none of it after its forward, where unsharded it keeps it for the next call."""
+    from frod_cli.frod import evaluation_cache
+    from frod_cli.methods import build_method, method_config
+
+    model, x = adapted("llama")[:2]
+    with torch.no_grad(), evaluation_cache(model):
+        output_of(model, x)
+        assert all(layer._held is not None for _, layer in frod_layers(model))
+    build_method(method_config("frod")).before_sharding(model)
+    with torch.no_grad(), evaluation_cache(model):
+        output_of(model, x)
+        assert all(layer._held is None for _, layer in frod_layers(model))

@@ -138,6 +138,10 @@ class Method:
         the adapter may keep for the calls inside it, freed at its end. Default: nothing."""
         return contextlib.nullcontext()
 
+    def before_sharding(self, model: nn.Module) -> None:
+        """Called on the adapted model before FSDP shards it (train.fsdp): what the method must change so that
+        nothing it keeps holds a whole sharded weight. Default: nothing."""
+
     def save_gathered(self, state: Dict[str, Any], directory: str) -> None:
         """Save an adapter from `state`, the model's whole state dict gathered from its shards (a method whose
         trainables FSDP shards: method=full). Other methods save from the model (`save_adapter`)."""

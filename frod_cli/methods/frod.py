@@ -144,6 +144,16 @@ class FrodMethod(Method):
                      need / 2**20, "unknown" if free is None else f"{free / 2**20:.0f} MiB")
         return evaluation_cache(model, max_bytes=budget)
 
+    def before_sharding(self, model: nn.Module) -> None:
+        """Inside an evaluation a FrodLinear may keep W + dW (m x n) for the next call without gradients: under FSDP
+        that is a whole copy of a sharded weight for the length of the evaluation, so it is dropped after each
+        forward."""
+        from frod_cli.frod.layer import FrodLinear
+
+        for m in model.modules():
+            if isinstance(m, FrodLinear):
+                m.register_forward_hook(lambda module, args, output: module.drop_cache())
+
     # ---- the starting model (GRPO's KL penalty) -----------------------------------------------------------
     def reference_context(self, model: nn.Module) -> ContextManager:
         """Inside, every FRoD layer computes its base layer alone: at initialization W_i' = W_i exactly (dW_i = 0),

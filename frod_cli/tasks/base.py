@@ -88,6 +88,16 @@ class Task(ABC):
         from frod_cli import FrodCliError
 
         cfg, names = self.cfg, self.metric_names()
+        default = schema_defaults(self.config_class).get("objective")
+        if names and cfg.objective not in names and cfg.objective == default and "metrics" in cfg:
+            # The type's default objective, left as it was, with task.metrics that do not report it (a regression
+            # with metrics=[pearson, spearmanr]): the first of the user's metrics is the objective, said in the log.
+            import logging
+
+            cfg.objective = names[0]
+            cfg.objective_mode = "min" if names[0] in self.lower_is_better else "max"
+            logging.getLogger("frod").info("task.objective: %s (the first of task.metrics; the default %s is not "
+                                           "among them)", cfg.objective, default)
         if names is not None and cfg.objective not in names:
             more = " or add it to task.metrics" if "metrics" in cfg else ""
             raise FrodCliError(f"task.objective {cfg.objective!r} is not among the metrics this task reports "

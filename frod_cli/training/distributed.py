@@ -47,7 +47,7 @@ weights are shards, so:
     forward's gather and keep it for every adapted layer for the whole window: an unsharded copy of all
     adapted weights. Refused under FSDP; `auto` takes the per-micro-batch path (logged).
   - FrodLinear's evaluation cache keeps one m x n dW per layer across calls (an unsharded copy again):
-    dropped after each forward of a sharded model (`drop_frod_caches`).
+    dropped after each forward of a sharded model (`Method.before_sharding`: FRoD's hook).
 Also: after a forward without gradients every unit is resharded, so that code run on rank 0 alone (PEFT's
 save_pretrained reads the state dict) cannot leave the ranks in different gather states
 (`reshard_after_no_grad_forward`); generation steps every rank until all finish (`after_sharding`); and
@@ -461,19 +461,6 @@ def reshard_after_no_grad_forward(model: nn.Module) -> None:
         # weights (the final norm, unless Accelerate made it a unit of its own) would stay sharded there
         inner.register_forward_pre_hook(lambda module, args: model.unshard())
         inner.register_forward_hook(reshard)
-
-
-def drop_frod_caches(model: nn.Module) -> None:
-    """Inside an evaluation FrodLinear may hold W + dW (m x n) for the next no-grad call: under FSDP that is an
-    unsharded copy of every adapted weight for the whole evaluation. Drop it after each forward."""
-    from frod_cli.frod.layer import FrodLinear
-
-    def drop(module: nn.Module, args: Any, output: Any) -> None:
-        module.drop_cache()
-
-    for m in model.modules():
-        if isinstance(m, FrodLinear):
-            m.register_forward_hook(drop)
 
 
 def rank_fingerprints(acc: Any, model: nn.Module) -> List[str]:

@@ -254,7 +254,7 @@ class FinetuneRecipe:
         self._float32_trainables(model)
         if self.sharded:
             self.acc.set_model_policy(model, self.tc.fsdp.wrap, self.method.trains_everything)
-            D.drop_frod_caches(model)
+            self.method.before_sharding(model)
         return model
 
     def _float32_trainables(self, model: torch.nn.Module) -> None:
