@@ -17,7 +17,7 @@ from frod_cli.config import ModelConfig
 from frod_cli.methods.base import build_method, method_config
 from frod_cli.models import load_model
 from frod_cli.rl import rollout as R
-from frod_cli.rl.step import GrpoSettings, batch_loss, collect
+from frod_cli.rl.step import Collected, GrpoSettings, batch_loss, collect, rollout_metrics
 from frod_cli.tasks.rewards import RewardConfig, RewardSet
 from frod_cli.tasks.sources import DATA_DIR
 from tiny_models import FAMILIES, llama
@@ -118,8 +118,11 @@ def test_collect_and_one_pass(tiny):
     data = collect(model, method, tok, prompts, [r["prompt"] for r in rows], {"answer": [r["answer"] for r in rows]},
                    rewards, s, seed=0, step=0)
     assert data.advantages.shape == (12,) and data.old_logps.shape == data.ref_logps.shape
+    assert data.num_tokens == sum(len(c) for c in data.rollout.completions)
+    figures = rollout_metrics(data.scores, *data.lengths_and_ended(), 4)
     assert {"reward/format/mean", "reward/math/mean", "reward/mean", "groups_all_equal", "completion_length/mean",
-            "completion_length/cut"} <= set(data.metrics)
+            "completion_length/cut"} <= set(figures)
+    assert figures["completion_length/max"] == max(len(c) for c in data.rollout.completions) <= 5
     # FRoD starts at its base exactly: the reference equals the rollout policy before any step
     assert torch.allclose(data.ref_logps, data.old_logps, atol=1e-5)
     loss, m = batch_loss(model, data, tok, range(12), s, iteration=0)
@@ -129,3 +132,11 @@ def test_collect_and_one_pass(tiny):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.param_groups(model)["sparse"])
     _, m2 = batch_loss(model, data, tok, [0, 1, 2, 3], s, iteration=1)
     assert float(m2["ratio_mean"]) == pytest.approx(1.0, abs=1e-4)  # the weights have not moved yet
+    # a rollout kept across a checkpoint (tensors and JSON values, no pickle) gives the same loss
+    state = data.state_dict("buffer.")
+    assert all(torch.is_tensor(v) or json.loads(json.dumps(v)) == v for v in state.values())
+    again = Collected.from_state(state, "buffer.", "cpu")
+    with torch.no_grad():
+        for it in (0, 1):
+            assert torch.equal(batch_loss(model, again, tok, range(12), s, iteration=it)[0],
+                               batch_loss(model, data, tok, range(12), s, iteration=it)[0])

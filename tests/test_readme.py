@@ -70,6 +70,11 @@ COMMANDS = {
     "frod train recipe=dpo_smoke": "lm",
     "frod train recipe=sft_smoke hydra.run.dir=runs/sft": "lm",
     "frod train recipe=dpo_smoke model.name_or_path=runs/sft method=lora task.loss=ipo": "lm",
+    "frod train recipe=grpo_smoke": "lm",
+    "frod train recipe=grpo_smoke model.quantization=nf4": "lm",
+    "frod train recipe=grpo_smoke model.name_or_path=runs/sft method=lora": "lm",  # GRPO from an SFT run
+    "frod train recipe=grpo_smoke task.loss_type=dapo task.num_iterations=2 task.beta=0.05 "
+    "'task.rewards=[{name: math}, {name: my_rewards.py:has_digit, weight: 0.5}]'": "lm",
     "frod train recipe=sft_smoke model=tiny_llama_chat task.streaming=true task.max_eval_samples=8 "
     "task.data_format=chat task.data_files.train=chat.jsonl": "lm",
     "accelerate launch --multi_gpu --num_processes 4 -m frod_cli.cli train recipe=vit_cifar "
@@ -161,6 +166,8 @@ def write_user_files(cwd: Path) -> None:
     mc = [{"question": f"What is {a} plus {a}?", "choices": [str(2 * a), str(a + 3)], "gold": 0} for a in range(6)]
     (tasks / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rewards = re.search(r"```python\n(# my_rewards.py\n.*?)```", readme, re.S).group(1)  # the README's GRPO reward
+    (cwd / "my_rewards.py").write_text(rewards)
     task_yaml = re.search(r"```yaml\n(task: my_task\n.*?)```", readme, re.S).group(1)
     (tasks / "my_task.yaml").write_text(task_yaml.replace("/abs/path/to/rows.jsonl", str(tasks / "rows.jsonl")))
 
@@ -175,6 +182,19 @@ def _png(pixels) -> bytes:
     return buf.getvalue()
 
 
+def first_value(value: str) -> str:
+    """A sweep's first value (`a,b` -> `a`): the first comma outside brackets (a list or dict value is one value)."""
+    depth = 0
+    for i, ch in enumerate(value):
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return value[:i]
+    return value
+
+
 def generation_cap(argv: list) -> list:
     """GENERATION_CAP where the command's task generates (its type has `task.generation`: a task type's config refuses
     keys of another type), found by composing the command's config as frod train does (a sweep's first value)."""
@@ -182,7 +202,7 @@ def generation_cap(argv: list) -> list:
 
     from frod_cli.commands.train import task_type_switch, user_data_args
 
-    overrides = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] for a in argv[1:]
+    overrides = [a.split("=", 1)[0] + "=" + first_value(a.split("=", 1)[1]) for a in argv[1:]
                  if "=" in a and not a.startswith(("-", "hydra.", "compare."))]
     task = compose_train(task_type_switch(user_data_args(overrides))).task
     return GENERATION_CAP if "generation" in task else []

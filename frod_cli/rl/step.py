@@ -1,15 +1,17 @@
 """One GRPO step's pieces, independent of the training loop that calls them: `collect` (rollout, rewards,
-advantages, and the log-probabilities the loss compares with) and `batch_loss` (the loss of some of the rollout's
-completions, for one backward). The loop owns the optimizer step, clipping, schedule, evaluations and checkpoints;
-a step with `num_iterations` passes is that many optimizer steps over one `Collected`, each pass's micro-batches
-calling `batch_loss` (pass 0 compares with the policy itself: rho = 1 exactly; later passes with the rollout
-policy's stored log-probabilities).
+advantages, and the log-probabilities the loss compares with), `batch_loss` (the loss of some of the rollout's
+completions, for one backward) and `rollout_metrics`. The loop owns the optimizer step, clipping, schedule,
+evaluations and checkpoints; a rollout with `num_iterations` passes serves that many optimizer steps, each pass's
+micro-batches calling `batch_loss` (pass 0 compares with the policy itself: rho = 1 exactly; later passes with the
+rollout policy's stored log-probabilities). `Collected.state_dict` / `from_state` carry a rollout across a
+checkpoint (tensors and JSON values: no pickle), so a run resumed between two passes over one rollout trains on
+the same completions.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,12 +49,35 @@ class Collected:
     advantages: torch.Tensor  # [N]
     old_logps: Optional[torch.Tensor]  # [N, C] rollout policy (num_iterations > 1), else None
     ref_logps: Optional[torch.Tensor]  # [N, C] starting model (beta > 0), else None
-    texts: List[str]
-    metrics: Dict[str, float] = field(default_factory=dict)
+    scores: Any  # frod_cli.tasks.rewards.Scores of the N completions (None once restored from a checkpoint)
+    # what dapo's token mean divides by: this rollout's completion tokens; over P processes, every process's
+    # tokens / P (DDP averages the P gradients: the mean over every token of the global batch)
+    num_tokens: float = 0.0
 
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(self.rollout.lengths()))
+    def lengths_and_ended(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor(self.rollout.lengths(), dtype=torch.float32),
+                torch.tensor(self.rollout.ended, dtype=torch.float32))
+
+    def state_dict(self, prefix: str) -> Dict[str, Any]:
+        """Tensors and JSON values (frod_cli/training/checkpoint.py stores them without pickle)."""
+        ro = self.rollout
+        out: Dict[str, Any] = {f"{prefix}rollout": {"prompts": ro.prompts, "completions": ro.completions,
+                                                     "ended": ro.ended, "group_size": ro.group_size, "seeds": ro.seeds},
+                               f"{prefix}num_tokens": float(self.num_tokens), f"{prefix}advantages": self.advantages}
+        for name in ("old_logps", "ref_logps"):
+            if getattr(self, name) is not None:
+                out[prefix + name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any], prefix: str, device: Any) -> "Collected":
+        ro = state[f"{prefix}rollout"]
+        rollout = R.Rollout([list(p) for p in ro["prompts"]], [list(c) for c in ro["completions"]],
+                            [bool(e) for e in ro["ended"]], int(ro["group_size"]), [int(s) for s in ro["seeds"]])
+        on = {k: state[prefix + k].to(device) if prefix + k in state else None
+              for k in ("advantages", "old_logps", "ref_logps")}
+        return cls(rollout, on["advantages"], on["old_logps"], on["ref_logps"], None,
+                   float(state[f"{prefix}num_tokens"]))
 
 
 def _no_grad_rows(model: Any, rollout: R.Rollout, tokenizer: Any, device: Any, chunk: int, context: Any,
@@ -96,14 +121,14 @@ def collect(model: Any, method: Any, tokenizer: Any, prompts: Sequence[Sequence[
     scores = rewards.score([p for p in reward_prompts for _ in range(G)], completions, repeated)
     variant = L.variant(settings.loss_type)
     advantages = L.group_advantages(scores.total, G, variant.scale_by_std).to(device)
-    metrics = {**scores.summary(G), **_length_metrics(rollout, settings.max_completion_length)}
-    return Collected(rollout, advantages, old, ref, texts, metrics)
+    return Collected(rollout, advantages, old, ref, scores, float(sum(rollout.lengths())))
 
 
-def _length_metrics(rollout: R.Rollout, limit: int) -> Dict[str, float]:
-    lengths = torch.tensor(rollout.lengths(), dtype=torch.float32)
-    return {"completion_length/mean": float(lengths.mean()), "completion_length/max": float(lengths.max()),
-            "completion_length/cut": float(1.0 - sum(rollout.ended) / len(rollout.ended))}
+def rollout_metrics(scores: Any, lengths: torch.Tensor, ended: torch.Tensor, group_size: int) -> Dict[str, float]:
+    """A rollout's figures: each reward's and the total's mean and std, groups_all_equal (Scores.summary), and
+    the completion lengths in tokens (EOS included): mean, max, and the share cut at the limit (no EOS)."""
+    return {**scores.summary(group_size), "completion_length/mean": float(lengths.mean()),
+            "completion_length/max": float(lengths.max()), "completion_length/cut": float(1.0 - ended.mean())}
 
 
 def batch_loss(model: Any, data: Collected, tokenizer: Any, rows: Sequence[int], settings: GrpoSettings,

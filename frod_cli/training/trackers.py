@@ -1,6 +1,7 @@
 """Experiment trackers through Accelerate (`train.log_with=[tensorboard]`, wandb, mlflow, or any tracker
 Accelerate knows and finds installed). They get the composed config as hyperparameters, the training
-log lines (loss, per-group learning rates, throughput, memory) and every evaluation; file-based trackers
+log lines (loss, per-group learning rates, throughput, memory, and a training strategy's own figures) and every
+evaluation; file-based trackers
 write under <run dir>/trackers (`tensorboard --logdir runs/`). Adding a tracker Accelerate does not know
 is one class of Accelerate's `GeneralTracker`, passed the same way."""
 from __future__ import annotations
@@ -23,6 +24,8 @@ KNOWN = {
     "trackio": ("is_trackio_available", "trackio"),
 }
 TRACKER_DIR = "trackers"
+# the loop's own keys of a training log line (frod_cli/training/recipe.py _log_training)
+_LOOP_KEYS = {"step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s", "eta_s", "memory_mb"}
 
 
 def requested(cfg: Any) -> List[str]:
@@ -86,6 +89,9 @@ class Trackers:
                   "train/peak_memory_mb": record["peak_memory_mb"],
                   "train/current_memory_mb": record["current_memory_mb"], "train/epoch": record["epoch"]}
         values.update({f"train/lr/{group}": lr for group, lr in record["lr"].items()})
+        # a training strategy's own figures (e.g. GRPO's rewards, clip fractions: Task.training_step)
+        values.update({f"train/{k}": v for k, v in record.items()
+                       if k not in _LOOP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
         self.acc.log(values, step=int(record["step"]))
 
     def log_evaluation(self, split: str, metrics: Dict[str, float], step: int) -> None:
