@@ -411,6 +411,15 @@ def test_verbs_writing_into_a_run_another_command_holds_are_refused(finished, fi
     assert digest(finished) == before and digest(finished_lm) == before_lm
 
 
+def test_a_run_peft_cannot_rebuild_says_so_at_its_start(finished_lm):
+    """sft_smoke's tiny LLaMA has 2 blocks: k_proj, v_proj and down_proj stack to square matrices, which PEFT's FRoD
+    rebuilds differently at load; the run's log says, before its first step, that format=peft will be refused."""
+    log = (finished_lm / "train.log").read_text()
+    note = next(l for l in log.splitlines() if "stacking to a square matrix" in l)
+    assert "k_proj" in note and "down_proj" in note and "format=peft" in note
+    assert log.index("stacking to a square matrix") < log.index(" validation loss=")  # before the first evaluation
+
+
 def test_generate_logs_the_runs_config_once(finished_lm, capsys):
     """The run's config (and its per_method line) is read once, not once to check it and once to load it."""
     assert main(["generate", f"path={finished_lm}", "prompt=hi", "max_new_tokens=2"]) == 0

@@ -123,8 +123,8 @@ def peft_format_note(model: nn.Module) -> Optional[str]:
         return None
     return (f"FRoD categories {', '.join(cats)} are a single layer or two layers stacking to a square matrix: "
             "PEFT recomputes such a basis differently at load, so `frod export format=peft` of this run will be "
-            "refused (format=lora and format=merged export it; leave these layers out of method.target_modules to "
-            "export in PEFT's format)")
+            "refused for them (format=lora and format=merged export it; leave these layers out of "
+            "method.target_modules to avoid that refusal)")
 
 
 def peft_categories(peft_model: nn.Module, layer_names: List[str]) -> Dict[str, Tuple[str, List[str]]]:
