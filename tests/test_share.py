@@ -6,6 +6,7 @@ directories, or copies of their config with one thing changed (the base, the dat
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -112,7 +113,13 @@ def test_a_lora_exports_card_carries_its_own_metrics_beside_the_runs(run, lora_e
     index = model_index(card)
     assert index == {("validation", k): pytest.approx(v, abs=1e-6) for k, v in report["metrics"]["lora"].items()}
     assert f"| test | loss | {metrics['test']['loss']:.4f} | metrics.json |" in card.text  # the run's, in the body
-    assert "PeftModel.from_pretrained(base" in card.text and "vllm serve tiny:llama --enable-lora" in card.text
+    # a tiny:* base is saved beside the adapter: the card's snippet loads both from where the export is, as printed
+    assert f"vllm serve {lora_export}/base --enable-lora" in card.text
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", card.text, re.S) if "PeftModel" in b)
+    assert f'from_pretrained("{lora_export}/base")' in snippet
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the card's own code, as a reader would run it
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
     assert "frod export path=<the run> format=lora rank=4" in card.text
 
 
@@ -208,7 +215,10 @@ def test_push_of_the_adapter_and_of_an_export(run, lora_export, monkeypatch, cap
     assert ("create_repo", "me/adapter", True, True, "hf_test") in FakeHub.calls
     assert set(adapter[3]) - {n for n in EXPECTED if n.startswith("run/")} == {"README.md", "adapter.safetensors",
                                                                                "adapter_config.json"}
-    assert set(lora[3]) == {"README.md", "adapter_config.json", "adapter_model.safetensors", "export.json"}
+    # the export as it is: with a tiny:* run's base beside the adapter (the card loads it from there)
+    assert {n for n in lora[3] if not n.startswith("base/")} == {"README.md", "adapter_config.json",
+                                                               "adapter_model.safetensors", "export.json"}
+    assert {"base/config.json", "base/model.safetensors"} <= set(lora[3])
     assert b'snapshot_download("me/adapter")' in adapter[3]["README.md"][1]
     assert digest(run[0]) == before  # nothing written into the run
 

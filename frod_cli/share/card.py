@@ -314,15 +314,20 @@ def head_kwargs(a: Artifact) -> str:
     return f", num_labels={len(labels)}" if labels else ", num_labels=<the run's number of labels>"
 
 
-def adapter_base(a: Artifact, base: Base) -> str:
-    """The base a PEFT adapter names (adapter_config.json's base_model_name_or_path), else the run's base."""
+def adapter_base(a: Artifact, base: Base) -> Tuple[str, Optional[str]]:
+    """The base a PEFT adapter names (adapter_config.json's base_model_name_or_path), else the run's base, as
+    (where, subfolder): a base saved inside the adapter's own directory (a tiny:* run's, frod_cli/export/pipelines.py)
+    loads from the adapter's location, its subfolder named, so the card's snippet works where the adapter is."""
     path = os.path.join(a.directory, "adapter_config.json")
     try:
         with open(path, encoding="utf-8") as f:
             named = json.load(f).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         named = None
-    return str(named or base.hub_id or base.name)
+    own = os.path.normpath(a.location or a.directory)
+    if named and os.path.isabs(named) and os.path.normpath(named).startswith(own + os.sep):
+        return a.where, os.path.relpath(named, own)
+    return str(named or base.hub_id or base.name), None
 
 
 def usage(a: Artifact, base: Base) -> str:
@@ -331,13 +336,23 @@ def usage(a: Artifact, base: Base) -> str:
     auto = get_task(a.cfg.task.type).auto_class
     if a.form == "merged":
         return usage_merged(a.where, auto)
-    base_name = adapter_base(a, base)
+    base_name, subfolder = adapter_base(a, base)
     tiny = ([f"# {base.name} is a random model frod builds: load it the way frod does (frod_cli.models.load_model), "
-             "not by that name"] if base.name.startswith("tiny:") else [])
+             "not by that name"] if base.name.startswith("tiny:") and subfolder is None else [])
+    adapter, fetch = f'"{a.where}"', []
+    if subfolder:  # the base saved with the adapter (a tiny:* run's): loaded from the adapter's own folder
+        if a.model_id:
+            fetch = ["from huggingface_hub import snapshot_download", "",
+                     f'adapter = snapshot_download("{a.model_id}")  # the adapter and its base/']
+            adapter = "adapter"
+        base_expr = f'f"{{{adapter}}}/{subfolder}"' if a.model_id else f'"{a.where}/{subfolder}"'
+        base_name = f"{a.where}/{subfolder}"  # vLLM takes the folder itself
+    else:
+        base_expr = f'"{base_name}"'
     if a.form == "peft":
-        text = ["With PEFT (the adapter in PEFT's format):", "", "```python", f"from transformers import {auto}",
-                "from peft import PeftModel", "", *tiny, f'base = {auto}.from_pretrained("{base_name}"{head_kwargs(a)})',
-                f'model = PeftModel.from_pretrained(base, "{a.where}")', "```"]
+        text = ["With PEFT (the adapter in PEFT's format):", "", "```python", *fetch, f"from transformers import {auto}",
+                "from peft import PeftModel", "", *tiny, f"base = {auto}.from_pretrained({base_expr}{head_kwargs(a)})",
+                f"model = PeftModel.from_pretrained(base, {adapter})", "```"]
         if auto == CAUSAL and a.kind == "export" and a.export["format"] == "lora":
             r = int(a.export.get("r") or 1)
             rank = next((x for x in (8, 16, 32, 64, 128, 256, 512) if x >= r), r)
