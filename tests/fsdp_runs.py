@@ -4,7 +4,8 @@ imports and the process group's rendezvous are paid once:
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/fsdp_runs.py runs.json
 
 runs.json: a list of {"name": run directory under the working directory, "args": frod train arguments,
-"resume_cut": optional step}. With resume_cut, the run resumes a copy of the run named `resume_of` as a kill right
+"resume_cut": optional step, "default_dir": optional, true: the run goes where `frod train` puts it by default
+(`runs/<date>` under the folder `name`), as a user's torchrun launch does}. With resume_cut, the run resumes a copy of the run named `resume_of` as a kill right
 after its checkpoint at that step would have left it (later checkpoints and metrics.json gone): rank 0 makes the
 copy, the other ranks wait for it. An entry {"name": output directory, "script": a module of tests/} runs that
 module's `run_in_launch(out, rank, world)` instead, in a gloo process group of its own (checks below the CLI that
@@ -82,6 +83,23 @@ def run_script(run: dict) -> int:
     return 0
 
 
+def launch(work: Path, runs: list, timeout: int = 600) -> str:
+    """For tests: this script under torchrun --standalone --nproc_per_node 2 in `work` (created) over `runs`; every
+    run must exit 0. Returns the launch's output."""
+    import subprocess
+
+    work.mkdir(exist_ok=True)
+    (work / "runs.json").write_text(json.dumps(runs))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, "runs.json"]
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    codes = json.loads((work / "codes.json").read_text())
+    assert codes == {run["name"]: 0 for run in runs}, (codes, r.stderr[-4000:])
+    return r.stdout + r.stderr
+
+
 def main(spec: str) -> None:
     from accelerate.state import AcceleratorState
 
@@ -95,8 +113,14 @@ def main(spec: str) -> None:
         if "script" in run:
             codes[run["name"]] = run_script(run)
             continue
-        where = prepare_resume(run, rank) if "resume_cut" in run else [f"hydra.run.dir={run['name']}"]
-        codes[run["name"]], _ = run_verb("train", [*run["args"], *where])
+        if run.get("default_dir"):  # Hydra's default run directory under `name`: the main process's, for both
+            Path(run["name"]).mkdir(exist_ok=True)
+            os.chdir(run["name"])
+            codes[run["name"]], _ = run_verb("train", list(run["args"]))
+            os.chdir("..")
+        else:
+            where = prepare_resume(run, rank) if "resume_cut" in run else [f"hydra.run.dir={run['name']}"]
+            codes[run["name"]], _ = run_verb("train", [*run["args"], *where])
         AcceleratorState._reset_state(True)  # the next run starts its own process group (test-only)
     if rank == 0:
         Path("codes.json").write_text(json.dumps(codes))

@@ -140,7 +140,7 @@ TINY_COMPARE = [
     "train.max_steps=3", "train.batch_size=16", "train.eval_batch_size=32", "train.eval_every=3",
     "train.log_every=1", "train.save_merged=false",
     "compare.only=[frod,lora]", "compare.methods.lora=['optimizer.group_lr.adapter=0.002']",
-    "compare.lr_scales=[0.5,4.0]", "compare.seeds=[1,2]", "compare.jobs=2",
+    "compare.lr_scales=[0.5,4.0]", "compare.seeds=[1]", "compare.jobs=2",
 ]
 
 
@@ -161,7 +161,7 @@ def test_compare_verb_search_then_seeds(tmp_path):
         # search.md: the method's row bolds the winner's value and names its multiple in the last column
         row = next(line for line in md.splitlines() if line.startswith(f"| {method} |"))
         assert f"**{vals[scale]:.4f}**" in row and row.endswith(f"| x{scale:g} |"), row
-        for seed in (1, 2):
+        for seed in (1,):
             run = root / "runs" / f"{method}_s{seed}"
             overrides = (run / ".hydra" / "overrides.yaml").read_text()
             assert f"optimizer.lr_scale={scale!r}" in overrides and f"train.seed={seed}" in overrides
@@ -177,7 +177,7 @@ def test_compare_verb_search_then_seeds(tmp_path):
     assert "adapter: 0.002" in lora_cfg  # the method's own overrides reach its runs
     s = json.loads((root / "report" / "summary.json").read_text())
     assert set(s["groups"]) == {"frod", "lora"}  # one row per method: its own rates are not a label
-    assert all(len(g["runs"]) == 3 for g in s["groups"].values())  # seeds 1, 2 and the reused 42
+    assert all(len(g["runs"]) == 2 for g in s["groups"].values())  # seed 1 and the reused 42
     for f in ("report.md", "loss_curves.png", "metric_vs_params.png"):
         assert (root / "report" / f).exists(), f
     # a second call finds every run finished and only rewrites the report

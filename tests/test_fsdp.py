@@ -26,6 +26,7 @@ from frod_cli import FrodCliError
 from frod_cli.cli import run_verb
 from frod_cli.training import checkpoint as ck
 from frod_cli.training import distributed as D
+from fsdp_runs import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
@@ -64,20 +65,6 @@ def final_values(run: Path) -> Dict[str, torch.Tensor]:
     for name in pieces[0] if pieces else []:
         values[name] = torch.cat([p[name] for p in pieces])
     return values
-
-
-def launch(work: Path, runs: List[dict]) -> str:
-    """tests/fsdp_runs.py under torchrun --standalone --nproc_per_node 2 in `work`; its output."""
-    work.mkdir(exist_ok=True)
-    (work / "runs.json").write_text(json.dumps(runs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_runs.py"), "runs.json"]
-    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    codes = json.loads((work / "codes.json").read_text())
-    assert codes == {run["name"]: 0 for run in runs}, (codes, r.stderr[-4000:])
-    return r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")

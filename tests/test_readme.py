@@ -248,18 +248,46 @@ def test_every_readme_command_is_classified():
     assert not stale, f"COMMANDS lists commands the README no longer has: {stale}"
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def test_readme_commands_run_as_printed(group, tmp_path, monkeypatch, capsys):
+def run_group(group: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The group's README commands in README order, in a temp directory of their own."""
     monkeypatch.chdir(tmp_path)
     write_user_files(tmp_path)
-    ran = 0
+    ran, last = 0, 0
     for cmd in readme_commands((ROOT / "README.md").read_text(encoding="utf-8")):
         if COMMANDS.get(cmd) != group:
             continue
-        time.sleep(1.0)  # run directories are named by the second: two commands never share one
+        while int(time.time()) == last:  # run directories are named by the second: two commands never share one
+            time.sleep(0.05)
         bound = bind(cmd, tmp_path)
         code = run_command(bound, tmp_path)
+        last = int(time.time())
         err = capsys.readouterr().err
         assert code == 0, f"{cmd!r} exited {code}: {err[-2000:]}"
         ran += 1
     assert ran, f"no README command in group {group!r}"
+
+
+# One class per group: pytest-xdist's loadscope gives each class to a worker of its own choosing, so the groups
+# spread over the workers instead of running one after another on one.
+class TestClassify:
+    def test_commands_run_as_printed(self, tmp_path, monkeypatch, capsys):
+        run_group("classify", tmp_path, monkeypatch, capsys)
+
+
+class TestSweep:
+    def test_commands_run_as_printed(self, tmp_path, monkeypatch, capsys):
+        run_group("sweep", tmp_path, monkeypatch, capsys)
+
+
+class TestLm:
+    def test_commands_run_as_printed(self, tmp_path, monkeypatch, capsys):
+        run_group("lm", tmp_path, monkeypatch, capsys)
+
+
+class TestLaunch:
+    def test_commands_run_as_printed(self, tmp_path, monkeypatch, capsys):
+        run_group("launch", tmp_path, monkeypatch, capsys)
+
+
+def test_every_group_has_its_class():
+    assert {f"Test{g.capitalize()}" for g in GROUPS} <= set(globals())

@@ -20,6 +20,7 @@ import torch
 from frod_cli.training import checkpoint as ck
 from frod_cli.cli import main, run_verb
 from conftest import digest, one_error_line  # noqa: E402  (tests/ is on sys.path under pytest)
+from fsdp_runs import launch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "good bad great awful fine ok terrible nice happy sad".split()
@@ -533,29 +534,45 @@ def test_remote_code_needs_the_explicit_flag(tmp_path, data, capsys):
 # ---------------------------------------------------------------------------------------------------
 # 6. Two processes (torchrun, gloo) == one process with the same global batch
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("accumulation", [[], ["train.grad_accum=2", "method.accumulate=window"]],
-                         ids=["one_micro_batch", "accumulation_window"])
-def test_two_processes_match_one(data, tmp_path, accumulation):
-    """DDP over gloo; with an accumulation window the FRoD gradients are all-reduced once per window."""
-    args = tiny(data, "train.max_steps=6", "train.eval_every=3", "train.keep_checkpoints=true", "train.cpu=true",
+DDP_ACCUMULATION = {"one_micro_batch": [], "accumulation_window": ["train.grad_accum=2", "method.accumulate=window"]}
+
+
+def ddp_args(data: Path, accumulation: list) -> list:
+    return tiny(data, "train.max_steps=6", "train.eval_every=3", "train.keep_checkpoints=true", "train.cpu=true",
                 "+model.config_overrides.hidden_dropout_prob=0.0",
                 "+model.config_overrides.attention_probs_dropout_prob=0.0", *accumulation)
+
+
+@pytest.fixture(scope="module")
+def ddp(data, tmp_path_factory):
+    """One torchrun launch (tests/fsdp_runs.py: 2 CPU processes over gloo, each run after the other) of the
+    two-process side of every DDP comparison in this module, each run in frod train's default directory under
+    its folder, as a user's launch puts it: its work dir."""
+    work = tmp_path_factory.mktemp("ddp")
+    runs = [{"name": name, "default_dir": True,
+             "args": [*[a for a in ddp_args(data, acc) if not a.startswith("train.batch_size")], "train.batch_size=4"]}
+            for name, acc in DDP_ACCUMULATION.items()]
+    runs.append({"name": "grpo", "default_dir": True, "args": [*GRPO, "train.batch_size=2"]})
+    launch(work, runs)
+    return work
+
+
+def launched_run(ddp: Path, name: str) -> Path:
+    runs = [p for p in (ddp / name / "runs").rglob("*") if p.is_dir() and p.parent.parent == ddp / name / "runs"]
+    assert len(runs) == 1, runs  # one Hydra output directory, not one per rank
+    return runs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", list(DDP_ACCUMULATION))
+def test_two_processes_match_one(data, ddp, tmp_path, accumulation):
+    """DDP over gloo; with an accumulation window the FRoD gradients are all-reduced once per window."""
+    args = ddp_args(data, DDP_ACCUMULATION[accumulation])
     one = tmp_path / "one"
     code, _ = run_verb("train", [*[a for a in args if not a.startswith("train.batch_size")], "train.batch_size=8",
                                  f"hydra.run.dir={one}"])
     assert code == 0
-    work = tmp_path / "two"
-    work.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "frod_cli.cli", "train", *[a for a in args if not a.startswith("train.batch_size")],
-           "train.batch_size=4"]
-    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = [p for p in (work / "runs").rglob("*") if p.is_dir() and p.parent.parent == work / "runs"]
-    assert len(runs) == 1, runs  # one Hydra output directory, not one per rank
-    two = runs[0]
+    two = launched_run(ddp, accumulation)
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert m2["num_processes"] == 2 and len(m2["rank_fingerprints"]) == 2
     assert len(set(m2["rank_fingerprints"])) == 1  # FRoD basis and pattern identical on every rank
@@ -631,14 +648,9 @@ def test_grpo_resume_after_sigkill_matches_uninterrupted(grpo_reference, tmp_pat
 
 
 @pytest.mark.slow
-def test_grpo_two_processes_match_one(grpo_reference, tmp_path):
+def test_grpo_two_processes_match_one(grpo_reference, ddp):
     """torchrun, 2 CPU processes (gloo, DDP) x 2 prompts = 1 process x 4: each group's completions sampled on the
     process that holds its prompt, seeded by its row; the figures over both processes' completions."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "frod_cli.cli",
-           "train", *GRPO, "train.batch_size=2"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = next(p for p in (tmp_path / "runs").rglob("metrics.json")).parent
+    two = launched_run(ddp, "grpo")
     assert json.loads((two / "metrics.json").read_text())["num_processes"] == 2
     assert_same_grpo_run(two, grpo_reference, 1e-4)
