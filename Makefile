@@ -38,7 +38,7 @@ run: $(STAMP)
 XDIST := -n $(or $(FROD_TEST_WORKERS),2) --dist loadscope
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
