@@ -34,8 +34,10 @@ NO_DROPOUT = ["+model.config_overrides.hidden_dropout_prob=0.0",
 TIMING = {"samples_per_s", "elapsed_s", "eta_s", "peak_memory_mb", "current_memory_mb"}
 COMMON = ["train.cpu=true", "train.keep_checkpoints=true", "train.progress=false", "train.fsdp.enabled=true"]
 BERT = ["debug=default", *NO_DROPOUT, *COMMON]
-NF4 = ["recipe=qfrod_smoke", "train.max_steps=2", "train.eval_every=2", *COMMON]
-SFT = ["recipe=sft_smoke", *COMMON]
+# causal LMs: greedy generation on 4 examples of each split (not 16): both sides of each comparison alike
+GENERATE = ["task.generation.max_examples=4", "task.max_eval_samples=16"]
+NF4 = ["recipe=qfrod_smoke", "train.max_steps=2", "train.eval_every=2", *GENERATE, *COMMON]
+SFT = ["recipe=sft_smoke", *GENERATE, *COMMON]
 # name: (arguments of both runs, of the one-process run only, of the two-process run only)
 RUNS = {
     "frod": (BERT, ["train.batch_size=16"], ["train.batch_size=4", "train.grad_accum=2"]),
