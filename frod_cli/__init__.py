@@ -16,3 +16,13 @@ def one_line(error: BaseException, limit: int = 400) -> str:
     if not text:
         return type(error).__name__
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def import_submodules(package: str, path: list, skip: tuple = ("base",)) -> None:
+    """Import every module of a registry package (frod_cli.methods, frod_cli.tasks): each registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(path):
+        if info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")

@@ -2,9 +2,7 @@
 package is imported on first use, so adding a method is one file here plus one YAML in recipes/method/."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from frod_cli import import_submodules
 from frod_cli.methods.base import (CONFIGS, METHODS, Method, MethodConfig, build_method, get_method, method_config,
                                    register_method)
 
@@ -15,9 +13,7 @@ def discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__)
     _DISCOVERED = True
 
 

@@ -2,9 +2,9 @@
 with it, so adding a task type is one file here plus one YAML in recipes/task/."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
+
+from frod_cli import import_submodules
 
 from .base import TASK_CONFIGS, TASKS, Task, register_task
 
@@ -15,9 +15,7 @@ def discover() -> None:
     global _DISCOVERED
     if _DISCOVERED:
         return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":  # the task types register themselves; the helpers they share import harmlessly
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__)  # the task types register themselves; shared helpers import harmlessly
     _DISCOVERED = True
 
 

@@ -58,6 +58,15 @@ def _first_word(text: str) -> Optional[str]:
     return None
 
 
+def compile_regex(source: str, named: str) -> "re.Pattern":
+    """A user's regular expression (DOTALL), or one line naming where it came from and why it does not compile."""
+    try:
+        return re.compile(source, re.DOTALL)
+    except re.error as e:
+        raise FrodCliError(f"{named} is not a valid regular expression: {e}") from None
+
+
+
 def answer_rule(pattern: str) -> Callable[[str], Optional[str]]:
     """The extraction function for `task.answer_pattern`; refuses an unknown rule or a bad regex."""
     if pattern == "full":
@@ -70,10 +79,7 @@ def answer_rule(pattern: str) -> Callable[[str], Optional[str]]:
         source = pattern[len("regex:"):]
         if not source:
             raise FrodCliError("task.answer_pattern=regex: needs a pattern after 'regex:'")
-        try:
-            rx = re.compile(source, re.DOTALL)
-        except re.error as e:
-            raise FrodCliError(f"task.answer_pattern {pattern!r} is not a valid regular expression: {e}") from None
+        rx = compile_regex(source, f"task.answer_pattern {pattern!r}")
 
         def by_regex(text: str) -> Optional[str]:
             m = rx.search(text)

@@ -35,7 +35,6 @@ import importlib.util
 import logging
 import math
 import os
-import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from omegaconf import MISSING
 
 from frod_cli import FrodCliError, one_line
 
-from .answers import answer_rule, canonical_number, extract_answer, normalize_answer
+from .answers import answer_rule, canonical_number, compile_regex, extract_answer, normalize_answer
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[Optional[float]]]
@@ -150,10 +149,7 @@ def math_reward(answer_field: str = "answer") -> RewardFn:
 def format_reward(pattern: Optional[str]) -> RewardFn:
     if not pattern:
         raise FrodCliError("reward format needs a pattern (a regular expression), e.g. pattern='^\\s*\\d'")
-    try:
-        rx = re.compile(pattern, re.DOTALL)
-    except re.error as e:
-        raise FrodCliError(f"reward format: {pattern!r} is not a valid regular expression: {e}") from None
+    rx = compile_regex(pattern, f"reward format: {pattern!r}")
 
     def format(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> List[Optional[float]]:
         return [float(rx.search(completion_text(c)) is not None) for c in completions]
