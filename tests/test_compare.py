@@ -168,8 +168,8 @@ def test_compare_verb_search_then_seeds(tmp_path):
             cfg = (run / ".hydra" / "config.yaml").read_text()
             assert f"lr_scale: {scale!r}" in cfg
     # the seed the search used is not trained twice: the winner's run is reused (hard links)
-    assert main(["compare", *TINY_COMPARE, "compare.seeds=[42]", "compare.stage=both",
-                 f"hydra.run.dir={root}"]) == 0
+    # output_dir= names the comparison's directory (its runs each get their own folder inside, as above)
+    assert main(["compare", *TINY_COMPARE, "compare.seeds=[42]", "compare.stage=both", f"output_dir={root}"]) == 0
     for method, scale in best.items():
         reused = root / "runs" / f"{method}_s42" / "metrics.json"
         assert reused.read_text() == (root / "search" / f"{method}_lr{compare._scale_tag(scale)}" / "metrics.json").read_text()
@@ -190,6 +190,7 @@ def test_compare_verb_search_then_seeds(tmp_path):
     (["compare.only=[frod,nope]"], "compare.only names ['nope']"),
     (["compare.stage=later"], "compare.stage must be"),
     (["-m"], "drop -m"),
+    (["resume=somewhere"], "takes no resume="),
 ])
 def test_compare_verb_refusals(tmp_path, capsys, args, msg):
     from frod_cli.cli import main

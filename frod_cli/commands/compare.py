@@ -36,7 +36,18 @@ def prepare(args: Sequence[str]) -> Prepared:
     args = user_data_args(args)
     if any(a in ("--help", "-h") for a in args):
         args = help_overrides() + args
-    if not any(a.split("=", 1)[0] == "hydra.run.dir" for a in args):
+    keys = [a.lstrip("+~").split("=", 1)[0] for a in args]
+    if "resume" in keys:
+        raise FrodCliError("frod compare takes no resume=: run the same command with the same output_dir= and it "
+                           "skips the runs already finished there")
+    # output_dir= names the comparison's own directory: each of its runs gets a folder inside it, never that one
+    outs = [a.split("=", 1)[1] for a in args if a.lstrip("+~").split("=", 1)[0] == "output_dir"]
+    args = [a for a in args if a.lstrip("+~").split("=", 1)[0] != "output_dir"]
+    if outs and "hydra.run.dir" in keys:
+        raise FrodCliError("frod compare: give its directory once, as output_dir= or hydra.run.dir=, not both")
+    if outs:
+        args.insert(0, f"hydra.run.dir={outs[-1]}")
+    elif "hydra.run.dir" not in keys:
         args.insert(0, "hydra.run.dir=${frod_dir:runs}/${recipe_name}/compare_${now:%Y-%m-%d_%H-%M-%S}")
     return args, None
 
