@@ -34,8 +34,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/frod train
 
-# Two workers (one per core of a CI machine), a test module's tests on one worker (its module fixtures built once).
-XDIST := -n $(or $(FROD_TEST_WORKERS),2) --dist loadscope
+# Two workers (one per core of a CI machine), a test module's tests on one worker (its module fixtures built once),
+# the longest modules first (tests/conftest.py: LONGEST_SCOPES).
+XDIST := -n $(or $(FROD_TEST_WORKERS),2) --dist loadscope --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) --durations=15

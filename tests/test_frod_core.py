@@ -195,41 +195,56 @@ def test_same_seed_same_adapter():
 
 
 LOAD_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import json, sys, torch
     sys.path.insert(0, {tests!r})
     from safetensors.torch import save_file
     from tiny_models import FAMILIES, output_of
     from frod_cli.frod import load_adapter
     torch.set_num_threads({threads})  # the parent's: kernels may split (and round) differently
-    model, inputs = FAMILIES[{fam!r}][0](0)
-    load_adapter(model, {path!r})
-    with torch.no_grad():
-        save_file({{"out": output_of(model, inputs).contiguous()}}, {out!r})
+    for fam, path, out in json.loads({jobs!r}):
+        model, inputs = FAMILIES[fam][0](0)
+        load_adapter(model, path)
+        with torch.no_grad():
+            save_file({{"out": output_of(model, inputs).contiguous()}}, out)
 """)
 
 
-def test_save_load_in_new_process(fam, tmp_path):
-    model, inputs, *_ = adapted(fam)
-    perturb(model)
-    with torch.no_grad():
-        for n, m in model.named_modules():  # a trained head travels with the adapter
-            if n.endswith("classifier") and hasattr(m, "weight"):
-                m.weight.add_(0.1)
-        expected = output_of(model, inputs)
-    save_adapter(model, tmp_path / "adapter")
-    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert meta["fingerprint"] and meta["categories"]
-    script = LOAD_SCRIPT.format(tests=str(Path(__file__).parent), fam=fam, threads=torch.get_num_threads(), path=str(tmp_path / "adapter"),
-                                out=str(tmp_path / "out.safetensors"))
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """Every family's perturbed adapter (its trained head included) saved, then loaded onto a fresh base in ONE new
+    process (nothing shared with this one but the files): fam -> (expected output, output after the reload, its
+    adapter directory)."""
+    work = tmp_path_factory.mktemp("reload")
+    expected, jobs = {}, []
+    for fam in ALL:
+        model, inputs, *_ = adapted(fam)
+        perturb(model)
+        with torch.no_grad():
+            for n, m in model.named_modules():  # a trained head travels with the adapter
+                if n.endswith("classifier") and hasattr(m, "weight"):
+                    m.weight.add_(0.1)
+            expected[fam] = output_of(model, inputs)
+        save_adapter(model, work / fam)
+        jobs.append((fam, str(work / fam), str(work / f"{fam}.safetensors")))
+    script = LOAD_SCRIPT.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
+                                jobs=json.dumps(jobs))
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     from safetensors.torch import load_file
-    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["out"], expected)
+
+    return {fam: (expected[fam], load_file(out)["out"], Path(path)) for fam, path, out in jobs}
+
+
+def test_save_load_in_new_process(fam, reloaded):
+    expected, got, path = reloaded[fam]
+    meta = json.loads((path / "adapter_config.json").read_text())
+    assert meta["fingerprint"] and meta["categories"]
+    assert torch.equal(got, expected)
     other, _ = FAMILIES[fam][0](0)
     with torch.no_grad():  # the same architecture, other weights (e.g. another checkpoint)
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     with pytest.raises(FrodError, match="different base model"):
-        load_adapter(other, tmp_path / "adapter")
+        load_adapter(other, path)
 
 
 def test_load_refuses_other_architecture_and_corrupt_files(tmp_path):

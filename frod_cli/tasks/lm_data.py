@@ -59,10 +59,13 @@ ENCODED = datasets.Features({
 
 
 # ------------------------------------------------------------------------------------------- fingerprints
-def _code_digest() -> str:
+LM_CODE = ("lm_data.py", "layouts.py", "templates.py", "tool_calls.py")  # the modules that shape an LM's rows
+
+
+def _code_digest(names: Tuple[str, ...]) -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in ("lm_data.py", "layouts.py", "templates.py", "tool_calls.py"):
+    for name in names:
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
@@ -80,13 +83,14 @@ def tokenizer_digest(tok: Any) -> str:
     return h.hexdigest()
 
 
-def fingerprint(ds: Any, *parts: Any) -> Optional[str]:
-    """A cache name for a map over `ds`: its fingerprint, the settings and this code. None for a dataset with
-    no fingerprint (datasets then names the result itself)."""
+def fingerprint(ds: Any, *parts: Any, code: Tuple[str, ...] = LM_CODE) -> Optional[str]:
+    """A cache name for a map over `ds`: its fingerprint, the settings and the code that maps it (modules of
+    frod_cli/tasks/). None for a dataset with no fingerprint (datasets then names the result itself). Named by
+    us because datasets' own name pickles the map's function with everything it holds (a tokenizer: seconds)."""
     base = getattr(ds, "_fingerprint", None)
     if base is None:
         return None
-    return hashlib.sha256(repr((base, _code_digest(), *parts)).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr((base, _code_digest(code), *parts)).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------- rows -> schema

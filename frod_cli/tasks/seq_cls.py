@@ -17,6 +17,7 @@ import datasets
 import torch
 
 from . import templates
+from .lm_data import fingerprint, tokenizer_digest
 from .base import register_task
 from .common import ClassificationConfig, ClassificationTask
 
@@ -63,7 +64,12 @@ class SequenceClassification(ClassificationTask):
             enc["labels"] = batch[label]
             return dict(enc)
 
-        return data.map(tokenize, batched=True, remove_columns=next(iter(data.values())).column_names)
+        settings = (tokenizer_digest(preprocessor), self.cfg.max_length, list(self.cfg.text_fields),
+                    self.cfg.prompt_template, label)
+        return datasets.DatasetDict({
+            split: ds.map(tokenize, batched=True, remove_columns=ds.column_names,
+                          new_fingerprint=fingerprint(ds, "seq_cls", settings, code=("seq_cls.py", "templates.py")))
+            for split, ds in data.items()})
 
     def collate(self, preprocessor: Any) -> Callable[[list], Dict[str, torch.Tensor]]:
         def collate_fn(features: list) -> Dict[str, torch.Tensor]:

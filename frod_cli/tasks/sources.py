@@ -368,12 +368,14 @@ def dedupe(ds: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
     for c in columns:  # compare encoded image bytes, never decoded pixels
         if isinstance(view.features[c], datasets.Image):
             view = view.cast_column(c, datasets.Image(decode=False))
-    seen, keep = set(), []
-    for i, row in enumerate(view):
-        key = _hashable([row[c] for c in columns])
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
+    seen, keep, i = set(), [], 0
+    for batch in view.iter(batch_size=1024):  # a batch of columns per Arrow read, not one row at a time
+        for row in zip(*(batch[c] for c in columns)):
+            key = _hashable(list(row))
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+            i += 1
     if len(keep) < len(ds):
         log.info("dedupe: dropped %d exact duplicates of %d rows", len(ds) - len(keep), len(ds))
         ds = ds.select(keep)
@@ -400,7 +402,7 @@ def _pick(labels: Optional[np.ndarray], pool: np.ndarray, n: int, seed: int, wha
 
 
 def _labels_of(ds: datasets.Dataset, column: Optional[str]) -> Optional[np.ndarray]:
-    return None if column is None else np.asarray(ds[column])
+    return None if column is None else np.asarray(ds[column][:])  # [:]: one Arrow read, not a row-by-row walk
 
 
 def subsample(ds: datasets.Dataset, n: Optional[int], seed: int, stratify_by: Optional[str], what: str) -> datasets.Dataset:

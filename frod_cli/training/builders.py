@@ -41,6 +41,16 @@ def import_libraries() -> None:
     from frod_cli.runs.plots import pyplot
 
     pyplot()
+    if not _LIBRARIES_FROZEN:
+        # The libraries' objects live as long as the process: kept out of every later garbage collection (each
+        # run ends with one, Accelerate's; a full scan of them costs about half a second)
+        import gc
+
+        gc.freeze()
+        _LIBRARIES_FROZEN.append(True)
+
+
+_LIBRARIES_FROZEN: list = []  # once per process: a later call would also freeze what the runs before it left
 
 
 # Library warnings printed on every run that say nothing about the user's input: transformers deprecating an
