@@ -19,13 +19,13 @@ DEBUG = ["debug=default"]  # the command-line form, for tests that go through `f
 # while the other worker idled). Seconds of each scope as `pytest --durations=0` measured them on a 2-core machine;
 # a scope not listed runs after these, in collection order.
 LONGEST_SCOPES = {
-    "tests/test_fsdp.py": 146, "tests/test_reliability.py": 127, "tests/test_preference.py": 109,
-    "tests/test_compare.py": 78, "tests/test_bad_input.py": 76, "tests/test_paper_recipes.py": 73,
-    "tests/test_readme.py::TestLm": 72, "tests/test_readme.py::TestSweep": 66, "tests/test_readme.py::TestClassify": 59,
-    "tests/test_export.py": 54, "tests/test_basis_cache.py": 49, "tests/test_train.py": 47,
-    "tests/test_frod_core.py": 47, "tests/test_grpo.py": 46, "tests/test_readme.py::TestLaunch": 46,
-    "tests/test_quantized.py": 29, "tests/test_sft.py": 21, "tests/test_share.py": 20, "tests/test_cli.py": 19,
-    "tests/test_streaming.py": 19, "tests/test_layouts.py": 19,
+    "tests/test_reliability.py": 121, "tests/test_fsdp.py": 103, "tests/test_readme.py::TestSweep": 75,
+    "tests/test_preference.py": 71, "tests/test_readme.py::TestLm": 67, "tests/test_compare.py": 66,
+    "tests/test_bad_input.py": 61, "tests/test_paper_recipes.py": 46, "tests/test_readme.py::TestLaunch": 43,
+    "tests/test_export.py": 27, "tests/test_basis_cache.py": 26, "tests/test_readme.py::TestClassify": 26,
+    "tests/test_quantized.py": 23, "tests/test_grpo.py": 22, "tests/test_train.py": 19, "tests/test_frod_core.py": 18,
+    "tests/test_cli.py": 18, "tests/test_streaming.py": 17, "tests/test_harness.py": 11, "tests/test_sft.py": 11,
+    "tests/test_share.py": 10, "tests/test_layouts.py": 9,
 }
 
 

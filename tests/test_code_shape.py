@@ -125,3 +125,15 @@ def test_the_cycle_check_finds_a_cycle():
     graph = import_graph()
     assert "frod_cli.decoding" in graph["frod_cli.tasks.causal_lm"]  # an import inside a function counts
     assert "frod_cli.tasks" not in graph["frod_cli.tasks.causal_lm"]  # its own parent package does not
+
+
+def test_the_longest_scopes_name_tests_that_exist():
+    """tests/conftest.py orders the suite's scopes by LONGEST_SCOPES: a renamed module or class would silently lose
+    its place."""
+    from conftest import LONGEST_SCOPES
+
+    for scope in LONGEST_SCOPES:
+        path, _, cls = scope.partition("::")
+        file = ROOT.parent / path  # ROOT is frod_cli/
+        assert file.is_file(), scope
+        assert not cls or f"\nclass {cls}" in file.read_text(), scope

@@ -37,7 +37,7 @@ BERT = ["debug=default", *NO_DROPOUT, *COMMON]
 # causal LMs: greedy generation on 4 examples of each split (not 16): both sides of each comparison alike
 GENERATE = ["task.generation.max_examples=4", "task.max_eval_samples=16"]
 NF4 = ["recipe=qfrod_smoke", "train.max_steps=2", "train.eval_every=2", *GENERATE, *COMMON]
-SFT = ["recipe=sft_smoke", *GENERATE, *COMMON]
+SFT = ["recipe=sft_smoke", "train.max_steps=4", "train.eval_every=2", *GENERATE, *COMMON]  # 2 evaluations, 2 windows each
 # name: (arguments of both runs, of the one-process run only, of the two-process run only)
 RUNS = {
     "frod": (BERT, ["train.batch_size=16"], ["train.batch_size=4", "train.grad_accum=2"]),
