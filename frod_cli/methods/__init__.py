@@ -22,16 +22,5 @@ def available() -> list:
     return sorted(METHODS)
 
 
-def register_schemas() -> None:
-    """Store every method's config in Hydra's ConfigStore: group `method`, name `<method>_schema`
-    (recipes/method/<method>.yaml lists it first in its defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    discover()
-    cs = ConfigStore.instance()
-    for name, cls in CONFIGS.items():
-        cs.store(group="method", name=f"{name}_schema", node=cls(name=name))
-
-
 __all__ = ["CONFIGS", "METHODS", "Method", "MethodConfig", "available", "build_method", "discover", "get_method",
-           "method_config", "register_method", "register_schemas"]
+           "method_config", "register_method"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING
 from torch import nn
@@ -69,6 +69,9 @@ class Method:
     # (train.fsdp.load_on_rank0) cannot adapt: every process then loads the base. None: it adapts without them
     # (its values then come from rank 0; FRoD's bases are built on the ranks holding the weights).
     needs_base_weights: Optional[str] = None
+    # Libraries the method builds its adapter with, imported with the others before a run's clock starts (PEFT,
+    # with bitsandbytes behind it, costs a process about 2 s: only the methods that use it pay it)
+    libraries: Tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, task: Any = None, model_cfg: Any = None):
         self.cfg = cfg

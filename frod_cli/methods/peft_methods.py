@@ -32,6 +32,8 @@ class VeraMethodConfig(MethodConfig):
 
 
 class PeftMethod(Method):
+    libraries = ("peft",)
+
     def peft_config(self, targets: List[str]):
         raise NotImplementedError
 

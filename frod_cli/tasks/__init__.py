@@ -33,17 +33,6 @@ def available() -> list:
     return sorted(TASKS)
 
 
-def register_task_schemas() -> None:
-    """Store every task type's config in Hydra's ConfigStore: group `task/schema`, name `<type>` (a task YAML lists
-    `- /task/schema@_here_: <type>` first in its defaults; `task.type=<type>` on the command line swaps it)."""
-    from hydra.core.config_store import ConfigStore
-
-    discover()
-    cs = ConfigStore.instance()
-    for name, cls in TASK_CONFIGS.items():
-        cs.store(group="task/schema", name=name, node=cls(type=name))
-
-
 def task_config(type_name: str, **values: Any) -> Any:
     """The typed config of task type `type_name` (an OmegaConf node) with `values` set: for code and tests."""
     from omegaconf import OmegaConf
@@ -54,5 +43,4 @@ def task_config(type_name: str, **values: Any) -> Any:
 
 discover()
 
-__all__ = ["Task", "TASKS", "TASK_CONFIGS", "available", "discover", "get_task", "register_task",
-           "register_task_schemas", "task_config"]
+__all__ = ["Task", "TASKS", "TASK_CONFIGS", "available", "discover", "get_task", "register_task", "task_config"]

@@ -29,14 +29,21 @@ def user_input(what: str) -> Iterator[None]:
         raise FrodCliError(f"{what}: {one_line(e)}") from e
 
 
-def import_libraries() -> None:
-    """Import what every run uses before its clock starts (metrics.json's wall_time_s): the process pays it once,
-    and a sweep's first job would otherwise carry it alone."""
+def import_libraries(method: str) -> None:
+    """Import what every run uses, and what its method builds with, before its clock starts (metrics.json's
+    wall_time_s): the process pays it once, and a sweep's first job would otherwise carry it alone."""
+    import importlib
+
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import evaluate  # noqa: F401
-    import peft  # noqa: F401
     import transformers  # noqa: F401
+
+    from frod_cli.methods import discover, get_method
+
+    discover()
+    for name in getattr(get_method(method), "libraries", ()):
+        importlib.import_module(name)
 
     from frod_cli.runs.plots import pyplot
 
