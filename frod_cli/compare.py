@@ -160,10 +160,12 @@ def build_report(
     split = "test" if all(_metric(r["final"], "test", objective) is not None for r in runs) else "validation"
     groups = group_runs(runs)
 
+    starts = [smooth([l for _, l in r["loss"]], smooth_window)[0] for r in runs if r["loss"]]
+    loss_start = float(np.mean(starts)) if starts else None
     if thresholds is None:
-        starts = [smooth([l for _, l in r["loss"]], smooth_window)[0] for r in runs if r["loss"]]
-        base = float(np.mean(starts)) if starts else float("nan")
-        thresholds = [round(base * f, 4) for f in DEFAULT_FRACTIONS] if starts else []
+        # Fractions of the starting loss mean something only for a loss that starts positive and falls (not for
+        # GRPO's policy loss, zero on average at every step by construction)
+        thresholds = [round(loss_start * f, 4) for f in DEFAULT_FRACTIONS] if (loss_start or 0) > 1e-3 else []
     thresholds = [float(t) for t in thresholds]
 
     metric_keys: List[str] = []
@@ -174,7 +176,7 @@ def build_report(
 
     summary: Dict[str, Any] = {
         "sweep_dir": str(root), "objective": objective, "objective_mode": mode, "split": split,
-        "smooth_window": smooth_window, "thresholds": thresholds,
+        "smooth_window": smooth_window, "thresholds": thresholds, "loss_start": loss_start,
         "groups": {label: _group_summary(rs, objective, split, metric_keys, thresholds, smooth_window)
                    for label, rs in groups.items()},
     }
@@ -242,6 +244,10 @@ def _markdown(s: Dict[str, Any], metric_keys: List[str]) -> str:
                 r = g["steps_to_loss"][str(t)]
                 cells.append("-" if r["mean"] is None else f"{_fmt(r, 1)} ({r['reached']}/{r['runs']})")
             lines.append("| " + " | ".join([label.replace("|", "\\|"), *cells]) + " |")
+    elif s.get("loss_start") is not None:
+        lines += ["", f"No steps-to-loss table: the training loss starts at {s['loss_start']:.3g} (smoothed), not a "
+                  "positive loss that falls (GRPO's policy loss is zero on average by construction); read the "
+                  "objective's curves, or give thresholds with `frod compare <dir> --thresholds ...`."]
     lines += ["", "## Figures", ""]
     for name in s.get("files", {}).values():
         lines.append(f"![{name}]({name})")

@@ -2,9 +2,11 @@
 metric at every evaluation step, read from each run's metrics.jsonl.
 
     python scripts/plot_eval_curves.py runs/compare_dpo_smollm2/compare_<time>/runs reward_accuracy out.png
+    python scripts/plot_eval_curves.py runs/grpo_cmp/runs train:reward/mean sampled_reward.png   # training rows
 
 `frod compare` plots the training loss of each method (report/loss_curves.png); this adds a validation metric
-over the steps, e.g. the reward accuracy of a preference comparison (docs/RESULTS.md section 6).
+over the steps, e.g. the reward accuracy of a preference comparison (docs/RESULTS.md section 6); a metric
+written `train:<key>` is read from the training steps' rows instead, e.g. GRPO's sampled reward (section 7).
 """
 from __future__ import annotations
 
@@ -14,16 +16,19 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from frod_cli.runs import RunPaths, find_runs, loss_series, read_run
+from frod_cli.runs import RunPaths, find_runs, loss_series, read_jsonl, read_run
 from frod_cli.runs.plots import pyplot, save_fig
 
 
 def curves(root: str, metric: str) -> Dict[str, List[List[Tuple[int, float]]]]:
-    """method -> one [(step, value)] list per run."""
+    """method -> one [(step, value)] list per run: of the validation evaluations, or of the training steps for a
+    metric written `train:<key>`."""
     out: Dict[str, List[List[Tuple[int, float]]]] = defaultdict(list)
+    train, key = metric.startswith("train:"), metric.removeprefix("train:")
     for d in find_runs(root):
-        _, evals = loss_series(RunPaths.of(d).log)
-        points = [(int(r["step"]), float(r[metric])) for r in evals if r.get(metric) is not None]
+        log = RunPaths.of(d).log
+        rows = [r for r in read_jsonl(str(log)) if "split" not in r and "step" in r] if train else loss_series(log)[1]
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) is not None]
         if points:
             out[read_run(d)["method"]].append(points)
     return out
@@ -40,10 +45,11 @@ def plot(groups: Dict[str, List[List[Tuple[int, float]]]], metric: str, path: st
         if len(ys) > 1:
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"validation {metric}")
+    what = f"training steps' {metric[6:]}" if metric.startswith("train:") else f"validation {metric}"
+    ax.set_ylabel(what)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"validation {metric} (mean ± std over seeds)")
+    ax.set_title(f"{what} (mean ± std over seeds)")
     save_fig(fig, path)
     plt.close(fig)
 
@@ -55,7 +61,7 @@ def main(argv: List[str]) -> int:
     root, metric, path = argv
     groups = curves(root, metric)
     if not groups:
-        print(f"no run under {root} logged a validation {metric}", file=sys.stderr)
+        print(f"no run under {root} logged {metric}", file=sys.stderr)
         return 2
     plot(groups, metric, path)
     print(f"wrote {path} ({', '.join(f'{m}: {len(r)} runs' for m, r in sorted(groups.items()))})")

@@ -124,6 +124,22 @@ def test_validation_split_when_no_test_and_main(tmp_path, capsys):
     assert "no run directory" in capsys.readouterr().err
 
 
+def test_a_loss_that_does_not_start_positive_gets_no_steps_to_loss_table(sweep, tmp_path):
+    """GRPO's policy loss is zero on average at every step: fractions of its start are no thresholds (a table of
+    "loss <= -0" columns); the report says why instead, and thresholds given by hand still make the table."""
+    for f in sweep.rglob("metrics.jsonl"):
+        rows = [json.loads(l) for l in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**r, "loss": 1e-4 * (-1) ** r["step"]} if "loss" in r else r) + "\n"
+                             for r in rows))
+    s = compare.build_report(sweep, tmp_path / "rep")
+    assert s["thresholds"] == [] and abs(s["loss_start"]) < 1e-3
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Steps to reach" not in md and "No steps-to-loss table" in md and "loss ≤" not in md
+    assert not (tmp_path / "rep" / "steps_to_loss.png").exists()
+    given = compare.build_report(sweep, tmp_path / "rep2", thresholds=[0.5])
+    assert given["thresholds"] == [0.5] and "Steps to reach" in (tmp_path / "rep2" / "report.md").read_text()
+
+
 def test_frod_compare_on_a_directory_reports_only(sweep, capsys):
     from frod_cli.cli import main
 
@@ -228,3 +244,20 @@ def test_finished_run_is_reused_only_with_its_own_settings(tmp_path):
     changed = {**planned, "overrides": ["optimizer.lr_scale=10.0", "train.seed=1"]}
     with pytest.raises(ValueError, match="optimizer.lr_scale=10.0"):
         compare.execute([changed], ["recipe=compare/x"], tmp_path / "runs", jobs=1, title="t", threads=1)
+
+
+def test_plot_eval_curves_reads_validation_rows_or_training_rows(sweep, tmp_path, capsys):
+    """scripts/plot_eval_curves.py: a validation metric, a training-row key (`train:<key>`, e.g. GRPO's sampled
+    reward), and a metric no run logged (exit 2, one line)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_eval_curves", Path(__file__).parents[1] / "scripts" / "plot_eval_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    val = mod.curves(str(sweep), "accuracy")
+    assert {m: len(r) for m, r in val.items()} == {"frod": 2, "lora": 2, "full": 1} and val["full"][0] == [(50, 0.5)]
+    train = mod.curves(str(sweep), "train:loss")
+    assert len(train["frod"][0]) == STEPS and train["frod"][0][0] == (1, pytest.approx(SPEC["frod"][0](1)))
+    assert mod.main([str(sweep), "train:loss", str(tmp_path / "t.png")]) == 0 and (tmp_path / "t.png").stat().st_size
+    assert mod.main([str(sweep), "nope", str(tmp_path / "n.png")]) == 2
+    assert "logged nope" in capsys.readouterr().err
