@@ -17,6 +17,7 @@ HELP = {
               "  frod compare recipe=compare/text_minilm                      # the methods x seeds, then report/\n"
               "  frod compare recipe=compare/text_minilm compare.stage=search # a learning-rate search per method first\n"
               "  frod compare recipe=compare/text_minilm compare.jobs=2       # two runs at a time\n"
+              "  frod compare recipe=compare/text_minilm output_dir=runs/cmp  # its directory (each run in a folder inside)\n"
               "  frod compare multirun/quickstart/<date> [--out DIR]          # the report of any finished sweep\n"
               "The compare.* keys are in the composed config above; every other key is a frod train key.",
 }
