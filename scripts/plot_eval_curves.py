@@ -45,7 +45,7 @@ def plot(groups: Dict[str, List[List[Tuple[int, float]]]], metric: str, path: st
         if len(ys) > 1:
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("optimizer step")
-    what = f"training steps' {metric[6:]}" if metric.startswith("train:") else f"validation {metric}"
+    what = f"training steps' {metric.removeprefix('train:')}" if metric.startswith("train:") else f"validation {metric}"
     ax.set_ylabel(what)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -128,11 +128,10 @@ def debug_args():
 
 @pytest.fixture(scope="module", autouse=True)
 def frozen_heap():
-    """Each module starts with what is alive now (the libraries, session fixtures) out of the garbage collector's
-    scans: the collections that runs make (Accelerate's at every run's end, Python's own) then scan only what the
-    module makes. Collected first, so no garbage is kept."""
-    import gc
+    """Each module runs with what was alive at its start (the libraries, session fixtures) out of the garbage
+    collector's scans: the collections that runs make (Accelerate's at every run's end, Python's own) then scan only
+    what the module makes. Collected first, so no garbage is kept; unfrozen at the module's end."""
+    from frod_cli.memory import frozen_heap as frozen
 
-    gc.collect()
-    gc.freeze()
-    yield
+    with frozen():
+        yield

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional, Sequence
 
-from frod_cli.bench.common import frozen_heap, make_log, offline_environment
+from frod_cli.bench.common import make_log, offline_environment
+from frod_cli.memory import frozen_heap
 
 
 def benchmarks() -> List:

@@ -3,10 +3,8 @@ parameters, buffers and optimizer state, statistics of repeated timings, the env
 ending of every benchmark (its JSON written, its table printed)."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime as _dt
-import gc
 import json
 import os
 import platform
@@ -43,19 +41,6 @@ def refuse(message: str) -> NoReturn:
     """Bad input to a benchmark: one line on stderr, exit status 2, before any work."""
     print(f"bench: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-@contextlib.contextmanager
-def frozen_heap():
-    """Within the block gc.collect() scans only what the benchmark makes: what lived before (the libraries'
-    half a million objects) waits in the permanent generation (gc.freeze), so each collection before a memory
-    reading takes microseconds instead of most of a second."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def int_list(text, flag: str) -> List[int]:

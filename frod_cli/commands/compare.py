@@ -42,8 +42,8 @@ def prepare(args: Sequence[str]) -> Prepared:
         raise FrodCliError("frod compare takes no resume=: run the same command with the same output_dir= and it "
                            "skips the runs already finished there")
     # output_dir= names the comparison's own directory: each of its runs gets a folder inside it, never that one
-    outs = [a.split("=", 1)[1] for a in args if a.lstrip("+~").split("=", 1)[0] == "output_dir"]
-    args = [a for a in args if a.lstrip("+~").split("=", 1)[0] != "output_dir"]
+    outs = [a.split("=", 1)[1] for a, key in zip(args, keys) if key == "output_dir"]
+    args = [a for a, key in zip(args, keys) if key != "output_dir"]
     if outs and "hydra.run.dir" in keys:
         raise FrodCliError("frod compare: give its directory once, as output_dir= or hydra.run.dir=, not both")
     if outs:

@@ -27,10 +27,8 @@ each time).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import datasets
@@ -42,7 +40,7 @@ from . import layouts, tool_calls
 from . import streaming as S
 from .common import keep_configured_splits
 from .mixture import Source, probabilities
-from .sources import dedupe, load_raw, load_stream, make_splits
+from .sources import dedupe, fingerprint, load_raw, load_stream, make_splits, tokenizer_digest
 
 log = logging.getLogger("frod_cli.tasks.causal_lm")
 
@@ -58,39 +56,9 @@ ENCODED = datasets.Features({
 })
 
 
-# ------------------------------------------------------------------------------------------- fingerprints
-LM_CODE = ("lm_data.py", "layouts.py", "templates.py", "tool_calls.py")  # the modules that shape an LM's rows
-
-
-def _code_digest(names: Tuple[str, ...]) -> str:
-    here = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for name in names:
-        h.update((here / name).read_bytes())
-    return h.hexdigest()
-
-
-def tokenizer_digest(tok: Any) -> str:
-    """The tokenizer's content: vocabulary, merges, normalizer, pre/post-processing, special tokens, template."""
-    h = hashlib.sha256(type(tok).__name__.encode())
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(repr(sorted(tok.get_vocab().items())).encode())
-    h.update(repr(sorted((k, str(v)) for k, v in tok.special_tokens_map.items())).encode())
-    h.update(str(getattr(tok, "chat_template", None)).encode())
-    return h.hexdigest()
-
-
-def fingerprint(ds: Any, *parts: Any, code: Tuple[str, ...] = LM_CODE) -> Optional[str]:
-    """A cache name for a map over `ds`: its fingerprint, the settings and the code that maps it (modules of
-    frod_cli/tasks/). None for a dataset with no fingerprint (datasets then names the result itself). Named by
-    us because datasets' own name pickles the map's function with everything it holds (a tokenizer: seconds)."""
-    base = getattr(ds, "_fingerprint", None)
-    if base is None:
-        return None
-    return hashlib.sha256(repr((base, _code_digest(code), *parts)).encode()).hexdigest()[:16]
+# ------------------------------------------------------------------------------------------- cache names
+# The modules that shape an LM's rows: part of every cache name of its maps (sources.fingerprint)
+LM_CODE = ("lm_data.py", "layouts.py", "templates.py", "tool_calls.py")
 
 
 # ------------------------------------------------------------------------------------------- rows -> schema
@@ -161,7 +129,7 @@ def read_source(i: int, src: Source, seed: int, many: bool) -> Tuple[str, datase
     for split, ds in raw.items():
         layouts.check_columns(fmt, cfg, ds.column_names, f"{where_of(src, many)}split {split!r}")
         read[split], report = layouts.read_rows(ds, reader, cfg, split, features=CONVERSATION, where=where_of(src, many),
-                                                fingerprint=fingerprint(ds, "read", reader.settings()))
+                                                fingerprint=fingerprint(ds, "read", reader.settings(), code=LM_CODE))
         found[split] = {"rows": report.rows, "malformed": report.malformed,
                         "converted": log_converted(read[split], f"{where_of(src, many)}split {split!r}")}
         if len(read[split]) == 0:
@@ -310,7 +278,7 @@ class Encoder:
 def encode_split(ds: datasets.Dataset, encoder: Encoder, cfg: Any, split: str) -> Tuple[datasets.Dataset, Dict[str, int]]:
     """(the kept examples of one split, its counts); refuses a split in which no example is left."""
     enc, report = layouts.read_rows(ds, encoder, cfg, split, features=ENCODED, desc=f"tokenizing {split}",
-                                    fingerprint=fingerprint(ds, "encode", encoder.settings()))
+                                    fingerprint=fingerprint(ds, "encode", encoder.settings(), code=LM_CODE))
     status = np.bincount(np.asarray(enc["_status"], dtype=np.int64), minlength=4)
     n, max_len = report.rows, encoder.max_length
     stats = {"examples": n, "kept": int(len(enc) - status[S.DROPPED]), "whole": int(status[S.KEPT]),

@@ -17,9 +17,9 @@ import datasets
 import torch
 
 from . import templates
-from .lm_data import fingerprint, tokenizer_digest
 from .base import register_task
 from .common import ClassificationConfig, ClassificationTask
+from .sources import fingerprint, tokenizer_digest
 
 
 @dataclass

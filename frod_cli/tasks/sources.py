@@ -382,6 +382,38 @@ def dedupe(ds: datasets.Dataset, columns: Sequence[str]) -> datasets.Dataset:
     return ds
 
 
+# -------------------------------------------------------------------------------------- cache names
+def _code_digest(names: Tuple[str, ...]) -> str:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in names:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def tokenizer_digest(tok: Any) -> str:
+    """The tokenizer's content: vocabulary, merges, normalizer, pre/post-processing, special tokens, template."""
+    h = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tok.get_vocab().items())).encode())
+    h.update(repr(sorted((k, str(v)) for k, v in tok.special_tokens_map.items())).encode())
+    h.update(str(getattr(tok, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def fingerprint(ds: Any, *parts: Any, code: Tuple[str, ...]) -> Optional[str]:
+    """A cache name for a map over `ds`: its fingerprint, the settings and the code that maps it (modules of
+    frod_cli/tasks/). None for a dataset with no fingerprint (datasets then names the result itself). Named by
+    us because datasets' own name pickles the map's function with everything it holds (a tokenizer: seconds)."""
+    base = getattr(ds, "_fingerprint", None)
+    if base is None:
+        return None
+    return hashlib.sha256(repr((base, _code_digest(code), *parts)).encode()).hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------- splitting
 def _pick(labels: Optional[np.ndarray], pool: np.ndarray, n: int, seed: int, what: str) -> tuple:
     """Split `pool` (row indices) into (rest, picked) with len(picked) == n, stratified when labels allow."""

@@ -39,25 +39,25 @@ def import_libraries(method: str) -> None:
     import evaluate  # noqa: F401
     import transformers  # noqa: F401
 
-    from frod_cli.methods import discover, get_method
+    from frod_cli.methods import get_method
 
-    discover()
-    for name in getattr(get_method(method), "libraries", ()):
+    for name in get_method(method).libraries:
         importlib.import_module(name)
 
     from frod_cli.runs.plots import pyplot
 
     pyplot()
+    global _LIBRARIES_FROZEN
     if not _LIBRARIES_FROZEN:
         # The libraries' objects live as long as the process: kept out of every later garbage collection (each
         # run ends with one, Accelerate's; a full scan of them costs about half a second)
         import gc
 
         gc.freeze()
-        _LIBRARIES_FROZEN.append(True)
+        _LIBRARIES_FROZEN = True
 
 
-_LIBRARIES_FROZEN: list = []  # once per process: a later call would also freeze what the runs before it left
+_LIBRARIES_FROZEN = False  # once per process: a later call would also freeze what the runs before it left
 
 
 # Library warnings printed on every run that say nothing about the user's input: transformers deprecating an
