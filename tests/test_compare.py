@@ -217,6 +217,19 @@ def test_compare_verb_refusals(tmp_path, capsys, args, msg):
     assert not (tmp_path / "c" / "runs").exists()
 
 
+def test_compare_refuses_a_finished_train_run_as_its_directory(tmp_path, capsys):
+    """output_dir= naming a finished frod train run: one line, and the run is left as it was (nothing added)."""
+    from frod_cli.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    assert main(["compare", *TINY_COMPARE, f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a finished frod train run" in err[0], err
+    assert [p.name for p in run.iterdir()] == ["metrics.json"]
+
+
 def test_lr_scale_multiplies_every_group():
     import torch
     from omegaconf import OmegaConf

@@ -53,6 +53,18 @@ def prepare(args: Sequence[str]) -> Prepared:
     return args, None
 
 
+def check(composed: Any, args: Sequence[str]) -> List[str]:
+    """Before Hydra creates anything: a directory holding a finished `frod train` run is that run's, not a
+    comparison's (its runs and report would be written into it)."""
+    from pathlib import Path
+
+    root = Path(str(composed.hydra.run.dir))
+    if (root / "metrics.json").is_file():
+        raise FrodCliError(f"{root} holds a finished frod train run (metrics.json): a comparison writes its runs and "
+                           "report into a directory of its own; pick another output_dir")
+    return list(args)
+
+
 def direct(args: Sequence[str]) -> Optional[int]:
     """A directory of finished runs as the first argument: write its report, no training."""
     if args and "=" not in args[0] and not args[0].startswith("-"):
@@ -62,7 +74,7 @@ def direct(args: Sequence[str]) -> Optional[int]:
     return None
 
 
-@register_verb("compare", config="config", prepare=prepare, direct=direct,
+@register_verb("compare", config="config", prepare=prepare, check=check, direct=direct,
                summary="every method of a recipe's compare block, then a report; or `frod compare <sweep dir>`")
 def run(cfg: Any) -> Dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
