@@ -93,6 +93,8 @@ def test_long_chat_prompts_drop_their_oldest_whole_turns(tmp_path, caplog):
     (["task.max_length=12"], "every prompt of split 'train' is longer than"),
     (["method=full", "task.beta=0.1"], "method=full trains every weight"),
     (["task.num_iterations=0"], "task.num_iterations must be at least 1"),
+    (["task.prompt_field=question"], "split 'train' has neither a 'question' (task.prompt_field) nor a 'messages'"),
+    (["task.rewards=[{name: math, answer_field: solution}]"], "reward math: split 'train' has no column 'solution'"),
 ])
 def test_refusals(tmp_path, capsys, overrides, message):
     from frod_cli.cli import run_verb
@@ -102,3 +104,4 @@ def test_refusals(tmp_path, capsys, overrides, message):
     code, _ = run_verb("train", ["recipe=grpo_smoke", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 2
     assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()  # refused before the run was accepted: nothing written

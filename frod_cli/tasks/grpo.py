@@ -48,7 +48,7 @@ from frod_cli.rl.step import Collected, GrpoSettings, batch_loss, collect, rollo
 from .base import register_task
 from .common import DataTask, keep_configured_splits
 from .layouts import ConversationConfig
-from .rewards import RewardConfig, RewardSet, completion_text
+from .rewards import RewardConfig, RewardSet, completion_text, reference_columns
 from .sources import DATA_DIR, load_raw, make_splits, register_source
 from .steps import StepOutcome, TrainingStep
 
@@ -151,7 +151,22 @@ class Grpo(DataTask):
 
     def load_data(self) -> datasets.DatasetDict:
         raw = keep_configured_splits(load_raw(self.cfg), self.cfg)
-        return make_splits(raw, self.cfg, self.seed, stratify_by=None)
+        data = make_splits(raw, self.cfg, self.seed, stratify_by=None)
+        for split, ds in data.items():
+            self.check_columns(split, list(ds.column_names))
+        return data
+
+    def check_columns(self, split: str, columns: List[str]) -> None:
+        """The prompt column (or the chat turns) and the reference columns of the built-in rewards are in the
+        split: refused here, before the model is loaded, rather than at encoding or at the first step."""
+        cfg = self.cfg
+        if cfg.prompt_field not in columns and cfg.messages_field not in columns:
+            raise FrodCliError(f"grpo data: split {split!r} has neither a {cfg.prompt_field!r} (task.prompt_field) "
+                               f"nor a {cfg.messages_field!r} (task.messages_field) column; its columns are {columns}")
+        for name, field in reference_columns(list(cfg.rewards)).items():
+            if field not in columns:
+                raise FrodCliError(f"reward {name}: split {split!r} has no column {field!r} (answer_field); its "
+                                   f"columns are {columns}")
 
     # ---------------------------------------------------------------------------------------------- prompts
     def prompt_turns(self, row: Dict[str, Any]) -> Any:

@@ -208,6 +208,12 @@ def load_user_function(spec: str) -> RewardFn:
     return fn
 
 
+def reference_columns(configs: Sequence[Any]) -> Dict[str, str]:
+    """{reward name: the data column it reads} for the built-ins that read a reference answer, so that a data set
+    without that column is refused when it is loaded, not at the first step."""
+    return {str(c.name): str(c.answer_field) for c in configs if str(c.name) in ("exact_match", "math")}
+
+
 def build_reward(cfg: Any, completion_limit: Optional[int] = None) -> RewardFn:
     """The function of one RewardConfig (a built-in with its settings, or the user's)."""
     name = str(cfg.name)
