@@ -163,10 +163,10 @@ class Grpo(DataTask):
         if cfg.prompt_field not in columns and cfg.messages_field not in columns:
             raise FrodCliError(f"grpo data: split {split!r} has neither a {cfg.prompt_field!r} (task.prompt_field) "
                                f"nor a {cfg.messages_field!r} (task.messages_field) column; its columns are {columns}")
-        for name, field in reference_columns(list(cfg.rewards)).items():
-            if field not in columns:
-                raise FrodCliError(f"reward {name}: split {split!r} has no column {field!r} (answer_field); its "
-                                   f"columns are {columns}")
+        for name, answer_column in reference_columns(list(cfg.rewards)):
+            if answer_column not in columns:
+                raise FrodCliError(f"reward {name}: split {split!r} has no column {answer_column!r} (answer_field); "
+                                   f"its columns are {columns}")
 
     # ---------------------------------------------------------------------------------------------- prompts
     def prompt_turns(self, row: Dict[str, Any]) -> Any:

@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -208,10 +208,10 @@ def load_user_function(spec: str) -> RewardFn:
     return fn
 
 
-def reference_columns(configs: Sequence[Any]) -> Dict[str, str]:
-    """{reward name: the data column it reads} for the built-ins that read a reference answer, so that a data set
+def reference_columns(configs: Sequence[Any]) -> List[Tuple[str, str]]:
+    """(reward name, the data column it reads) for each built-in that reads a reference answer, so that a data set
     without that column is refused when it is loaded, not at the first step."""
-    return {str(c.name): str(c.answer_field) for c in configs if str(c.name) in ("exact_match", "math")}
+    return [(str(c.name), str(c.answer_field)) for c in configs if str(c.name) in ("exact_match", "math")]
 
 
 def build_reward(cfg: Any, completion_limit: Optional[int] = None) -> RewardFn:
