@@ -49,7 +49,7 @@ from .base import register_task
 from .common import DataTask, keep_configured_splits
 from .layouts import ConversationConfig
 from .rewards import RewardConfig, RewardSet, completion_text, reference_columns
-from .sources import DATA_DIR, load_raw, make_splits, register_source
+from .sources import DATA_DIR, load_raw, make_splits, register_source, require_columns
 from .steps import StepOutcome, TrainingStep
 
 log = logging.getLogger(__name__)
@@ -152,21 +152,20 @@ class Grpo(DataTask):
     def load_data(self) -> datasets.DatasetDict:
         raw = keep_configured_splits(load_raw(self.cfg), self.cfg)
         data = make_splits(raw, self.cfg, self.seed, stratify_by=None)
-        for split, ds in data.items():
-            self.check_columns(split, list(ds.column_names))
+        self.check_columns(data)
         return data
 
-    def check_columns(self, split: str, columns: List[str]) -> None:
-        """The prompt column (or the chat turns) and the reference columns of the built-in rewards are in the
+    def check_columns(self, data: datasets.DatasetDict) -> None:
+        """The prompt column (or the chat turns) and the reference columns of the built-in rewards are in every
         split: refused here, before the model is loaded, rather than at encoding or at the first step."""
         cfg = self.cfg
-        if cfg.prompt_field not in columns and cfg.messages_field not in columns:
-            raise FrodCliError(f"grpo data: split {split!r} has neither a {cfg.prompt_field!r} (task.prompt_field) "
-                               f"nor a {cfg.messages_field!r} (task.messages_field) column; its columns are {columns}")
+        for split, ds in data.items():
+            if cfg.prompt_field not in ds.column_names and cfg.messages_field not in ds.column_names:
+                raise FrodCliError(f"grpo data: split {split!r} has neither a {cfg.prompt_field!r} (task.prompt_field) "
+                                   f"nor a {cfg.messages_field!r} (task.messages_field) column; its columns are "
+                                   f"{ds.column_names}")
         for name, answer_column in reference_columns(list(cfg.rewards)):
-            if answer_column not in columns:
-                raise FrodCliError(f"reward {name}: split {split!r} has no column {answer_column!r} (answer_field); "
-                                   f"its columns are {columns}")
+            require_columns(data, [answer_column], what=f"reward {name}: ")
 
     # ---------------------------------------------------------------------------------------------- prompts
     def prompt_turns(self, row: Dict[str, Any]) -> Any:

@@ -343,11 +343,14 @@ def load_stream(cfg: Any) -> datasets.IterableDatasetDict:
 
 
 # ---------------------------------------------------------------------------------------- checks, dedupe
-def require_columns(raw: datasets.DatasetDict, columns: Sequence[str]) -> None:
+def require_columns(raw: datasets.DatasetDict, columns: Sequence[str], what: str = "") -> None:
+    """Refuses (ValueError: the caller's user_input makes it one line) a split that lacks one of `columns`;
+    `what` names who reads them ("reward math: ")."""
     for split, ds in raw.items():
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
-            raise ValueError(f"split {split!r} has no column {', '.join(map(repr, missing))}; its columns are {ds.column_names}")
+            raise ValueError(f"{what}split {split!r} has no column {', '.join(map(repr, missing))}; its columns are "
+                             f"{ds.column_names}")
 
 
 def _hashable(v: Any) -> Any:
