@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from frod_cli.runs import RunPaths, find_runs, loss_series, read_jsonl, read_run
+from frod_cli.runs import RunPaths, find_runs, loss_series, read_jsonl, read_run, training_rows
 from frod_cli.runs.plots import pyplot, save_fig
 
 
@@ -27,7 +27,7 @@ def curves(root: str, metric: str) -> Dict[str, List[List[Tuple[int, float]]]]:
     train, key = metric.startswith("train:"), metric.removeprefix("train:")
     for d in find_runs(root):
         log = RunPaths.of(d).log
-        rows = [r for r in read_jsonl(str(log)) if "split" not in r and "step" in r] if train else loss_series(log)[1]
+        rows = training_rows(read_jsonl(str(log))) if train else loss_series(log)[1]
         points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) is not None]
         if points:
             out[read_run(d)["method"]].append(points)

@@ -102,11 +102,15 @@ def read_log(run_dir: PathLike) -> List[Dict[str, Any]]:
     return read_jsonl(str(RunPaths.of(run_dir).log))
 
 
+def training_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows of a metrics.jsonl that a training step wrote (an evaluation's rows name their split)."""
+    return [r for r in rows if "split" not in r and "step" in r]
+
+
 def loss_series(jsonl_path: PathLike) -> Tuple[List[Tuple[int, float]], List[Dict[str, Any]]]:
     """(training loss as sorted (step, loss), validation evaluation lines) of a metrics.jsonl."""
     rows = read_jsonl(str(jsonl_path))
-    train = sorted((int(r["step"]), float(r["loss"])) for r in rows
-                   if r.get("loss") is not None and "split" not in r and "step" in r)
+    train = sorted((int(r["step"]), float(r["loss"])) for r in training_rows(rows) if r.get("loss") is not None)
     val = [r for r in rows if r.get("split") == "validation"]
     return train, val
 
