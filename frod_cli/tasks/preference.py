@@ -75,7 +75,7 @@ from . import tool_calls
 from .base import register_task
 from .layouts import ConversationConfig
 from .common import DataTask, keep_configured_splits
-from .sources import dedupe, load_raw, make_splits
+from .sources import dedupe, load_raw, make_splits, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +355,7 @@ class Preference(DataTask):
         first = raw[cfg.train_split] if cfg.train_split in raw else next(iter(raw.values()))
         self.explicit_prompt = cfg.prompt_field in first.column_names
         need = [cfg.chosen_field, cfg.rejected_field] + ([cfg.prompt_field] if self.explicit_prompt else [])
-        for split, ds in raw.items():
-            missing = [c for c in need if c not in ds.column_names]
-            if missing:
-                raise FrodCliError(f"preference data: split {split!r} has no column {', '.join(map(repr, missing))}; "
-                                   f"its columns are {ds.column_names}")
+        require_columns(raw, need, what="preference data: ")
         if not self.explicit_prompt and isinstance(first.features[cfg.chosen_field], datasets.Value):
             raise FrodCliError(f"preference data without a {cfg.prompt_field!r} column needs {cfg.chosen_field!r} and "
                                f"{cfg.rejected_field!r} as conversations (lists of turns) sharing their prompt turns; "
