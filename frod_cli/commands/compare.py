@@ -56,10 +56,10 @@ def prepare(args: Sequence[str]) -> Prepared:
 def check(composed: Any, args: Sequence[str]) -> List[str]:
     """Before Hydra creates anything: a directory holding a finished `frod train` run is that run's, not a
     comparison's (its runs and report would be written into it)."""
-    from pathlib import Path
+    from frod_cli.runs import directory as rd
 
-    root = Path(str(composed.hydra.run.dir))
-    if (root / "metrics.json").is_file():
+    root = str(composed.hydra.run.dir)
+    if rd.state_of(root) == rd.FINISHED:
         raise FrodCliError(f"{root} holds a finished frod train run (metrics.json): a comparison writes its runs and "
                            "report into a directory of its own; pick another output_dir")
     return list(args)
