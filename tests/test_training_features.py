@@ -84,3 +84,34 @@ def test_tensorboard_tracker_with_gradient_checkpointing(tmp_path):
     # the final objective as metrics.json has it
     final = json.loads((run / "metrics.json").read_text())
     assert scalars["final/objective_value"] == [pytest.approx(final["objective_value"])]
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 10), (5, 5), (4, 1)])
+def test_schedules_equal_transformers_at_every_step(name, warmup, total):
+    """builders.lr_factor (written out so that a run need not import transformers.optimization, which imports PEFT)
+    gives the learning rates of transformers' get_scheduler exactly, step by step, on two parameter groups; and a
+    scheduler state saved by the transformers one (a checkpoint written before) resumes into ours."""
+    from omegaconf import OmegaConf
+    from transformers import get_scheduler
+
+    from frod_cli.training.builders import build_scheduler
+
+    def optimizer():
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+                  {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 3e-4}]
+        return torch.optim.SGD(groups, lr=0.1)
+
+    cfg = OmegaConf.create({"scheduler": name, "warmup_steps": warmup, "warmup_ratio": 0.0})
+    ours_opt, theirs_opt = optimizer(), optimizer()
+    ours, got_warmup = build_scheduler(ours_opt, cfg, total)
+    theirs = get_scheduler("constant_with_warmup" if name == "constant" else name, theirs_opt,
+                           num_warmup_steps=warmup, num_training_steps=total)
+    assert got_warmup == warmup
+    for step in range(total + 2):
+        assert ours.get_last_lr() == theirs.get_last_lr(), (step, ours.get_last_lr(), theirs.get_last_lr())
+        ours_opt.step(), theirs_opt.step()
+        ours.step(), theirs.step()
+    resumed, _ = build_scheduler(optimizer(), cfg, total)
+    resumed.load_state_dict(theirs.state_dict())
+    assert resumed.last_epoch == theirs.last_epoch and resumed.get_last_lr() == theirs.get_last_lr()

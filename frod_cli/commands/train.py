@@ -142,7 +142,7 @@ def run(cfg: Any) -> float:
     from frod_cli.training import recipe_main
     from frod_cli.training.builders import import_libraries
 
-    import_libraries(str(cfg.method.name))  # before the run's clock starts
+    import_libraries(str(cfg.method.name), str(cfg.task.type))  # before the run's clock starts
     hc = HydraConfig.get()
     hydra_dir = hc.runtime.output_dir
     made = list(HYDRA_MADE) if hc.mode == RunMode.RUN else [hydra_dir]

@@ -64,6 +64,9 @@ class Task(ABC):
     default_modules_to_save: Tuple[str, ...] = ()
     # Metrics where lower is better: a task.objective among them must have objective_mode=min.
     lower_is_better: Tuple[str, ...] = ()
+    # Libraries it scores with, imported with the others before a run's clock starts (`evaluate`, for the metric
+    # modules of frod_cli/metrics: about 2.5 s a process, since it imports transformers' pipelines)
+    libraries: Tuple[str, ...] = ()
 
     def __init__(self, cfg: Any, seed: int = 0):
         type(self).check_config(cfg)  # a task exists only with keys its type can use

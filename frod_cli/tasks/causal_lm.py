@@ -119,6 +119,7 @@ class CausalLMConfig(layouts.ConversationConfig):
 class CausalLM(DataTask):
     auto_class = "AutoModelForCausalLM"
     default_modules_to_save = ()  # the LM head is part of the model: no new head to train
+    libraries = ("evaluate",)  # exact match and accuracy of the generations (frod_cli/metrics)
     lower_is_better = ("loss", "perplexity")
 
     @classmethod

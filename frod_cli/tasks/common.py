@@ -151,6 +151,8 @@ class DataTask(Task):
 class LabelledTask(DataTask):
     """A DataTask whose predictions are scored by `task.metrics` (LabelledConfig)."""
 
+    libraries = ("evaluate",)
+
     def compute_metrics(self, predictions: Any, references: Any) -> Dict[str, float]:
         return metrics_lib.compute(list(self.cfg.metrics), to_numpy(predictions), to_numpy(references), num_labels=self.num_labels)
 
